@@ -1,0 +1,1 @@
+"""Matching engines: the percolator port, the embedded engine and the Elasticsearch backend."""

@@ -1,0 +1,1 @@
+"""Audience rule engine: the domain, configuration, counters and the REST API."""

@@ -1,0 +1,1 @@
+"""Audience counters in Redis: unique users (HyperLogLog) and matched bids, in UTC time buckets."""

@@ -1,0 +1,36 @@
+from pathlib import Path
+
+import pytest
+
+from rules_service.config import ConfigError, load_settings
+
+
+def test_defaults_are_embedded():
+    settings = load_settings(environ={})
+    assert settings.percolator_backend == "embedded"
+    assert settings.log_backend == "embedded"
+    assert settings.REDIS_URL == ""
+
+
+def test_environment_overrides_defaults_and_is_typed():
+    settings = load_settings(environ={
+        "RULES_DATA_DIR": "/tmp/x", "RULES_BATCH_SIZE": "50", "RULES_LOG_URL": "kafka://127.0.0.1:9092",
+        "RULES_DIMENSIONS": "gender, geo.city", "RULES_TEST_ELASTICSEARCH_URL": "ignored",
+    })
+    assert settings.DATA_DIR == Path("/tmp/x")
+    assert settings.BATCH_SIZE == 50
+    assert settings.log_backend == "kafka"
+    assert settings.DIMENSIONS == ("gender", "geo.city")
+
+
+@pytest.mark.parametrize(("env", "culprit"), [
+    ({"RULES_BATCH_SIZE": "many"}, "RULES_BATCH_SIZE"),
+    ({"RULES_PERCOLATOR_URL": "ftp://x"}, "RULES_PERCOLATOR_URL"),
+    ({"RULES_LOG_URL": "http://x"}, "RULES_LOG_URL"),
+    ({"RULES_REDIS_URL": "http://x"}, "RULES_REDIS_URL"),
+    ({"RULES_BATCH_SIZE": "0"}, "RULES_BATCH_SIZE"),
+    ({"RULES_PERCOLATR_URL": "embedded:"}, "RULES_PERCOLATR_URL"),
+])
+def test_bad_settings_name_the_variable(env, culprit):
+    with pytest.raises(ConfigError, match=culprit):
+        load_settings(environ=env)

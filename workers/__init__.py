@@ -1,0 +1,1 @@
+"""Stream processing: the Celery app, the bid stream consumer, replays and the log adapters."""

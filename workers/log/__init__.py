@@ -1,0 +1,1 @@
+"""The log port and its implementations (embedded file-backed log, Kafka)."""

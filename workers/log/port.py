@@ -1,0 +1,232 @@
+"""The log port: topics of keyed, timestamped messages in partitions, with consumer groups.
+
+Everything flows through it (Kappa architecture): bids arrive on ``bids``, every bid updates the
+compacted ``users.last_seen`` topic keyed by user id, rule changes go to the compacted
+``audiences.rules`` topic, bad messages to ``<topic>.dlq``.
+
+Two implementations honour this contract and share one contract test suite
+(``tests/log/test_contract.py``): ``workers.log.embedded.EmbeddedLog`` (file-backed under
+``RULES_DATA_DIR``, the default) and ``workers.log.kafka.KafkaLog`` (kafka-python). Choose one
+from a URL with ``workers.log.factory.create_log(settings)``.
+
+Contract
+--------
+* Offsets are per partition, start at 0 for a new topic and increase by one per message. After
+  compaction or retention, offsets have gaps and the log start offset moves forward; offsets are
+  never reused.
+* A message with a key goes to partition ``partition_for(key, n)`` unless a partition is given;
+  without a key, partitions are used round-robin. So all messages of a key are in one partition,
+  in order.
+* :meth:`Producer.send_batch` returns only when every message is durable (acknowledged): it
+  survives ``kill -9`` of any process. It returns the (partition, offset) of each message.
+* A ``compact`` topic keeps at least the latest message per key; reading it from the beginning
+  to its end yields, after de-duplication by key in offset order, the latest value of every live
+  key. A message whose value is ``None`` is a tombstone: it deletes the key (the tombstone itself
+  may be seen by readers until it is cleaned).
+* Consumer groups: committed offsets are per (group, topic, partition); a committed offset is the
+  offset of the *next* message to read. A consumer reads from its committed offset, else from
+  ``auto_offset_reset`` (``earliest`` or ``latest``). Committing is explicit: the caller commits
+  only after the work the offsets cover is durable, so a crash means re-reading, never loss.
+
+Exceptions: :class:`LogError` and its subclasses below.
+"""
+
+from __future__ import annotations
+
+import abc
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+
+class LogError(Exception):
+    """Base class of every log error."""
+
+
+class TopicNotFoundError(LogError):
+    """The topic does not exist."""
+
+
+class TopicExistsError(LogError):
+    """``create_topic(..., exist_ok=False)`` on an existing topic."""
+
+
+class LogUnavailableError(LogError):
+    """The broker or the files cannot be reached or written. A batch that raised this was not
+    acknowledged: the caller may retry it (duplicates are possible, loss is not)."""
+
+
+class UnsupportedError(LogError):
+    """The backend cannot do this (e.g. topic admin on an old broker). The message says what to
+    do instead."""
+
+
+class TopicPartition(NamedTuple):
+    topic: str
+    partition: int
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """A topic's configuration. ``retention_ms`` applies to ``delete`` topics (None: forever);
+    ``segment_ms`` and ``min_cleanable_dirty_ratio`` tune when compaction may run."""
+
+    name: str
+    partitions: int = 1
+    cleanup_policy: Literal["delete", "compact"] = "delete"
+    retention_ms: int | None = None
+    segment_ms: int | None = None
+    min_cleanable_dirty_ratio: float | None = None
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message to produce. ``timestamp_ms`` defaults to the time of sending."""
+
+    value: bytes | None
+    key: bytes | None = None
+    timestamp_ms: int | None = None
+    partition: int | None = None
+
+
+@dataclass(frozen=True)
+class Record:
+    """A message read back from the log."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition of a key: CRC32 of the key bytes modulo the partition count.
+
+    Both implementations use this function (the Kafka producer is given it as its partitioner),
+    so a key lands in the same partition whichever backend wrote it.
+    """
+    return zlib.crc32(key) % partitions
+
+
+class Producer(abc.ABC):
+    @abc.abstractmethod
+    def send_batch(self, topic: str, messages: Sequence[Message]) -> list[tuple[int, int]]:
+        """Append messages; return (partition, offset) for each, once all are durable.
+
+        Raises TopicNotFoundError, LogUnavailableError."""
+
+    def send(self, topic: str, value: bytes | None, key: bytes | None = None,
+             timestamp_ms: int | None = None) -> tuple[int, int]:
+        """Append one message (a batch of one)."""
+        return self.send_batch(topic, [Message(value=value, key=key, timestamp_ms=timestamp_ms)])[0]
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Flush and release resources."""
+
+
+class Consumer(abc.ABC):
+    """Reads records from assigned partitions. Not thread-safe: one thread per consumer."""
+
+    @abc.abstractmethod
+    def assign(self, partitions: Iterable[TopicPartition]) -> None:
+        """Read exactly these partitions (no group rebalancing). Positions start at the group's
+        committed offsets, else at ``auto_offset_reset``."""
+
+    @abc.abstractmethod
+    def assignment(self) -> set[TopicPartition]:
+        """The partitions currently assigned."""
+
+    @abc.abstractmethod
+    def poll(self, max_records: int = 500, timeout_ms: int = 0) -> list[Record]:
+        """Up to ``max_records`` records from the current positions (in offset order within a
+        partition), advancing the positions. Waits up to ``timeout_ms`` when nothing is there."""
+
+    @abc.abstractmethod
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        """Next poll of ``tp`` starts at ``offset`` (clamped to the log's start/end)."""
+
+    @abc.abstractmethod
+    def seek_to_beginning(self, partitions: Iterable[TopicPartition] | None = None) -> None:
+        """Move to the log start offset (default: every assigned partition)."""
+
+    @abc.abstractmethod
+    def seek_to_end(self, partitions: Iterable[TopicPartition] | None = None) -> None:
+        """Move to the end offset (only new messages will be read)."""
+
+    @abc.abstractmethod
+    def seek_to_time(self, timestamp_ms: int, partitions: Iterable[TopicPartition] | None = None) -> None:
+        """Move to the first message whose timestamp is >= ``timestamp_ms`` (end if none).
+        Raises UnsupportedError on brokers without timestamps (Kafka 0.9)."""
+
+    @abc.abstractmethod
+    def position(self, tp: TopicPartition) -> int:
+        """The offset of the next record ``poll`` will return for ``tp``."""
+
+    @abc.abstractmethod
+    def beginning_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        """The log start offset per partition."""
+
+    @abc.abstractmethod
+    def end_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        """The offset the next produced message will get, per partition."""
+
+    @abc.abstractmethod
+    def commit(self, offsets: Mapping[TopicPartition, int] | None = None) -> None:
+        """Store the group's offsets (default: the current positions). Durable on return."""
+
+    @abc.abstractmethod
+    def committed(self, tp: TopicPartition) -> int | None:
+        """The group's committed offset for ``tp``, or None."""
+
+    def lag(self) -> dict[TopicPartition, int]:
+        """Records between the group's committed offset (or the log start) and the end, per
+        assigned partition."""
+        parts = sorted(self.assignment())
+        ends = self.end_offsets(parts)
+        starts = self.beginning_offsets(parts)
+        out = {}
+        for tp in parts:
+            committed = self.committed(tp)
+            base = starts[tp] if committed is None else max(committed, starts[tp])
+            out[tp] = max(0, ends[tp] - base)
+        return out
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources. Does not commit."""
+
+
+class Log(abc.ABC):
+    """A log backend: topic admin plus factories for producers and consumers."""
+
+    @abc.abstractmethod
+    def create_topic(self, spec: TopicSpec, exist_ok: bool = True) -> None:
+        """Create a topic. Raises TopicExistsError (if not exist_ok), UnsupportedError."""
+
+    @abc.abstractmethod
+    def describe_topic(self, name: str) -> TopicSpec:
+        """The topic's configuration. Raises TopicNotFoundError."""
+
+    @abc.abstractmethod
+    def list_topics(self) -> list[str]:
+        """Names of existing topics."""
+
+    @abc.abstractmethod
+    def producer(self) -> Producer:
+        """A new producer."""
+
+    @abc.abstractmethod
+    def consumer(self, group_id: str | None, auto_offset_reset: Literal["earliest", "latest"] = "earliest") -> Consumer:
+        """A new consumer; ``group_id`` None means no committed offsets (commit raises)."""
+
+    def partitions(self, topic: str) -> list[TopicPartition]:
+        return [TopicPartition(topic, p) for p in range(self.describe_topic(topic).partitions)]
+
+    def compact(self, topic: str) -> None:  # noqa: B027 - optional hook
+        """Ask for compaction now where the backend allows it (embedded); Kafka's cleaner runs on
+        its own schedule, so there this does nothing."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""
