@@ -76,7 +76,9 @@ class Counters(abc.ABC):
         """One point per bucket in [start, end)."""
 
     @abc.abstractmethod
-    def breakdown(self, rule_id: str, start: datetime, end: datetime, dimensions: Sequence[str]) -> dict[str, dict[str, int]]:
+    def breakdown(
+        self, rule_id: str, start: datetime, end: datetime, dimensions: Sequence[str]
+    ) -> dict[str, dict[str, int]]:
         """Matched events per value of each dimension over the days covering [start, end)."""
 
     @abc.abstractmethod
