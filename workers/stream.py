@@ -1,0 +1,434 @@
+"""The stream consumer: bids in, audience counters out, exactly once.
+
+One :class:`StreamConsumer` owns a set of partitions of the ``bids`` topic (static assignment: the
+log port has no group rebalancing, so processes split partitions explicitly, see
+:func:`split_partitions`). For each batch it:
+
+1. parses and normalises every record into a user document (``rules_service.normalize``); a bad
+   record goes to ``bids.dlq`` with the reason, its original bytes and where it came from;
+2. percolates the batch (``on_error="skip"``: a document the percolator rejects is a dead letter
+   too);
+3. aggregates the counter updates in memory (``rules_service.counters.aggregate``);
+4. produces each good bid's user document to the compacted ``users.last_seen`` topic (key user id)
+   and the dead letters to ``bids.dlq``: *before* the counters, so a crash can lose neither; a
+   re-read after a crash produces them again, which is harmless (compaction keeps the latest per
+   user, dead letters carry their source offset);
+5. applies the counters *and* the consumed offsets in one atomic Redis step
+   (:meth:`Counters.apply`): the offsets stored there are the source of truth, so a batch is
+   never counted twice and never lost;
+6. commits the offsets to the log (only informational once Redis has them).
+
+On start each partition is positioned at the offset stored with the counters, else the log's
+committed offset, else the beginning.
+
+Dead letters are counted per reason in the same atomic step, as a day-bucketed breakdown of the
+pseudo rule id :data:`DLQ_COUNTER_ID` (dimension ``category``, see :func:`dead_letter_category`),
+so they too are counted exactly once: ``counters.breakdown(DLQ_COUNTER_ID, start, end, ["category"])``.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from percolators.port import Percolator
+from rules_service.counters.port import CounterBatch, Counters
+from rules_service.domain import LAST_SEEN_TOPIC, dlq_topic
+from workers.log.port import Consumer, Log, Message, Producer, Record, TopicPartition
+
+logger = logging.getLogger(__name__)
+
+#: Pseudo rule id under which dead letters are counted (day buckets, dimension ``category``).
+DLQ_COUNTER_ID = "_dlq"
+DLQ_DIMENSION = "category"
+DEFAULT_GROUP = "stream"
+
+#: ``normalise(raw_value, log_timestamp_ms, now_ms) -> user document``; raises an exception with
+#: ``reason`` (a sentence) and ``field`` attributes for a bad message (``BadBidError``).
+Normaliser = Callable[[bytes, int, int], dict[str, Any]]
+#: ``aggregate(documents, matches) -> CounterBatch``.
+Aggregator = Callable[[Sequence[Mapping[str, Any]], Sequence[Sequence[str]]], CounterBatch]
+
+
+class RuleSource(Protocol):
+    """What the consumer needs from rule synchronisation (``workers.rules_sync.RulesSync``)."""
+
+    def poll(self) -> int: ...
+
+
+def default_normaliser() -> Normaliser:
+    from rules_service.normalize import bid_to_document, parse_bid
+
+    def normalise(raw: bytes, log_timestamp_ms: int, now_ms: int) -> dict[str, Any]:
+        return bid_to_document(parse_bid(raw), log_timestamp_ms=log_timestamp_ms, now_ms=now_ms)
+
+    return normalise
+
+
+def default_aggregator(dimensions: Sequence[str]) -> Aggregator:
+    from rules_service.counters.aggregate import aggregate
+
+    def run(documents: Sequence[Mapping[str, Any]], matches: Sequence[Sequence[str]]) -> CounterBatch:
+        return aggregate(documents, matches, dimensions=dimensions)
+
+    return run
+
+
+def split_partitions(partitions: Sequence[int], workers: int) -> list[list[int]]:
+    """Deal partitions out to ``workers`` processes (round-robin), dropping empty shares."""
+    shares = [list(partitions[i::workers]) for i in range(max(1, workers))]
+    return [share for share in shares if share]
+
+
+class LatencyHistogram:
+    """Record-weighted latencies in 1 ms buckets up to 10 minutes (beyond that: the last bucket)."""
+
+    LIMIT_MS = 600_000
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+        self.total = 0
+
+    def add(self, latency_ms: int, count: int = 1) -> None:
+        bucket = min(max(0, latency_ms), self.LIMIT_MS)
+        self.counts[bucket] = self.counts.get(bucket, 0) + count
+        self.total += count
+
+    def merge(self, other: LatencyHistogram) -> None:
+        for bucket, count in other.counts.items():
+            self.add(bucket, count)
+
+    def percentile(self, q: float) -> int | None:
+        if not self.total:
+            return None
+        rank = q / 100.0 * self.total
+        seen = 0
+        for bucket in sorted(self.counts):
+            seen += self.counts[bucket]
+            if seen >= rank:
+                return bucket
+        return max(self.counts)
+
+
+@dataclass
+class StreamStats:
+    """Running figures of one consumer (also what ``worker --drain`` prints)."""
+
+    processed: int = 0  # records consumed (good and bad)
+    matched: int = 0  # (bid, rule) matches counted
+    matched_bids: int = 0  # bids that matched at least one rule
+    dlq: int = 0
+    batches: int = 0
+    skipped_batches: int = 0  # batches the counters had already applied (a re-read after a crash)
+    lag: int = 0
+    last_batch_seconds: float = 0.0
+    busy_seconds: float = 0.0
+    started_at: float = field(default_factory=time.monotonic)
+    dlq_reasons: dict[str, int] = field(default_factory=dict)
+    # bid entering the log (record timestamp) -> its counters readable (apply returned)
+    end_to_end_ms: LatencyHistogram = field(default_factory=LatencyHistogram)
+    batch_ms: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    def summary(self) -> dict[str, Any]:
+        elapsed = max(time.monotonic() - self.started_at, 1e-9)
+        return {
+            "processed": self.processed,
+            "matched": self.matched,
+            "matched_bids": self.matched_bids,
+            "dlq": self.dlq,
+            "dlq_reasons": dict(sorted(self.dlq_reasons.items())),
+            "batches": self.batches,
+            "skipped_batches": self.skipped_batches,
+            "lag": self.lag,
+            "elapsed_s": round(elapsed, 3),
+            "bids_per_s": round(self.processed / elapsed, 1),
+            "batch_ms_p50": self.batch_ms.percentile(50),
+            "batch_ms_p99": self.batch_ms.percentile(99),
+            "e2e_ms_p50": self.end_to_end_ms.percentile(50),
+            "e2e_ms_p99": self.end_to_end_ms.percentile(99),
+        }
+
+
+@dataclass
+class DeadLetter:
+    record: Record
+    category: str  # counted by this, see dead_letter_category
+    reason: str  # the sentence naming the fault
+    field: str | None
+
+    def to_message(self) -> Message:
+        body: dict[str, Any] = {
+            "category": self.category,
+            "reason": self.reason,
+            "field": self.field,
+            "source": {
+                "topic": self.record.topic,
+                "partition": self.record.partition,
+                "offset": self.record.offset,
+                "timestamp_ms": self.record.timestamp_ms,
+                "key": self.record.key.decode("utf-8", "replace") if self.record.key is not None else None,
+            },
+        }
+        value = self.record.value
+        if value is None:
+            body["value"] = None
+        else:
+            try:
+                body["value"] = value.decode("utf-8")
+            except UnicodeDecodeError:
+                body["value_base64"] = base64.b64encode(value).decode("ascii")
+        return Message(value=orjson.dumps(body), key=self.record.key, timestamp_ms=self.record.timestamp_ms)
+
+
+def dead_letter_category(exc: BaseException) -> tuple[str, str, str | None]:
+    """(category, reason sentence, field) of a rejected message.
+
+    The *category* is what dead letters are counted by, so it must take few values: the reason
+    sentences of ``BadBidError`` carry the offending values, the category only the kind of fault
+    and the field path (array indices dropped): ``not_json``, ``not_an_object``, ``no_user_id``,
+    ``invalid:user.yob``, ``invalid_document:geo.location`` (rejected by the percolator)."""
+    reason = getattr(exc, "reason", None)
+    if not isinstance(reason, str) or not reason:
+        reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    field_name = getattr(exc, "field", None)
+    field_name = field_name if isinstance(field_name, str) and field_name else None
+    if field_name is not None:
+        field_name_key = _INDEX.sub("[]", field_name)
+        if not hasattr(exc, "reason"):  # the percolator's InvalidDocumentError
+            return f"invalid_document:{field_name_key}", reason, field_name
+        if reason.startswith("no user id"):
+            return "no_user_id", reason, field_name
+        return f"invalid:{field_name_key}", reason, field_name
+    if reason.startswith("not JSON"):
+        return "not_json", reason, None
+    if reason.startswith("a BidRequest must be a JSON object"):
+        return "not_an_object", reason, None
+    return "invalid", reason, None
+
+
+_INDEX = re.compile(r"\[\d+\]")
+
+
+class StreamConsumer:
+    """Consumes ``bids`` partitions into the counters. Not thread-safe: one thread drives it."""
+
+    def __init__(
+        self,
+        log: Log,
+        percolator: Percolator,
+        counters: Counters,
+        *,
+        topic: str = "bids",
+        group: str = DEFAULT_GROUP,
+        partitions: Iterable[int] | None = None,
+        batch_size: int = 2000,
+        rules: RuleSource | None = None,
+        normalise: Normaliser | None = None,
+        aggregate: Aggregator | None = None,
+        dimensions: Sequence[str] = (),
+        poll_timeout_ms: int = 100,
+        clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+    ) -> None:
+        self.log = log
+        self.percolator = percolator
+        self.counters = counters
+        self.topic = topic
+        self.group = group
+        self.batch_size = batch_size
+        self.rules = rules
+        self.normalise = normalise or default_normaliser()
+        self.aggregate = aggregate or default_aggregator(dimensions)
+        self.poll_timeout_ms = poll_timeout_ms
+        self.clock_ms = clock_ms
+        self.stats = StreamStats()
+        self._wanted = None if partitions is None else sorted(set(partitions))
+        self._consumer: Consumer | None = None
+        self._producer: Producer | None = None
+        self.assigned: list[TopicPartition] = []
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Assign the partitions and seek each to where the counters say it was left."""
+        every = self.log.partitions(self.topic)
+        if self._wanted is None:
+            self.assigned = every
+        else:
+            known = {tp.partition for tp in every}
+            missing = [p for p in self._wanted if p not in known]
+            if missing:
+                raise ValueError(f"topic {self.topic!r} has no partition(s) {missing} (it has {len(every)})")
+            self.assigned = [TopicPartition(self.topic, p) for p in self._wanted]
+        consumer = self.log.consumer(self.group, auto_offset_reset="earliest")
+        consumer.assign(self.assigned)
+        stored = self.counters.stored_offsets(self.group)
+        for tp in self.assigned:
+            offset = stored.get((tp.topic, tp.partition))
+            if offset is None:
+                offset = consumer.committed(tp)
+            if offset is None:
+                consumer.seek_to_beginning([tp])
+            else:
+                consumer.seek(tp, offset)
+        self._consumer = consumer
+        self._producer = self.log.producer()
+        logger.info("stream consumer %s on %s: starting at %s", self.group,
+                    [tp.partition for tp in self.assigned],
+                    {tp.partition: consumer.position(tp) for tp in self.assigned})
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+        if self._producer is not None:
+            self._producer.close()
+            self._producer = None
+
+    def __enter__(self) -> StreamConsumer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def end_offsets(self) -> dict[TopicPartition, int]:
+        assert self._consumer is not None, "start() first"
+        return self._consumer.end_offsets(self.assigned)
+
+    def positions(self) -> dict[TopicPartition, int]:
+        assert self._consumer is not None, "start() first"
+        return {tp: self._consumer.position(tp) for tp in self.assigned}
+
+    def run_once(self, timeout_ms: int | None = None) -> int:
+        """Poll and process one batch; return the number of records processed (0: nothing there)."""
+        assert self._consumer is not None, "start() first"
+        if self.rules is not None:
+            self.rules.poll()
+        records = self._consumer.poll(self.batch_size, self.poll_timeout_ms if timeout_ms is None else timeout_ms)
+        if not records:
+            return 0
+        self.process(records)
+        return len(records)
+
+    def process(self, records: Sequence[Record]) -> None:
+        """Steps 1-6 of the module docstring for one polled batch."""
+        assert self._consumer is not None and self._producer is not None, "start() first"
+        began = time.perf_counter()
+        now_ms = self.clock_ms()
+        start_offsets: dict[tuple[str, int], int] = {}
+        next_offsets: dict[tuple[str, int], int] = {}
+        documents: list[dict[str, Any]] = []
+        sources: list[Record] = []
+        dead: list[DeadLetter] = []
+        normalise = self.normalise
+        for record in records:
+            key = (record.topic, record.partition)
+            if key not in start_offsets:
+                start_offsets[key] = record.offset
+            next_offsets[key] = record.offset + 1
+            if record.value is None:
+                dead.append(DeadLetter(record, "empty_message", "the message has no value", None))
+                continue
+            try:
+                documents.append(normalise(record.value, record.timestamp_ms, now_ms))
+            except Exception as exc:  # any bad message is a dead letter: the stream goes on
+                dead.append(DeadLetter(record, *dead_letter_category(exc)))
+                continue
+            sources.append(record)
+
+        matches: list[list[str]] = []
+        kept: list[dict[str, Any]] = []
+        if documents:
+            results = self.percolator.percolate(documents, on_error="skip")
+            for document, record, result in zip(documents, sources, results, strict=True):
+                if isinstance(result, Exception):
+                    dead.append(DeadLetter(record, *dead_letter_category(result)))
+                else:
+                    kept.append(document)
+                    matches.append(result)
+
+        batch = self.aggregate(kept, matches) if kept else CounterBatch()
+        if dead:
+            self._count_dead_letters(batch, dead)
+
+        # Produce before applying counters: a crash from here on re-reads and re-produces.
+        if kept:
+            self._producer.send_batch(LAST_SEEN_TOPIC, [
+                Message(value=orjson.dumps(document), key=str(document["user_id"]).encode(),
+                        timestamp_ms=record.timestamp_ms)
+                for document, record in zip(kept, _good_records(sources, documents, kept), strict=True)
+            ])
+        if dead:
+            self._producer.send_batch(dlq_topic(self.topic), [letter.to_message() for letter in dead])
+
+        applied = self.counters.apply(batch, self.group, next_offsets, start_offsets)
+        readable_ms = self.clock_ms()
+        self._consumer.commit({TopicPartition(t, p): o for (t, p), o in next_offsets.items()})
+
+        stats = self.stats
+        stats.batches += 1
+        stats.processed += len(records)
+        if not applied:
+            stats.skipped_batches += 1
+            logger.warning("batch %s was already applied (a re-read after a crash): skipped", start_offsets)
+        else:
+            stats.matched += sum(len(m) for m in matches)
+            stats.matched_bids += sum(1 for m in matches if m)
+            stats.dlq += len(dead)
+            for letter in dead:
+                stats.dlq_reasons[letter.category] = stats.dlq_reasons.get(letter.category, 0) + 1
+        for record in records:
+            stats.end_to_end_ms.add(readable_ms - record.timestamp_ms)
+        elapsed = time.perf_counter() - began
+        stats.last_batch_seconds = elapsed
+        stats.busy_seconds += elapsed
+        stats.batch_ms.add(int(elapsed * 1000))
+
+    def _count_dead_letters(self, batch: CounterBatch, dead: Sequence[DeadLetter]) -> None:
+        for letter in dead:
+            day = letter.record.timestamp_ms // 86_400_000 * 86_400
+            values = batch.dimensions.setdefault((DLQ_COUNTER_ID, day, DLQ_DIMENSION), {})
+            values[letter.category] = values.get(letter.category, 0) + 1
+
+    def update_lag(self) -> int:
+        assert self._consumer is not None, "start() first"
+        ends = self._consumer.end_offsets(self.assigned)
+        self.stats.lag = sum(max(0, ends[tp] - self._consumer.position(tp)) for tp in self.assigned)
+        return self.stats.lag
+
+    def run(self, stop: threading.Event, *, drain: bool = False, report_every_s: float = 30.0) -> StreamStats:
+        """Process batches until ``stop`` is set, or (``drain``) until every partition reaches the
+        end offset observed when this call began."""
+        assert self._consumer is not None, "start() first"
+        targets = self.end_offsets() if drain else None
+        last_report = time.monotonic()
+        while not stop.is_set():
+            if targets is not None:
+                positions = self.positions()
+                if all(positions[tp] >= end for tp, end in targets.items()):
+                    break
+            self.run_once()
+            if time.monotonic() - last_report >= report_every_s:
+                last_report = time.monotonic()
+                self.update_lag()
+                logger.info("stream %s: %s", self.group, self.stats.summary())
+        self.update_lag()
+        return self.stats
+
+
+def _good_records(sources: Sequence[Record], documents: Sequence[Any], kept: Sequence[Any]) -> list[Record]:
+    """The records of the kept documents (those the percolator accepted), in order."""
+    if len(kept) == len(documents):
+        return list(sources)
+    kept_ids = {id(document) for document in kept}
+    return [record for record, document in zip(sources, documents, strict=True) if id(document) in kept_ids]
