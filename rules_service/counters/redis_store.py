@@ -1,0 +1,374 @@
+"""The counter store in Redis (key scheme: :mod:`rules_service.counters.keys`).
+
+Writes
+------
+:meth:`RedisCounters.apply` sends one batch as ONE ``EVALSHA`` of :data:`APPLY_SCRIPT` (loaded once
+per client, re-sent with ``EVAL`` after a ``NOSCRIPT``): the script first checks the consumer's
+stored offsets (``o:<consumer>``, field ``<topic>:<partition>`` -> next offset) against the batch's
+start offsets; if any stored offset is beyond its start offset the batch was already applied and
+nothing is written (returns 0). Otherwise it runs every ``PFADD`` (multi-element, chunked),
+``HINCRBY`` and ``EXPIREAT`` and stores the new offsets (returns 1). A Lua script is atomic on a
+Redis server and, with AOF, persisted as one transaction: counters and offsets never disagree, so a
+worker killed at any moment resumes from the stored offsets and counts every bid exactly once.
+
+The arguments are one JSON blob (``orjson`` here, ``cjson`` in the script): one argument instead of
+tens of thousands keeps redis-py's encoding cheap. Numbers that Redis must read back exactly
+(offsets, expiry times) travel as strings because Lua numbers are doubles printed with 14 digits.
+
+Trade-off: the script computes nothing but touches keys it was not given in ``KEYS``, across many
+rules' hash tags plus the offsets hash. That is fine on one Redis server (the deployment this
+service targets: counters of 10k audiences fit one server) but not Redis Cluster safe. A cluster
+deployment would shard by rule (one script per slot) and lose the single atomic offset commit.
+
+Reads
+-----
+Every read is one pipeline round trip. Ranges are widened to whole hours (``start`` floored,
+``end`` ceiled). Whole days inside the range use the day buckets, the partial days at its edges
+use hour buckets, except days older than the hour retention, whose hour buckets have expired:
+those use the whole day (the range is rounded outward to days there).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import redis
+
+from rules_service.counters import keys
+from rules_service.counters.keys import DAY, HOUR
+from rules_service.counters.port import CounterBatch, Counters, Granularity, SeriesPoint
+
+__all__ = ["APPLY_SCRIPT", "RedisCounters"]
+
+#: KEYS[1] = offsets hash; ARGV[1] = JSON [offsets, pfadds, hincrbys]:
+#:   offsets  [[field, start_offset_or_"", next_offset], ...]
+#:   pfadds   [[key, expireat, [member, ...]], ...]
+#:   hincrbys [[key, expireat, [field, increment, field, increment, ...]], ...]
+APPLY_SCRIPT = """
+local okey = KEYS[1]
+local payload = cjson.decode(ARGV[1])
+local offsets, pfadds, hincrbys = payload[1], payload[2], payload[3]
+for i = 1, #offsets do
+  local o = offsets[i]
+  if o[2] ~= '' then
+    local stored = redis.call('HGET', okey, o[1])
+    if stored and tonumber(stored) > tonumber(o[2]) then
+      return 0
+    end
+  end
+end
+local unpack = unpack or table.unpack
+for i = 1, #pfadds do
+  local e = pfadds[i]
+  local key, members = e[1], e[3]
+  local n = #members
+  for j = 1, n, 4000 do
+    local last = j + 3999
+    if last > n then last = n end
+    redis.call('PFADD', key, unpack(members, j, last))
+  end
+  redis.call('EXPIREAT', key, e[2])
+end
+for i = 1, #hincrbys do
+  local e = hincrbys[i]
+  local key, fv = e[1], e[3]
+  for j = 1, #fv, 2 do
+    redis.call('HINCRBY', key, fv[j], fv[j + 1])
+  end
+  redis.call('EXPIREAT', key, e[2])
+end
+if #offsets > 0 then
+  local args = {}
+  for i = 1, #offsets do
+    args[#args + 1] = offsets[i][1]
+    args[#args + 1] = offsets[i][3]
+  end
+  redis.call('HSET', okey, unpack(args))
+end
+return 1
+"""
+
+
+def _epoch(value: datetime) -> int:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return int(value.timestamp())
+
+
+def _hour_range(start: datetime, end: datetime) -> tuple[int, int]:
+    """[start, end) widened to whole hours, as epoch seconds."""
+    s, e = _epoch(start), _epoch(end)
+    if end.microsecond:
+        e += 1  # ceil sub-second ends
+    s -= s % HOUR
+    e = e if e % HOUR == 0 else e - e % HOUR + HOUR
+    return s, max(s, e)
+
+
+def _utc(epoch_s: int) -> datetime:
+    return datetime.fromtimestamp(epoch_s, UTC)
+
+
+def _int(raw: Any) -> int:
+    return int(raw) if raw is not None else 0
+
+
+class RedisCounters(Counters):
+    """:class:`~rules_service.counters.port.Counters` on one Redis server (see the module docstring).
+
+    ``client`` may decode responses or not. ``clock`` (epoch seconds) decides which hour buckets
+    are past their retention; tests inject it.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        hour_retention_days: int = 14,
+        day_retention_days: int = 400,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.hour_retention_s = hour_retention_days * DAY
+        self.day_retention_s = day_retention_days * DAY
+        self.clock = clock
+        self._sha: str | None = None
+
+    @classmethod
+    def from_settings(cls, client: redis.Redis, settings: Any) -> RedisCounters:
+        return cls(
+            client,
+            hour_retention_days=settings.HOUR_RETENTION_DAYS,
+            day_retention_days=settings.DAY_RETENTION_DAYS,
+        )
+
+    # ------------------------------------------------------------------ writes
+
+    def encode_batch(
+        self,
+        batch: CounterBatch,
+        offsets: Mapping[tuple[str, int], int],
+        start_offsets: Mapping[tuple[str, int], int] | None = None,
+    ) -> bytes:
+        """The script's JSON argument for ``batch`` (exposed for the benchmark and tests)."""
+        hour_ret, day_ret = self.hour_retention_s, self.day_retention_s
+        offset_rows = []
+        for (topic, partition), next_offset in offsets.items():
+            start = None if start_offsets is None else start_offsets.get((topic, partition))
+            offset_rows.append(
+                [keys.offset_field(topic, partition), "" if start is None else str(int(start)), str(int(next_offset))]
+            )
+        if start_offsets:
+            for topic, partition in start_offsets:
+                if (topic, partition) not in offsets:
+                    raise ValueError(f"start offset for {topic}:{partition} without a next offset")
+
+        pfadds = []
+        for (rid, granularity, bucket), members in batch.users.items():
+            if not members:
+                continue
+            if granularity == "hour":
+                pfadds.append([keys.hour_users(rid, bucket), str(bucket + HOUR + hour_ret), list(members)])
+            elif granularity == "day":
+                pfadds.append([keys.day_users(rid, bucket), str(bucket + DAY + day_ret), list(members)])
+            else:
+                raise ValueError(f"unknown granularity {granularity!r}")
+
+        hashes: dict[str, tuple[int, list[Any]]] = {}
+        for (rid, granularity, bucket), count in batch.matches.items():
+            if not count:
+                continue
+            if granularity == "hour":
+                key, fld = keys.hour_matches(rid, bucket)
+                expire = bucket - bucket % DAY + DAY + hour_ret
+            elif granularity == "day":
+                key, fld = keys.day_matches(rid, bucket)
+                expire = keys.month_end(bucket) + day_ret
+            else:
+                raise ValueError(f"unknown granularity {granularity!r}")
+            entry = hashes.get(key)
+            if entry is None:
+                entry = hashes[key] = (expire, [])
+            entry[1].extend((fld, count))
+        for (rid, day, dimension), values in batch.dimensions.items():
+            key = keys.dimensions(rid, day)
+            entry = hashes.get(key)
+            if entry is None:
+                entry = hashes[key] = (day - day % DAY + DAY + day_ret, [])
+            fv = entry[1]
+            for value, count in values.items():
+                if count:
+                    fv.append(keys.dimension_field(dimension, value))
+                    fv.append(count)
+        hincrbys = [[key, str(expire), fv] for key, (expire, fv) in hashes.items() if fv]
+        return orjson.dumps([offset_rows, pfadds, hincrbys])
+
+    def apply(
+        self,
+        batch: CounterBatch,
+        consumer: str,
+        offsets: Mapping[tuple[str, int], int],
+        start_offsets: Mapping[tuple[str, int], int] | None = None,
+    ) -> bool:
+        payload = self.encode_batch(batch, offsets, start_offsets)
+        return bool(self._run(keys.offsets(consumer), payload))
+
+    def _run(self, offsets_key: str, payload: bytes) -> Any:
+        if self._sha is None:
+            self._sha = str(self.client.script_load(APPLY_SCRIPT))
+        try:
+            return self.client.evalsha(self._sha, 1, offsets_key, payload)
+        except redis.exceptions.NoScriptError:  # server restarted or SCRIPT FLUSH: send it again
+            self._sha = None
+            return self.client.eval(APPLY_SCRIPT, 1, offsets_key, payload)
+
+    def stored_offsets(self, consumer: str) -> dict[tuple[str, int], int]:
+        raw = self.client.hgetall(keys.offsets(consumer))
+        out: dict[tuple[str, int], int] = {}
+        for fld, value in raw.items():
+            name = fld.decode() if isinstance(fld, bytes) else str(fld)
+            out[keys.split_offset_field(name)] = int(value)
+        return out
+
+    def delete_offsets(self, consumer: str) -> None:
+        """Forget a consumer's offsets (a finished or cancelled replay)."""
+        self.client.delete(keys.offsets(consumer))
+
+    # ------------------------------------------------------------------ reads
+
+    def _plan(self, start_s: int, end_s: int) -> tuple[list[int], list[int]]:
+        """Split the hour range [start_s, end_s) into whole days and partial-day hours (see module)."""
+        days: list[int] = []
+        hours: list[int] = []
+        hour_cutoff = self.clock() - self.hour_retention_s  # hour buckets ending before this are gone
+        t = start_s
+        while t < end_s:
+            day = t - t % DAY
+            day_end = day + DAY
+            if t == day and day_end <= end_s:
+                days.append(day)
+                t = day_end
+                continue
+            stop = min(day_end, end_s)
+            if day_end <= hour_cutoff:
+                days.append(day)  # hour buckets expired: day precision
+            else:
+                hours.extend(range(t, stop, HOUR))
+            t = stop
+        return days, hours
+
+    def _users_keys(self, rule_id: str, days: Sequence[int], hours: Sequence[int]) -> list[str]:
+        return [keys.day_users(rule_id, d) for d in days] + [keys.hour_users(rule_id, h) for h in hours]
+
+    def _queue_matches(self, pipe: Any, rule_id: str, days: Sequence[int], hours: Sequence[int]) -> int:
+        """Queue HMGETs covering the buckets; returns how many replies to sum."""
+        fields: dict[str, list[str]] = {}
+        for d in days:
+            key, fld = keys.day_matches(rule_id, d)
+            fields.setdefault(key, []).append(fld)
+        for h in hours:
+            key, fld = keys.hour_matches(rule_id, h)
+            fields.setdefault(key, []).append(fld)
+        for key, flds in fields.items():
+            pipe.hmget(key, flds)
+        return len(fields)
+
+    def summary(self, rule_id: str, start: datetime, end: datetime) -> tuple[int, int]:
+        """(unique users, matched bids) over [start, end) in one round trip (the API's audience size)."""
+        days, hours = self._plan(*_hour_range(start, end))
+        if not days and not hours:
+            return 0, 0
+        pipe = self.client.pipeline(transaction=False)
+        pipe.pfcount(*self._users_keys(rule_id, days, hours))
+        self._queue_matches(pipe, rule_id, days, hours)
+        replies = pipe.execute()
+        return int(replies[0]), sum(_int(v) for reply in replies[1:] for v in reply)
+
+    def unique_users(self, rule_id: str, start: datetime, end: datetime) -> int:
+        days, hours = self._plan(*_hour_range(start, end))
+        if not days and not hours:
+            return 0
+        return int(self.client.pfcount(*self._users_keys(rule_id, days, hours)))
+
+    def matches(self, rule_id: str, start: datetime, end: datetime) -> int:
+        days, hours = self._plan(*_hour_range(start, end))
+        if not days and not hours:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        self._queue_matches(pipe, rule_id, days, hours)
+        return sum(_int(v) for reply in pipe.execute() for v in reply)
+
+    def series(self, rule_id: str, start: datetime, end: datetime, granularity: Granularity) -> list[SeriesPoint]:
+        start_s, end_s = _hour_range(start, end)
+        if granularity == "hour":
+            buckets = list(range(start_s, end_s, HOUR))
+            user_key: Callable[[str, int], str] = keys.hour_users
+            match_key: Callable[[str, int], tuple[str, str]] = keys.hour_matches
+        elif granularity == "day":
+            first = start_s - start_s % DAY
+            buckets = list(range(first, end_s, DAY))
+            user_key, match_key = keys.day_users, keys.day_matches
+        else:
+            raise ValueError(f"granularity must be 'hour' or 'day', not {granularity!r}")
+        if not buckets:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for b in buckets:
+            pipe.pfcount(user_key(rule_id, b))
+        by_key: dict[str, list[str]] = {}
+        slots: list[tuple[str, int]] = []
+        for b in buckets:
+            key, fld = match_key(rule_id, b)
+            flds = by_key.setdefault(key, [])
+            slots.append((key, len(flds)))
+            flds.append(fld)
+        for key, flds in by_key.items():
+            pipe.hmget(key, flds)
+        replies = pipe.execute()
+        users = replies[: len(buckets)]
+        hm = dict(zip(by_key, replies[len(buckets):], strict=True))
+        return [
+            SeriesPoint(start=_utc(b), unique_users=int(u), matches=_int(hm[key][pos]))
+            for b, u, (key, pos) in zip(buckets, users, slots, strict=True)
+        ]
+
+    def breakdown(
+        self, rule_id: str, start: datetime, end: datetime, dimensions: Sequence[str]
+    ) -> dict[str, dict[str, int]]:
+        start_s, end_s = _hour_range(start, end)
+        wanted: dict[str, dict[str, int]] = {d: {} for d in dimensions}
+        days = list(range(start_s - start_s % DAY, end_s, DAY))
+        if not days or not wanted:
+            return wanted
+        pipe = self.client.pipeline(transaction=False)
+        for d in days:
+            pipe.hgetall(keys.dimensions(rule_id, d))
+        for reply in pipe.execute():
+            for fld, count in reply.items():
+                name = fld.decode() if isinstance(fld, bytes) else fld
+                dimension, value = keys.split_dimension_field(name)
+                target = wanted.get(dimension)
+                if target is not None:
+                    target[value] = target.get(value, 0) + int(count)
+        return wanted
+
+    # ------------------------------------------------------------------ admin
+
+    def rule_keys(self, rule_id: str) -> Iterator[str]:
+        """Every counter key of a rule (SCAN: O(keys in the database), for ops and deletes)."""
+        for key in self.client.scan_iter(match=keys.rule_scan_pattern(rule_id), count=1000):
+            yield key.decode() if isinstance(key, bytes) else key
+
+    def delete_rule(self, rule_id: str) -> None:
+        chunk: list[str] = []
+        for key in self.rule_keys(rule_id):
+            chunk.append(key)
+            if len(chunk) >= 500:
+                self.client.unlink(*chunk)
+                chunk = []
+        if chunk:
+            self.client.unlink(*chunk)
