@@ -309,7 +309,7 @@ def _interests(user: Mapping[str, Any]) -> list[str]:
             if keywords:
                 found.extend(part.strip() for part in keywords.split(","))
         elif type(keywords) is list:  # some exchanges send 2.6 kwarray under the 2.5 name
-            found.extend(_str_list(user, "keywords", "user.keywords") or ())
+            found.extend(item.strip() for item in _str_list(user, "keywords", "user.keywords") or ())
         else:
             raise _wrong("user.keywords", "a comma-separated string", keywords)
     kwarray = _str_list(user, "kwarray", "user.kwarray")
