@@ -29,7 +29,7 @@ BID_25: dict[str, Any] = {
         "data": [{"id": "dmp", "segment": [{"id": "s1", "name": "auto-intender"}, {"id": "s2", "name": "music"}]}],
         "ext": {"occupation": "engineer"},
     },
-    "ext": {"exchange": "adx", "received_at": 1795858200123},  # 2026-11-22T09:30:00.123Z
+    "ext": {"exchange": "adx", "received_at": 1795339800123},  # 2026-11-22T09:30:00.123Z
 }
 
 #: An OpenRTB 2.6 site request: kwarray, langb, banner.format, ISO received_at, user.geo only.
