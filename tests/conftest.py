@@ -79,3 +79,5 @@ def redis_url(redis_server: str) -> Iterator[str]:
     client.flushall()
     client.close()
     yield redis_server
+
+from tests.kafka_broker import kafka_broker  # noqa: E402, F401  (a real Kafka 0.9 broker, session-scoped)

@@ -1,0 +1,680 @@
+"""The embedded log: file-backed topics under ``RULES_DATA_DIR/log``, no server.
+
+Design note: why SQLite in WAL mode (and not our own segment files)
+------------------------------------------------------------------
+* Several processes (the API, workers, a replay) share the files. SQLite already gives us
+  cross-process locking (one writer at a time per file, waiting up to ``busy_timeout``) and in
+  WAL mode readers never block the writer nor each other: a consumer or a replay scan keeps
+  reading a consistent snapshot while producers append and the cleaner deletes. Segment files
+  would need our own fcntl locking, index files and crash recovery.
+* Durability: a batch is one transaction. In WAL mode with ``synchronous=NORMAL`` a commit has
+  written its frames into the ``-wal`` file (``write(2)``, i.e. the OS page cache) before
+  ``send_batch`` returns, so it survives ``kill -9`` of any process: the kernel still owns those
+  pages and the next opener replays the WAL. It does *not* survive a power loss or kernel crash;
+  pass ``fsync=True`` (``synchronous=FULL``: fsync of the WAL at every commit) for that.
+* Layout: one database file per topic (``topics/<name>.db``), so topics do not contend for the
+  write lock, and inside it one rowid table per partition whose rowid *is* the offset: appends go
+  to the right edge of the B-tree and reading from an offset is a range scan on the primary key,
+  the two fastest things SQLite does. ``partitions`` holds each partition's next offset (offsets
+  are never reused, even when retention empties a partition) and the running max timestamp;
+  ``time_index`` holds one row per produced batch (first/last offset, running max timestamp), a
+  sparse Kafka-like time index for ``seek_to_time``. Consumer-group offsets live in
+  ``groups.db`` (one transaction per commit, so a multi-topic commit is atomic).
+* Compaction: a ``compact`` topic has a unique index on the key and producers write with
+  ``INSERT OR REPLACE``, so writing a key deletes its previous record in the same transaction:
+  the topic is always compacted (a reader only ever sees the latest value of a key, plus
+  tombstones until they are cleaned), and its size follows the live data instead of the write
+  volume. The cleaner (:meth:`EmbeddedLog.compact`, also run by producers every
+  ``maintenance_interval_s``) removes tombstones older than ``tombstone_retention_ms`` (Kafka's
+  ``delete.retention.ms``, default 24 h), applies ``retention_ms`` to ``delete`` topics, and gives
+  free pages back to the file system with ``incremental_vacuum`` when more than a quarter of the
+  file is free. Each step is a short transaction over a bounded chunk, so producers wait at most
+  one chunk and readers never wait.
+* Offsets are contiguous until compaction/retention removes records; then they have gaps, like
+  Kafka's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+from workers.log.port import (
+    Consumer,
+    Log,
+    LogError,
+    LogUnavailableError,
+    Message,
+    Producer,
+    Record,
+    TopicExistsError,
+    TopicNotFoundError,
+    TopicPartition,
+    TopicSpec,
+    partition_for,
+)
+
+__all__ = ["EmbeddedConsumer", "EmbeddedLog", "EmbeddedProducer"]
+
+_TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+_PAGE_SIZE = 8192
+_CHUNK = 20_000  # rows per cleaner transaction
+DEFAULT_TOMBSTONE_RETENTION_MS = 24 * 3600 * 1000
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _connect(path: Path, busy_timeout_ms: int, fsync: bool) -> sqlite3.Connection:
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves; check_same_thread=False because a
+    # Log may be shared by threads (every use is under the owner's lock).
+    conn = sqlite3.connect(str(path), timeout=busy_timeout_ms / 1000, isolation_level=None,
+                           check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise LogUnavailableError(f"{path}: cannot switch to WAL mode (got {mode}); is it on a network file system?")
+    conn.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+    conn.execute("PRAGMA cache_size=-65536")  # 64 MB: keeps the key index of big compacted topics hot
+    conn.execute("PRAGMA wal_autocheckpoint=4000")
+    conn.execute("PRAGMA journal_size_limit=67108864")
+    return conn
+
+
+class _Topic:
+    """Open handle on one topic's database (per owner: producer, consumer or log)."""
+
+    __slots__ = ("conn", "path", "spec")
+
+    def __init__(self, spec: TopicSpec, conn: sqlite3.Connection, path: Path) -> None:
+        self.spec = spec
+        self.conn = conn
+        self.path = path
+
+
+class _Store:
+    """Shared plumbing: paths, connection settings, topic catalogue."""
+
+    def __init__(self, root: Path, busy_timeout_ms: int, fsync: bool) -> None:
+        self.root = Path(root)
+        self.topics_dir = self.root / "topics"
+        self.busy_timeout_ms = busy_timeout_ms
+        self.fsync = fsync
+        try:
+            self.topics_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LogUnavailableError(f"cannot create the log directory {self.topics_dir}: {exc}") from exc
+
+    def topic_path(self, name: str) -> Path:
+        if not _TOPIC_NAME.match(name) or name in (".", ".."):
+            raise LogError(f"invalid topic name {name!r}: use 1-200 characters among A-Z a-z 0-9 . _ -")
+        return self.topics_dir / f"{name}.db"
+
+    def open_topic(self, name: str) -> _Topic:
+        path = self.topic_path(name)
+        if not path.exists():
+            raise TopicNotFoundError(f"topic {name!r} does not exist (in {self.topics_dir})")
+        try:
+            conn = _connect(path, self.busy_timeout_ms, self.fsync)
+            spec = _read_spec(conn, name)
+        except sqlite3.Error as exc:
+            raise LogUnavailableError(f"cannot open topic {name!r} at {path}: {exc}") from exc
+        return _Topic(spec, conn, path)
+
+    def connect_groups(self) -> sqlite3.Connection:
+        try:
+            conn = _connect(self.root / "groups.db", self.busy_timeout_ms, self.fsync)
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS offsets (group_id TEXT NOT NULL, topic TEXT NOT NULL,"
+                " partition INTEGER NOT NULL, next_offset INTEGER NOT NULL, updated_ms INTEGER NOT NULL,"
+                " PRIMARY KEY (group_id, topic, partition)) WITHOUT ROWID"
+            )
+        except sqlite3.Error as exc:
+            raise LogUnavailableError(f"cannot open {self.root / 'groups.db'}: {exc}") from exc
+        return conn
+
+
+def _read_spec(conn: sqlite3.Connection, name: str) -> TopicSpec:
+    row = conn.execute(
+        "SELECT partitions, cleanup_policy, retention_ms, segment_ms, min_cleanable_dirty_ratio FROM spec"
+    ).fetchone()
+    return TopicSpec(name=name, partitions=int(row[0]), cleanup_policy=row[1], retention_ms=row[2],
+                     segment_ms=row[3], min_cleanable_dirty_ratio=row[4])
+
+
+def _table(partition: int) -> str:
+    return f"p{int(partition)}"
+
+
+def _begin_offset(conn: sqlite3.Connection, partition: int) -> int:
+    row = conn.execute(f"SELECT min(offset) FROM {_table(partition)}").fetchone()
+    if row[0] is not None:
+        return int(row[0])
+    return _end_offset(conn, partition)
+
+
+def _end_offset(conn: sqlite3.Connection, partition: int) -> int:
+    return int(conn.execute("SELECT next_offset FROM partitions WHERE partition=?", (partition,)).fetchone()[0])
+
+
+class EmbeddedLog(Log):
+    """The file-backed log rooted at ``root`` (usually ``RULES_DATA_DIR/log``).
+
+    ``fsync``: fsync every batch (survives power loss, slower); default survives process kills.
+    ``tombstone_retention_ms``: how long a tombstone stays readable in a compacted topic.
+    ``maintenance_interval_s``: how often a producer runs the cleaner on the topics it writes.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = False, busy_timeout_ms: int = 30_000,
+                 tombstone_retention_ms: int = DEFAULT_TOMBSTONE_RETENTION_MS,
+                 maintenance_interval_s: float = 30.0) -> None:
+        self._store = _Store(Path(root), busy_timeout_ms, fsync)
+        self.root = self._store.root
+        self.tombstone_retention_ms = tombstone_retention_ms
+        self.maintenance_interval_s = maintenance_interval_s
+        self._specs: dict[str, TopicSpec] = {}
+        self._lock = threading.Lock()
+
+    # -- admin -------------------------------------------------------------------------------
+    def create_topic(self, spec: TopicSpec, exist_ok: bool = True) -> None:
+        if spec.partitions < 1:
+            raise LogError(f"topic {spec.name!r}: partitions must be at least 1, got {spec.partitions}")
+        if spec.cleanup_policy not in ("delete", "compact"):
+            raise LogError(f"topic {spec.name!r}: cleanup_policy must be 'delete' or 'compact'")
+        path = self._store.topic_path(spec.name)
+        if path.exists():
+            if exist_ok:
+                return
+            raise TopicExistsError(f"topic {spec.name!r} already exists")
+        # Build the whole file under a temporary name, then link it into place: other processes
+        # see either no topic or a complete one, and link() fails if someone else won the race.
+        tmp = path.with_name(f".{spec.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            conn = sqlite3.connect(str(tmp), isolation_level=None)
+            try:
+                conn.execute(f"PRAGMA page_size={_PAGE_SIZE}")
+                conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                conn.execute("BEGIN")
+                conn.execute("CREATE TABLE spec (partitions INTEGER NOT NULL, cleanup_policy TEXT NOT NULL,"
+                             " retention_ms INTEGER, segment_ms INTEGER, min_cleanable_dirty_ratio REAL)")
+                conn.execute("INSERT INTO spec VALUES (?, ?, ?, ?, ?)",
+                             (spec.partitions, spec.cleanup_policy, spec.retention_ms, spec.segment_ms,
+                              spec.min_cleanable_dirty_ratio))
+                conn.execute("CREATE TABLE partitions (partition INTEGER PRIMARY KEY, next_offset INTEGER NOT NULL,"
+                             " max_ts INTEGER NOT NULL)")
+                conn.execute("CREATE TABLE time_index (partition INTEGER NOT NULL, first_offset INTEGER NOT NULL,"
+                             " last_offset INTEGER NOT NULL, max_ts INTEGER NOT NULL,"
+                             " PRIMARY KEY (partition, first_offset)) WITHOUT ROWID")
+                conn.execute("CREATE INDEX time_index_ts ON time_index (partition, max_ts)")
+                for p in range(spec.partitions):
+                    conn.execute(f"CREATE TABLE {_table(p)} (offset INTEGER PRIMARY KEY, key BLOB, value BLOB,"
+                                 " ts INTEGER NOT NULL)")
+                    if spec.cleanup_policy == "compact":
+                        conn.execute(f"CREATE UNIQUE INDEX {_table(p)}_key ON {_table(p)} (key)")
+                    conn.execute("INSERT INTO partitions VALUES (?, 0, ?)", (p, -(2**62)))
+                conn.execute("COMMIT")
+            finally:
+                conn.close()
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                if not exist_ok:
+                    raise TopicExistsError(f"topic {spec.name!r} already exists") from None
+            dir_fd = os.open(self._store.topics_dir, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except (OSError, sqlite3.Error) as exc:
+            raise LogUnavailableError(f"cannot create topic {spec.name!r} in {self._store.topics_dir}: {exc}") from exc
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    def describe_topic(self, name: str) -> TopicSpec:
+        spec = self._specs.get(name)
+        if spec is None:
+            topic = self._store.open_topic(name)
+            topic.conn.close()
+            spec = self._specs[name] = topic.spec
+        return spec
+
+    def list_topics(self) -> list[str]:
+        return sorted(p.stem for p in self._store.topics_dir.glob("*.db") if not p.name.startswith("."))
+
+    def producer(self) -> EmbeddedProducer:
+        return EmbeddedProducer(self)
+
+    def consumer(self, group_id: str | None,
+                 auto_offset_reset: Literal["earliest", "latest"] = "earliest") -> EmbeddedConsumer:
+        if auto_offset_reset not in ("earliest", "latest"):
+            raise LogError(f"auto_offset_reset must be 'earliest' or 'latest', got {auto_offset_reset!r}")
+        return EmbeddedConsumer(self, group_id, auto_offset_reset)
+
+    # -- cleaner -----------------------------------------------------------------------------
+    def compact(self, topic: str) -> None:
+        """Run the cleaner on ``topic`` now: retention (delete topics), tombstone cleaning
+        (compact topics), then give free pages back to the file system."""
+        handle = self._store.open_topic(topic)
+        try:
+            _maintain(handle, self.tombstone_retention_ms, budget_rows=None)
+        except sqlite3.Error as exc:
+            raise LogUnavailableError(f"cleaning topic {topic!r} failed: {exc}") from exc
+        finally:
+            handle.conn.close()
+
+    def topic_size_bytes(self, topic: str) -> int:
+        """Bytes on disk of a topic (database plus WAL), for monitoring and the benchmarks."""
+        path = self._store.topic_path(topic)
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(FileNotFoundError):
+                total += os.path.getsize(str(path) + suffix)
+        return total
+
+    def scan_compacted(self, topic: str, partitions: Iterable[int] | None = None,
+                       batch_size: int = 10_000) -> Iterator[list[Record]]:
+        """Fast path for replays: every record from the log start to the end offset at the time of
+        the call, in batches, partition after partition (offset order inside a partition).
+
+        On this backend a compacted topic holds only the latest record of each key, so each live
+        key appears once; tombstones (value None) appear until cleaned."""
+        handle = self._store.open_topic(topic)
+        try:
+            parts = range(handle.spec.partitions) if partitions is None else list(partitions)
+            ends = {p: _end_offset(handle.conn, p) for p in parts}
+            for p in parts:
+                sql = f"SELECT offset, key, value, ts FROM {_table(p)} WHERE offset >= ? AND offset < ? " \
+                      "ORDER BY offset LIMIT ?"
+                position, end = 0, ends[p]
+                while position < end:
+                    rows = handle.conn.execute(sql, (position, end, batch_size)).fetchall()
+                    if not rows:
+                        break
+                    yield [Record(topic, p, o, k, v, t) for o, k, v, t in rows]
+                    position = rows[-1][0] + 1
+        except sqlite3.Error as exc:
+            raise LogUnavailableError(f"scanning topic {topic!r} failed: {exc}") from exc
+        finally:
+            handle.conn.close()
+
+
+def _expired_prefix(rows: list[tuple[int, int]], cutoff: int) -> list[tuple[int, int]]:
+    """The leading (offset, ts) rows older than ``cutoff``."""
+    out = []
+    for row in rows:
+        if row[1] >= cutoff:
+            break
+        out.append(row)
+    return out
+
+
+def _maintain(handle: _Topic, tombstone_retention_ms: int, budget_rows: int | None) -> int:
+    """One cleaner pass; returns the number of records removed. Chunked: each transaction removes
+    at most ``_CHUNK`` rows. ``budget_rows`` bounds the whole pass (None: until done)."""
+    conn, spec = handle.conn, handle.spec
+    removed = 0
+    now = _now_ms()
+    for p in range(spec.partitions):
+        table = _table(p)
+        if spec.cleanup_policy == "delete" and spec.retention_ms is not None:
+            cutoff = now - spec.retention_ms
+            # Kafka-like prefix deletion: drop the oldest records while they are past retention.
+            while budget_rows is None or removed < budget_rows:
+                rows = conn.execute(f"SELECT offset, ts FROM {table} ORDER BY offset LIMIT ?", (_CHUNK,)).fetchall()
+                expired = _expired_prefix(rows, cutoff)
+                if not expired:
+                    break
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.execute(f"DELETE FROM {table} WHERE offset <= ?", (expired[-1][0],))
+                    conn.execute("DELETE FROM time_index WHERE partition = ? AND last_offset <= ?",
+                                 (p, expired[-1][0]))
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                removed += len(expired)
+                if len(expired) < len(rows):
+                    break
+        elif spec.cleanup_policy == "compact":
+            cutoff = now - tombstone_retention_ms
+            while budget_rows is None or removed < budget_rows:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    cur = conn.execute(
+                        f"DELETE FROM {table} WHERE offset IN (SELECT offset FROM {table} "
+                        "WHERE value IS NULL AND ts <= ? LIMIT ?)", (cutoff, _CHUNK))
+                    count = cur.rowcount
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                removed += max(count, 0)
+                if count < _CHUNK:
+                    break
+    page_count = conn.execute("PRAGMA page_count").fetchone()[0]
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    if free > 64 and free * 4 > page_count:
+        while True:
+            conn.execute("PRAGMA incremental_vacuum(2000)")  # short steps: producers get the lock in between
+            if conn.execute("PRAGMA freelist_count").fetchone()[0] == 0:
+                break
+        # Move the vacuumed pages into the database file and truncate it (a reader holding an old
+        # snapshot only delays this; it never blocks).
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return removed
+
+
+class EmbeddedProducer(Producer):
+    """Appends batches; one transaction per (topic, batch). Thread-safe."""
+
+    def __init__(self, log: EmbeddedLog) -> None:
+        self._log = log
+        self._topics: dict[str, _Topic] = {}
+        self._round_robin: dict[str, itertools.count] = {}
+        self._last_maintenance: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _topic(self, name: str) -> _Topic:
+        handle = self._topics.get(name)
+        if handle is None:
+            handle = self._topics[name] = self._log._store.open_topic(name)
+            self._last_maintenance[name] = time.monotonic()
+        return handle
+
+    def send_batch(self, topic: str, messages: Sequence[Message]) -> list[tuple[int, int]]:
+        if not messages:
+            return []
+        with self._lock:
+            if self._closed:
+                raise LogError("producer is closed")
+            handle = self._topic(topic)
+            result = self._append(handle, topic, messages)
+            if time.monotonic() - self._last_maintenance[topic] >= self._log.maintenance_interval_s:
+                self._last_maintenance[topic] = time.monotonic()
+                # Housekeeping is best effort: the batch is already acknowledged.
+                with contextlib.suppress(sqlite3.Error):
+                    _maintain(handle, self._log.tombstone_retention_ms, budget_rows=4 * _CHUNK)
+            return result
+
+    def _append(self, handle: _Topic, topic: str, messages: Sequence[Message]) -> list[tuple[int, int]]:
+        spec = handle.spec
+        n = spec.partitions
+        compact = spec.cleanup_policy == "compact"
+        now = _now_ms()
+        by_partition: dict[int, list[int]] = {}
+        placed: list[int] = []
+        rr = self._round_robin.get(topic)
+        for i, m in enumerate(messages):
+            p = m.partition
+            if p is None:
+                if m.key is not None:
+                    p = partition_for(m.key, n)
+                else:
+                    if rr is None:
+                        rr = self._round_robin[topic] = itertools.count()
+                    p = next(rr) % n
+            elif not 0 <= p < n:
+                raise LogError(f"topic {topic!r} has {n} partitions; message {i} asks for partition {p}")
+            if compact and m.key is None:
+                raise LogError(f"topic {topic!r} is compacted: message {i} has no key")
+            placed.append(p)
+            by_partition.setdefault(p, []).append(i)
+        verb = "INSERT OR REPLACE" if compact else "INSERT"
+        offsets = [0] * len(messages)
+        conn = handle.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for p, indexes in by_partition.items():
+                    next_offset, max_ts = conn.execute(
+                        "SELECT next_offset, max_ts FROM partitions WHERE partition=?", (p,)).fetchone()
+                    rows = []
+                    for j, i in enumerate(indexes):
+                        m = messages[i]
+                        ts = now if m.timestamp_ms is None else m.timestamp_ms
+                        if ts > max_ts:
+                            max_ts = ts
+                        offsets[i] = next_offset + j
+                        rows.append((next_offset + j, m.key, m.value, ts))
+                    conn.executemany(f"{verb} INTO {_table(p)} (offset, key, value, ts) VALUES (?, ?, ?, ?)", rows)
+                    last = next_offset + len(rows) - 1
+                    conn.execute("UPDATE partitions SET next_offset=?, max_ts=? WHERE partition=?",
+                                 (last + 1, max_ts, p))
+                    conn.execute("INSERT INTO time_index VALUES (?, ?, ?, ?)", (p, next_offset, last, max_ts))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise LogUnavailableError(f"writing {len(messages)} messages to {topic!r} failed: {exc}") from exc
+        return [(placed[i], offsets[i]) for i in range(len(messages))]
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for handle in self._topics.values():
+                handle.conn.close()
+            self._topics.clear()
+
+
+class EmbeddedConsumer(Consumer):
+    """Reads assigned partitions straight from the topic files. One thread per consumer."""
+
+    def __init__(self, log: EmbeddedLog, group_id: str | None, auto_offset_reset: str) -> None:
+        self._log = log
+        self._group_id = group_id
+        self._reset = auto_offset_reset
+        self._topics: dict[str, _Topic] = {}
+        self._positions: dict[TopicPartition, int] = {}
+        self._order: list[TopicPartition] = []
+        self._next = 0  # round-robin start among assigned partitions
+        self._groups: sqlite3.Connection | None = None
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def _topic(self, name: str) -> _Topic:
+        handle = self._topics.get(name)
+        if handle is None:
+            handle = self._topics[name] = self._log._store.open_topic(name)
+        return handle
+
+    def _check(self, tp: TopicPartition) -> _Topic:
+        handle = self._topic(tp.topic)
+        if not 0 <= tp.partition < handle.spec.partitions:
+            raise LogError(f"topic {tp.topic!r} has no partition {tp.partition}")
+        return handle
+
+    def _groups_conn(self) -> sqlite3.Connection:
+        if self._groups is None:
+            self._groups = self._log._store.connect_groups()
+        return self._groups
+
+    def _require_assigned(self, tp: TopicPartition) -> None:
+        if tp not in self._positions:
+            raise LogError(f"{tp} is not assigned to this consumer")
+
+    def _targets(self, partitions: Iterable[TopicPartition] | None) -> list[TopicPartition]:
+        targets = list(self._order) if partitions is None else [TopicPartition(*tp) for tp in partitions]
+        for tp in targets:
+            self._require_assigned(tp)
+        return targets
+
+    # -- assignment --------------------------------------------------------------------------
+    def assign(self, partitions: Iterable[TopicPartition]) -> None:
+        wanted = list(dict.fromkeys(TopicPartition(*tp) for tp in partitions))
+        for tp in wanted:
+            self._check(tp)
+        try:
+            positions: dict[TopicPartition, int] = {}
+            for tp in wanted:
+                if tp in self._positions:
+                    positions[tp] = self._positions[tp]
+                    continue
+                committed = self.committed(tp) if self._group_id is not None else None
+                conn = self._topic(tp.topic).conn
+                if committed is not None:
+                    positions[tp] = committed
+                elif self._reset == "earliest":
+                    positions[tp] = _begin_offset(conn, tp.partition)
+                else:
+                    positions[tp] = _end_offset(conn, tp.partition)
+        except sqlite3.Error as exc:
+            raise LogUnavailableError(f"assigning {wanted} failed: {exc}") from exc
+        self._positions = positions
+        self._order = wanted
+        self._next = 0
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self._order)
+
+    # -- reading -----------------------------------------------------------------------------
+    def poll(self, max_records: int = 500, timeout_ms: int = 0) -> list[Record]:
+        deadline = time.monotonic() + timeout_ms / 1000
+        delay = 0.002
+        while True:
+            records = self._poll_once(max_records)
+            if records or not self._order:
+                return records
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return records
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.05)
+
+    def _poll_once(self, max_records: int) -> list[Record]:
+        out: list[Record] = []
+        count = len(self._order)
+        try:
+            for i in range(count):
+                if len(out) >= max_records:
+                    break
+                tp = self._order[(self._next + i) % count]
+                conn = self._topic(tp.topic).conn
+                rows = conn.execute(
+                    f"SELECT offset, key, value, ts FROM {_table(tp.partition)} WHERE offset >= ? "
+                    "ORDER BY offset LIMIT ?", (self._positions[tp], max_records - len(out))).fetchall()
+                if rows:
+                    topic, partition = tp
+                    out.extend([Record(topic, partition, o, k, v, t) for o, k, v, t in rows])
+                    self._positions[tp] = rows[-1][0] + 1
+        except sqlite3.Error as exc:
+            raise LogUnavailableError(f"reading failed: {exc}") from exc
+        if count:
+            self._next = (self._next + 1) % count  # fairness: next poll starts at another partition
+        return out
+
+    # -- positions ---------------------------------------------------------------------------
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        tp = TopicPartition(*tp)
+        self._require_assigned(tp)
+        begin = self.beginning_offsets([tp])[tp]
+        end = self.end_offsets([tp])[tp]
+        self._positions[tp] = min(max(int(offset), begin), end)
+
+    def seek_to_beginning(self, partitions: Iterable[TopicPartition] | None = None) -> None:
+        targets = self._targets(partitions)
+        self._positions.update(self.beginning_offsets(targets))
+
+    def seek_to_end(self, partitions: Iterable[TopicPartition] | None = None) -> None:
+        targets = self._targets(partitions)
+        self._positions.update(self.end_offsets(targets))
+
+    def seek_to_time(self, timestamp_ms: int, partitions: Iterable[TopicPartition] | None = None) -> None:
+        for tp in self._targets(partitions):
+            self._positions[tp] = self._offset_for_time(tp, int(timestamp_ms))
+
+    def _offset_for_time(self, tp: TopicPartition, timestamp_ms: int) -> int:
+        conn = self._topic(tp.topic).conn
+        table = _table(tp.partition)
+        try:
+            # The time index's max_ts is a running maximum, so the first batch whose max_ts reaches
+            # the target contains the first record (in offset order) with ts >= target.
+            row = conn.execute("SELECT first_offset FROM time_index WHERE partition=? AND max_ts >= ? "
+                               "ORDER BY max_ts, first_offset LIMIT 1", (tp.partition, timestamp_ms)).fetchone()
+            if row is None:
+                return _end_offset(conn, tp.partition)
+            found = conn.execute(f"SELECT offset FROM {table} WHERE offset >= ? AND ts >= ? ORDER BY offset LIMIT 1",
+                                 (row[0], timestamp_ms)).fetchone()
+            return _end_offset(conn, tp.partition) if found is None else int(found[0])
+        except sqlite3.Error as exc:
+            raise LogUnavailableError(f"seek_to_time on {tp} failed: {exc}") from exc
+
+    def position(self, tp: TopicPartition) -> int:
+        tp = TopicPartition(*tp)
+        self._require_assigned(tp)
+        return self._positions[tp]
+
+    def beginning_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        try:
+            return {TopicPartition(*tp): _begin_offset(self._check(TopicPartition(*tp)).conn, tp[1])
+                    for tp in partitions}
+        except sqlite3.Error as exc:
+            raise LogUnavailableError(f"reading offsets failed: {exc}") from exc
+
+    def end_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        try:
+            return {TopicPartition(*tp): _end_offset(self._check(TopicPartition(*tp)).conn, tp[1])
+                    for tp in partitions}
+        except sqlite3.Error as exc:
+            raise LogUnavailableError(f"reading offsets failed: {exc}") from exc
+
+    # -- group offsets -----------------------------------------------------------------------
+    def commit(self, offsets: Mapping[TopicPartition, int] | None = None) -> None:
+        if self._group_id is None:
+            raise LogError("commit needs a consumer with a group_id")
+        items = dict(self._positions) if offsets is None else {TopicPartition(*tp): int(o) for tp, o in offsets.items()}
+        if not items:
+            return
+        for tp in items:
+            self._check(tp)
+        conn = self._groups_conn()
+        now = _now_ms()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(
+                    "INSERT INTO offsets VALUES (?, ?, ?, ?, ?) ON CONFLICT (group_id, topic, partition) "
+                    "DO UPDATE SET next_offset=excluded.next_offset, updated_ms=excluded.updated_ms",
+                    [(self._group_id, tp.topic, tp.partition, o, now) for tp, o in items.items()])
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise LogUnavailableError(f"committing offsets of group {self._group_id!r} failed: {exc}") from exc
+
+    def committed(self, tp: TopicPartition) -> int | None:
+        if self._group_id is None:
+            return None
+        tp = TopicPartition(*tp)
+        try:
+            row = self._groups_conn().execute(
+                "SELECT next_offset FROM offsets WHERE group_id=? AND topic=? AND partition=?",
+                (self._group_id, tp.topic, tp.partition)).fetchone()
+        except sqlite3.Error as exc:
+            raise LogUnavailableError(f"reading committed offsets failed: {exc}") from exc
+        return None if row is None else int(row[0])
+
+    def close(self) -> None:
+        for handle in self._topics.values():
+            handle.conn.close()
+        self._topics.clear()
+        if self._groups is not None:
+            self._groups.close()
+            self._groups = None
+
