@@ -59,8 +59,11 @@ class RulesSync:
         consumer.seek_to_beginning(partitions)
         ends = consumer.end_offsets(partitions)
         latest: dict[str, Record] = {}
-        while any(consumer.position(tp) < end for tp, end in ends.items()):
+        quiet = 0
+        # Stop at the end offsets, or after a quiet spell: compaction may have removed the tail.
+        while any(consumer.position(tp) < end for tp, end in ends.items()) and quiet < 10:
             records = consumer.poll(5000, timeout_ms=100)
+            quiet = 0 if records else quiet + 1
             for record in records:
                 if record.key is not None:
                     latest[record.key.decode("utf-8", "replace")] = record

@@ -14,6 +14,8 @@ from rules_service.config import ConfigError, load_settings
 
 #: Modules whose ``register(group)`` adds commands. One line per command family.
 COMMAND_MODULES: list[str] = [
+    "percolators.cli",
+    "workers.cli",
 ]
 
 

@@ -1,0 +1,258 @@
+"""Run stream consumers from settings: in this process, in child processes, or under Celery.
+
+* :func:`build_consumer` composes a :class:`~workers.stream.StreamConsumer` from the settings:
+  the log (``create_log``), the percolator (``create_percolator``) loaded from ``audiences.rules``
+  (:class:`~workers.rules_sync.RulesSync`), and the Redis counters (``create_counters``).
+* :func:`drain` processes every partition up to the end offsets seen at start, using one process
+  per share of partitions (``processes``), and returns the summed summary.
+* :class:`StreamSupervisor` keeps ``processes`` consumer processes streaming (restarting one that
+  dies) until stopped; the Celery worker's bootstep uses it.
+
+Why processes: percolation is CPU-bound Python, so threads would share one core. Partitions are
+dealt out to the processes statically (:func:`~workers.stream.split_partitions`); several
+machines split them with ``--partitions``. Children die with their parent (``PR_SET_PDEATHSIG``),
+so a ``kill -9`` of the worker leaves no orphan consuming the same partitions (even then
+counting stays exactly-once: :meth:`Counters.apply` skips a batch already applied).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import multiprocessing.synchronize
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from rules_service.config import Settings
+from workers.stream import DEFAULT_GROUP, LatencyHistogram, StreamConsumer, StreamStats, split_partitions
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def build_consumer(settings: Settings, *, partitions: Sequence[int] | None = None, batch_size: int | None = None,
+                   group: str = DEFAULT_GROUP) -> Iterator[StreamConsumer]:
+    """A started consumer composed from the settings; everything is closed on exit."""
+    from percolators.factory import create_percolator
+    from rules_service.counters.factory import create_counters
+    from workers.log.factory import create_log
+    from workers.rules_sync import RulesSync
+    from workers.topics import ensure_topics
+
+    log = create_log(settings)
+    percolator = create_percolator(settings)
+    rules: RulesSync | None = None
+    consumer: StreamConsumer | None = None
+    try:
+        ensure_topics(log, settings)
+        counters = create_counters(settings)
+        rules = RulesSync(log, percolator)
+        loaded = rules.load()
+        logger.info("loaded %d rules (%d skipped as invalid)", loaded, len(rules.invalid))
+        consumer = StreamConsumer(
+            log, percolator, counters, topic=settings.BIDS_TOPIC, group=group, partitions=partitions,
+            batch_size=batch_size or settings.BATCH_SIZE, rules=rules, dimensions=settings.DIMENSIONS,
+        )
+        consumer.start()
+        yield consumer
+    finally:
+        if consumer is not None:
+            consumer.close()
+        if rules is not None:
+            rules.close()
+        percolator.close()
+        log.close()
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (no-op elsewhere)."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def _stats_to_dict(stats: StreamStats) -> dict[str, Any]:
+    out = stats.summary()
+    out["e2e_hist"] = stats.end_to_end_ms.counts
+    out["batch_hist"] = stats.batch_ms.counts
+    out["busy_seconds"] = stats.busy_seconds
+    return out
+
+
+def merge_summaries(parts: Sequence[dict[str, Any]], elapsed_s: float) -> dict[str, Any]:
+    """Sum per-process summaries into one (percentiles from the merged histograms)."""
+    total: dict[str, Any] = {"processed": 0, "matched": 0, "matched_bids": 0, "dlq": 0, "batches": 0,
+                             "skipped_batches": 0, "lag": 0}
+    reasons: dict[str, int] = {}
+    e2e, batch = LatencyHistogram(), LatencyHistogram()
+    for part in parts:
+        for key in total:
+            total[key] += int(part.get(key, 0))
+        for reason, n in part.get("dlq_reasons", {}).items():
+            reasons[reason] = reasons.get(reason, 0) + n
+        for bucket, n in part.get("e2e_hist", {}).items():
+            e2e.add(int(bucket), n)
+        for bucket, n in part.get("batch_hist", {}).items():
+            batch.add(int(bucket), n)
+    total["dlq_reasons"] = dict(sorted(reasons.items()))
+    total["processes"] = len(parts)
+    total["elapsed_s"] = round(elapsed_s, 3)
+    total["bids_per_s"] = round(total["processed"] / max(elapsed_s, 1e-9), 1)
+    total["batch_ms_p50"], total["batch_ms_p99"] = batch.percentile(50), batch.percentile(99)
+    total["e2e_ms_p50"], total["e2e_ms_p99"] = e2e.percentile(50), e2e.percentile(99)
+    return total
+
+
+def _install_stop_signals(stop: threading.Event) -> None:
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError):  # not the main thread
+            signal.signal(sig, handler)
+
+
+def drain_in_process(settings: Settings, *, partitions: Sequence[int] | None = None, batch_size: int | None = None,
+                     group: str = DEFAULT_GROUP, stop: threading.Event | None = None) -> dict[str, Any]:
+    """Drain the given partitions (default: all) in this process; return the summary."""
+    stop = stop or threading.Event()
+    with build_consumer(settings, partitions=partitions, batch_size=batch_size, group=group) as consumer:
+        consumer.stats.started_at = time.monotonic()
+        stats = consumer.run(stop, drain=True)
+        return _stats_to_dict(stats)
+
+
+def _drain_child(settings: Settings, partitions: list[int], batch_size: int | None, group: str,
+                 results: Any) -> None:
+    die_with_parent()
+    logging.basicConfig(level=logging.WARNING)
+    stop = threading.Event()
+    _install_stop_signals(stop)
+    results.put(drain_in_process(settings, partitions=partitions, batch_size=batch_size, group=group, stop=stop))
+
+
+def _all_partitions(settings: Settings) -> list[int]:
+    from workers.log.factory import create_log
+    from workers.topics import ensure_topics
+
+    log = create_log(settings)
+    try:
+        ensure_topics(log, settings)
+        return [tp.partition for tp in log.partitions(settings.BIDS_TOPIC)]
+    finally:
+        log.close()
+
+
+def drain(settings: Settings, *, processes: int = 1, partitions: Sequence[int] | None = None,
+          batch_size: int | None = None, group: str = DEFAULT_GROUP) -> dict[str, Any]:
+    """Drain ``bids`` up to the end offsets seen at start with ``processes`` processes."""
+    began = time.monotonic()
+    chosen = list(partitions) if partitions is not None else _all_partitions(settings)
+    shares = split_partitions(chosen, processes)
+    if len(shares) <= 1:
+        stop = threading.Event()
+        _install_stop_signals(stop)
+        summary = drain_in_process(settings, partitions=chosen, batch_size=batch_size, group=group, stop=stop)
+        return merge_summaries([summary], time.monotonic() - began)
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    children = [ctx.Process(target=_drain_child, args=(settings, share, batch_size, group, results),
+                            name=f"stream-drain-{'-'.join(map(str, share))}") for share in shares]
+    for child in children:
+        child.start()
+    parts: list[dict[str, Any]] = []
+    try:
+        while len(parts) < len(children):
+            try:
+                parts.append(results.get(timeout=0.5))
+            except Exception:  # queue.Empty: check that nobody died without a result
+                dead = [c for c in children if c.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"drain process {dead[0].name} exited with {dead[0].exitcode}") from None
+    finally:
+        for child in children:
+            child.join(timeout=5)
+            if child.is_alive():
+                child.terminate()
+    return merge_summaries(parts, time.monotonic() - began)
+
+
+def _stream_child(settings: Settings, partitions: list[int], batch_size: int | None, group: str,
+                  stop: multiprocessing.synchronize.Event) -> None:
+    die_with_parent()
+    local_stop = threading.Event()
+    _install_stop_signals(local_stop)
+
+    def watch() -> None:
+        stop.wait()
+        local_stop.set()
+
+    threading.Thread(target=watch, daemon=True, name="stop-watch").start()
+    with build_consumer(settings, partitions=partitions, batch_size=batch_size, group=group) as consumer:
+        consumer.run(local_stop)
+        logger.info("stream consumer on %s stopped: %s", partitions, consumer.stats.summary())
+
+
+class StreamSupervisor:
+    """Keeps one consumer process per share of partitions running until :meth:`stop`."""
+
+    def __init__(self, settings: Settings, *, processes: int = 1, partitions: Sequence[int] | None = None,
+                 batch_size: int | None = None, group: str = DEFAULT_GROUP, restart_delay_s: float = 1.0) -> None:
+        self.settings = settings
+        self.processes = max(1, processes)
+        self.partitions = list(partitions) if partitions is not None else None
+        self.batch_size = batch_size
+        self.group = group
+        self.restart_delay_s = restart_delay_s
+        self._ctx = multiprocessing.get_context("spawn")
+        self._stop = self._ctx.Event()
+        self._children: dict[int, Any] = {}
+        self._shares: list[list[int]] = []
+        self._thread: threading.Thread | None = None
+        self.restarts = 0
+
+    def start(self) -> None:
+        chosen = self.partitions if self.partitions is not None else _all_partitions(self.settings)
+        self._shares = split_partitions(chosen, self.processes)
+        for index in range(len(self._shares)):
+            self._spawn(index)
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="stream-supervisor")
+        self._thread.start()
+        logger.info("stream supervisor: %d consumer process(es) on partitions %s", len(self._shares), self._shares)
+
+    def _spawn(self, index: int) -> None:
+        share = self._shares[index]
+        child = self._ctx.Process(target=_stream_child, args=(self.settings, share, self.batch_size, self.group,
+                                                              self._stop),
+                                  name=f"stream-{'-'.join(map(str, share))}", daemon=False)
+        child.start()
+        self._children[index] = child
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.5):
+            for index, child in list(self._children.items()):
+                if not child.is_alive() and not self._stop.is_set():
+                    logger.error("stream process %s exited with %s: restarting", child.name, child.exitcode)
+                    self.restarts += 1
+                    time.sleep(self.restart_delay_s)
+                    self._spawn(index)
+
+    def alive(self) -> int:
+        return sum(1 for child in self._children.values() if child.is_alive())
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for child in self._children.values():
+            child.join(timeout=max(0.1, deadline - time.monotonic()))
+            if child.is_alive():
+                logger.warning("stream process %s did not stop in time: terminating", child.name)
+                child.terminate()
+                child.join(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=2)
