@@ -1,0 +1,386 @@
+"""Compiled evaluators: a rule's query tree turned, once at upsert, into closures over a batch.
+
+An evaluator is ``f(batch, pre) -> mask``: the bitmask of the batch's documents that match the
+node, where only documents in ``pre`` matter (bits outside ``pre`` may be set or not; callers AND
+with ``pre``). ``pre`` lets expensive clauses (geo distance, wildcard, phrase) look only at the
+documents that survived the cheap conjuncts of their ``bool``.
+
+Semantics are Elasticsearch's as implemented by the reference matcher (``percolators.reference``);
+the equivalence tests run both on random workloads. Clauses whose exact semantics live in a
+per-document check (phrase positions, geo distance) call the reference matcher for the few
+documents that reach them, so the two can never disagree there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from percolators.batch import GEO_LEVELS, BatchIndex, geo_bbox, iter_bits
+from percolators.query import (
+    Bool,
+    Exists,
+    GeoDistance,
+    MatchAll,
+    MatchNone,
+    Node,
+    Phrase,
+    Prefix,
+    Range,
+    Term,
+    Terms,
+    Wildcard,
+)
+
+Evaluator = Callable[[BatchIndex, int], int]
+
+# Relative cost of evaluating a clause over a batch: cheap conjuncts run first and shrink ``pre``.
+_COST_TERM = 1
+_COST_TERMS = 2
+_COST_RANGE = 3
+_COST_PREFIX = 4
+_COST_EXISTS = 4
+_COST_BOOL = 5
+_COST_WILDCARD = 6
+_COST_GEO = 8
+_COST_PHRASE = 9
+
+
+def compile_node(node: Node) -> Evaluator:
+    return _compile(node)[0]
+
+
+def _compile(node: Node) -> tuple[Evaluator, int]:
+    if isinstance(node, Term):
+        return _term(node), _COST_TERM
+    if isinstance(node, Terms):
+        return _terms(node), _COST_TERMS
+    if isinstance(node, Bool):
+        return _bool(node)
+    if isinstance(node, Range):
+        return _range(node), _COST_RANGE
+    if isinstance(node, MatchAll):
+        return _match_all, 0
+    if isinstance(node, MatchNone):
+        return _match_none, 0
+    if isinstance(node, Exists):
+        return _exists(node), _COST_EXISTS
+    if isinstance(node, Prefix):
+        return _prefix(node), _COST_PREFIX
+    if isinstance(node, Wildcard):
+        return _wildcard(node), _COST_WILDCARD
+    if isinstance(node, GeoDistance):
+        return _geo(node), _COST_GEO
+    if isinstance(node, Phrase):
+        return _phrase(node), _COST_PHRASE
+    return _per_document(node), 10
+
+
+def _match_all(batch: BatchIndex, pre: int) -> int:
+    return pre
+
+
+def _match_none(batch: BatchIndex, pre: int) -> int:
+    return 0
+
+
+def _term(node: Term) -> Evaluator:
+    name = node.field
+    if node.case_insensitive and isinstance(node.value, str):
+        low = node.value.lower()
+
+        def term_ci(batch: BatchIndex, pre: int) -> int:
+            return batch.lower_terms(name).get(low, 0)
+
+        return term_ci
+    key = (name, node.value)
+
+    def term(batch: BatchIndex, pre: int) -> int:
+        return batch.terms.get(key, 0)
+
+    return term
+
+
+def _terms(node: Terms) -> Evaluator:
+    keys = tuple((node.field, value) for value in node.values)
+
+    def terms(batch: BatchIndex, pre: int) -> int:
+        get = batch.terms.get
+        mask = 0
+        for key in keys:
+            mask |= get(key, 0)
+        return mask
+
+    return terms
+
+
+def _range(node: Range) -> Evaluator:
+    name = node.field
+    if node.uses_now:
+
+        def range_now(batch: BatchIndex, pre: int) -> int:
+            bounds = batch.resolved(node)
+            return batch.range_mask(name, bounds.low, bounds.low_inclusive, bounds.high, bounds.high_inclusive)
+
+        return range_now
+    low, low_inc, high, high_inc = node.low, node.low_inclusive, node.high, node.high_inclusive
+
+    def range_fixed(batch: BatchIndex, pre: int) -> int:
+        return batch.range_mask(name, low, low_inc, high, high_inc)
+
+    return range_fixed
+
+
+def _exists(node: Exists) -> Evaluator:
+    leaves = node.leaves or (node.field,)
+
+    def exists(batch: BatchIndex, pre: int) -> int:
+        mask = 0
+        for leaf in leaves:
+            mask |= batch.present_mask(leaf)
+        return mask
+
+    return exists
+
+
+def _prefix(node: Prefix) -> Evaluator:
+    name, prefix, ci = node.field, node.prefix, node.case_insensitive
+
+    def prefix_eval(batch: BatchIndex, pre: int) -> int:
+        return batch.prefix_mask(name, prefix, ci)
+
+    return prefix_eval
+
+
+def _wildcard(node: Wildcard) -> Evaluator:
+    name, ci = node.field, node.case_insensitive
+    fullmatch = node.regex.fullmatch
+    key = ("w", name, node.pattern, ci, node.regex.pattern, node.regex.flags)
+
+    def predicate(value: str) -> bool:
+        return fullmatch(value) is not None
+
+    def wildcard(batch: BatchIndex, pre: int) -> int:
+        return batch.predicate_mask(key, name, predicate, lowered=ci)
+
+    return wildcard
+
+
+def _geo(node: GeoDistance) -> Evaluator:
+    """Points in the cells of a generous bounding box, then the exact per-document check for the
+    documents still in ``pre``."""
+    from percolators.reference import matches
+
+    name = node.field
+    box = geo_bbox(node.lat, node.lon, node.distance_m)
+    cells: list[tuple[int, int]] | None = None
+    level = GEO_LEVELS[-1]
+    if box is not None:
+        lat_min, lat_max, lon_min, lon_max = box
+        for level in GEO_LEVELS:
+            i0, i1 = math.floor(lat_min / level), math.floor(lat_max / level)
+            j0, j1 = math.floor(lon_min / level), math.floor(lon_max / level)
+            if (i1 - i0 + 1) * (j1 - j0 + 1) <= 16:
+                cells = [(i, j) for i in range(i0, i1 + 1) for j in range(j0, j1 + 1)]
+                break
+
+    def geo(batch: BatchIndex, pre: int) -> int:
+        if box is None or cells is None:
+            points = batch.geo_points(name)
+        else:
+            grid = batch.geo_grid(name, level)
+            points = []
+            for cell in cells:
+                got = grid.get(cell)
+                if got:
+                    points.extend(got)
+        if not points:
+            return 0
+        todo = 0
+        if box is None:
+            for pos, _lat, _lon in points:
+                todo |= 1 << pos
+        else:
+            lat_min, lat_max, lon_min, lon_max = box
+            for pos, lat, lon in points:
+                if lat_min <= lat <= lat_max and lon_min <= lon <= lon_max:
+                    todo |= 1 << pos
+        todo &= pre
+        if not todo:
+            return 0
+        docs, now_ms = batch.docs, batch.now_ms
+        mask = 0
+        for pos in iter_bits(todo):
+            if matches(node, docs[pos], now_ms):
+                mask |= 1 << pos
+        return mask
+
+    return geo
+
+
+def _phrase(node: Phrase) -> Evaluator:
+    """Documents holding every token (cheap, from the term masks), then the reference's exact
+    position check."""
+    from percolators.reference import matches
+
+    keys = tuple((node.field, token) for token in node.tokens)
+
+    def phrase(batch: BatchIndex, pre: int) -> int:
+        todo = pre
+        get = batch.terms.get
+        for key in keys:
+            todo &= get(key, 0)
+            if not todo:
+                return 0
+        docs, now_ms = batch.docs, batch.now_ms
+        mask = 0
+        for pos in iter_bits(todo):
+            if matches(node, docs[pos], now_ms):
+                mask |= 1 << pos
+        return mask
+
+    return phrase
+
+
+def _per_document(node: Any) -> Evaluator:
+    """Fallback for a node type this module does not know: the reference, document by document."""
+    from percolators.reference import matches
+
+    def per_document(batch: BatchIndex, pre: int) -> int:
+        docs, now_ms = batch.docs, batch.now_ms
+        mask = 0
+        for pos in iter_bits(pre):
+            if matches(node, docs[pos], now_ms):
+                mask |= 1 << pos
+        return mask
+
+    return per_document
+
+
+def _bool(node: Bool) -> tuple[Evaluator, int]:
+    msm = node.minimum_should_match
+    if node.should and msm > len(node.should):
+        return _match_none, 0
+    required = sorted((_compile(child) for child in (*node.must, *node.filter)), key=_cost)
+    excluded = sorted((_compile(child) for child in node.must_not), key=_cost)
+    optional = sorted((_compile(child) for child in node.should), key=_cost) if msm > 0 else []
+    cost = _COST_BOOL + sum(c for _, c in required) + sum(c for _, c in excluded) + sum(c for _, c in optional)
+    req = tuple(f for f, _ in required)
+    nots = tuple(f for f, _ in excluded)
+    opt = tuple(f for f, _ in optional)
+
+    # The common audience shape: a conjunction of plain term lookups, possibly with exclusions.
+    if (
+        not opt
+        and node.must + node.filter
+        and all(isinstance(c, Term) and not c.case_insensitive for c in (*node.must, *node.filter))
+    ):
+        keys = tuple((c.field, c.value) for c in sorted((*node.must, *node.filter), key=_term_order))  # type: ignore[union-attr]
+
+        def and_terms(batch: BatchIndex, pre: int) -> int:
+            get = batch.terms.get
+            mask = pre
+            for key in keys:
+                mask &= get(key, 0)
+                if not mask:
+                    return 0
+            for f in nots:
+                mask &= ~f(batch, mask)
+                if not mask:
+                    return 0
+            return mask
+
+        return and_terms, cost
+
+    if msm <= 1:
+
+        def bool_eval(batch: BatchIndex, pre: int) -> int:
+            mask = pre
+            for f in req:
+                mask &= f(batch, mask)
+                if not mask:
+                    return 0
+            if opt:
+                any_mask = 0
+                for f in opt:
+                    any_mask |= f(batch, mask & ~any_mask)
+                mask &= any_mask
+                if not mask:
+                    return 0
+            for f in nots:
+                mask &= ~f(batch, mask)
+                if not mask:
+                    return 0
+            return mask
+
+        return bool_eval, cost
+
+    def bool_msm(batch: BatchIndex, pre: int) -> int:
+        mask = pre
+        for f in req:
+            mask &= f(batch, mask)
+            if not mask:
+                return 0
+        mask &= at_least(msm, [f(batch, mask) & mask for f in opt])
+        if not mask:
+            return 0
+        for f in nots:
+            mask &= ~f(batch, mask)
+            if not mask:
+                return 0
+        return mask
+
+    return bool_msm, cost
+
+
+def _cost(pair: tuple[Evaluator, int]) -> int:
+    return pair[1]
+
+
+def _term_order(node: Term) -> int:
+    # Evaluate the rarer-looking lookups first so the AND empties early (a guess; the result is the same).
+    return 0 if not isinstance(node.value, bool) else 1
+
+
+def at_least(k: int, masks: list[int]) -> int:
+    """Bits set in at least ``k`` of ``masks``: a bit-sliced counter (one int per binary digit of
+    the count) and a comparison circuit, so the work is per mask, not per document."""
+    if k <= 0:
+        return -1
+    if k > len(masks):
+        return 0
+    if k == 1:
+        out = 0
+        for m in masks:
+            out |= m
+        return out
+    if k == len(masks):
+        out = masks[0]
+        for m in masks[1:]:
+            out &= m
+        return out
+    planes: list[int] = []
+    for m in masks:
+        carry = m
+        i = 0
+        while carry:
+            if i == len(planes):
+                planes.append(carry)
+                break
+            planes[i], carry = planes[i] ^ carry, planes[i] & carry
+            i += 1
+    union = 0
+    for m in masks:
+        union |= m
+    nbits = max(len(planes), k.bit_length())
+    planes.extend([0] * (nbits - len(planes)))
+    greater = 0
+    equal = union
+    for i in range(nbits - 1, -1, -1):
+        if (k >> i) & 1:
+            equal &= planes[i]
+        else:
+            greater |= equal & planes[i]
+            equal &= ~planes[i]
+    return greater | equal

@@ -1,0 +1,114 @@
+"""The rule index: stored rules by id, each with its parsed tree, compiled evaluator and anchor.
+
+Adding, replacing and removing a rule touch only that rule's postings (no rebuild). The index also
+keeps a reference count of the fields rules mention, so a batch indexes only those fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+from percolators.matcher import Evaluator, compile_node
+from percolators.presearcher import IndexedPresearcher, MatchAllPresearcher
+from percolators.query import (
+    Bool,
+    Exists,
+    GeoDistance,
+    Node,
+    ParsedRule,
+    Phrase,
+    Prefix,
+    Range,
+    Term,
+    Terms,
+    Wildcard,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRule:
+    parsed: ParsedRule
+    evaluate: Evaluator
+    fields: frozenset[str]
+    warnings: tuple[str, ...]
+
+
+def fields_of(node: Node) -> set[str]:
+    """Every leaf field a query tree reads."""
+    out: set[str] = set()
+    stack: list[Node] = [node]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, Bool):
+            stack.extend((*current.must, *current.filter, *current.should, *current.must_not))
+        elif isinstance(current, Exists):
+            out.update(current.leaves or (current.field,))
+        elif isinstance(current, Term | Terms | Range | Prefix | Wildcard | Phrase | GeoDistance):
+            out.add(current.field)
+    return out
+
+
+class RuleIndex:
+    def __init__(self, field_types: Mapping[str, str], presearcher: str = "indexed"):
+        if presearcher == "indexed":
+            self.presearcher: IndexedPresearcher | MatchAllPresearcher = IndexedPresearcher(field_types)
+        elif presearcher == "match_all":
+            self.presearcher = MatchAllPresearcher()
+        else:
+            raise ValueError(f"unknown presearcher {presearcher!r} (expected 'indexed' or 'match_all')")
+        self.field_types = dict(field_types)
+        self.rules: dict[str, StoredRule] = {}
+        self._field_refs: dict[str, int] = {}
+        self._fields: frozenset[str] | None = frozenset()
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def __contains__(self, rule_id: object) -> bool:
+        return rule_id in self.rules
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.rules)
+
+    def prepare(self, parsed: ParsedRule) -> StoredRule:
+        """Compile a parsed rule (no side effect): done before storing so a batch upsert is atomic."""
+        return StoredRule(parsed, compile_node(parsed.query), frozenset(fields_of(parsed.query)), parsed.warnings)
+
+    def put(self, stored: StoredRule) -> tuple[str, ...]:
+        """Store (or replace) a compiled rule; returns its warnings (parser's and presearcher's)."""
+        rule_id = stored.parsed.id
+        self.remove(rule_id)
+        extra = self.presearcher.add(rule_id, stored.parsed.query)
+        warnings = tuple(dict.fromkeys((*stored.warnings, *extra)))
+        if extra:
+            stored = StoredRule(stored.parsed, stored.evaluate, stored.fields, warnings)
+        self.rules[rule_id] = stored
+        for name in stored.fields:
+            self._field_refs[name] = self._field_refs.get(name, 0) + 1
+        self._fields = None
+        return warnings
+
+    def remove(self, rule_id: str) -> None:
+        stored = self.rules.pop(rule_id, None)
+        if stored is None:
+            return
+        self.presearcher.remove(rule_id)
+        for name in stored.fields:
+            left = self._field_refs[name] - 1
+            if left:
+                self._field_refs[name] = left
+            else:
+                del self._field_refs[name]
+        self._fields = None
+
+    def remove_many(self, rule_ids: Iterable[str]) -> None:
+        for rule_id in rule_ids:
+            self.remove(rule_id)
+
+    @property
+    def fields(self) -> frozenset[str]:
+        """The fields at least one stored rule reads."""
+        if self._fields is None:
+            self._fields = frozenset(self._field_refs)
+        return self._fields
