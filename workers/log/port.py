@@ -227,7 +227,8 @@ class Log(abc.ABC):
 
     def scan_compacted(self, topic: str, partitions: Iterable[int] | None = None,
                        batch_size: int = 10_000) -> Iterator[list[Record]]:
-        """Read a (compacted) topic from the log start to its end offsets *as of the call*, in
+        """Read a (compacted) topic from the log start to its end offsets *as of the call* (for a
+        generator: its first ``next()``), in
         batches of records, partition after partition, offset order within a partition: the fast
         path for replays. Records produced after the call are not included.
 
@@ -241,10 +242,11 @@ class Log(abc.ABC):
         consumer = self.consumer(None, auto_offset_reset="earliest")
         try:
             parts = self.partitions(topic) if partitions is None else [TopicPartition(topic, p) for p in partitions]
+            ends = consumer.end_offsets(parts)
             for tp in parts:
                 consumer.assign([tp])
                 consumer.seek_to_beginning([tp])
-                end = consumer.end_offsets([tp])[tp]
+                end = ends[tp]
                 idle_deadline = None
                 while consumer.position(tp) < end:
                     batch = [r for r in consumer.poll(max_records=batch_size, timeout_ms=500) if r.offset < end]
