@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 __all__ = [
     "EmbeddedRedisError",
@@ -184,13 +186,19 @@ def _pid(directory: Path) -> int | None:
 
 
 def _alive(pid: int) -> bool:
+    """True while ``pid`` runs. A zombie counts as gone: the daemon's parent is init, which may
+    take a while to reap it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs (macOS): trust kill(0)
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def stop_embedded_redis(settings: Any, timeout: float = START_TIMEOUT_S) -> bool:
@@ -204,7 +212,8 @@ def stop_embedded_redis(settings: Any, timeout: float = START_TIMEOUT_S) -> bool
         pid = _pid(directory)
         if not _ping(socket_path):
             return False
-        client = _client(socket_path, socket_timeout=timeout)
+        # no retries: the server closing the connection is the expected answer to SHUTDOWN
+        client = _client(socket_path, socket_timeout=timeout, retry=Retry(NoBackoff(), 0))
         try:
             client.shutdown(save=False)  # AOF is fsynced on shutdown; no RDB snapshot needed
         except redis.exceptions.ConnectionError:

@@ -38,16 +38,18 @@ _HOUR_CACHE: dict[str, int] = {}
 
 def hour_of_last_seen(last_seen: str) -> int:
     """Epoch seconds of the UTC hour of an ISO 8601 UTC ``last_seen`` (``2026-11-22T10:..Z``)."""
+    if last_seen[-1:] != "Z" and not last_seen.endswith("+00:00"):
+        raise ValueError(f"last_seen is not an ISO 8601 UTC time: {last_seen!r}")
     prefix = last_seen[:13]
     hour = _HOUR_CACHE.get(prefix)
     if hour is None:
         try:
+            if prefix[4] != "-" or prefix[7] != "-" or prefix[10] != "T":
+                raise ValueError
             year, month, day, hh = int(prefix[0:4]), int(prefix[5:7]), int(prefix[8:10]), int(prefix[11:13])
-        except ValueError:
+            hour = calendar.timegm((year, month, day, hh, 0, 0, 0, 0, 0))
+        except (ValueError, IndexError):
             raise ValueError(f"last_seen is not an ISO 8601 UTC time: {last_seen!r}") from None
-        if not (last_seen.endswith("Z") or last_seen.endswith("+00:00")) or prefix[4] != "-" or prefix[10] != "T":
-            raise ValueError(f"last_seen is not an ISO 8601 UTC time: {last_seen!r}")
-        hour = calendar.timegm((year, month, day, hh, 0, 0, 0, 0, 0))
         if len(_HOUR_CACHE) > 100_000:
             _HOUR_CACHE.clear()
         _HOUR_CACHE[prefix] = hour

@@ -49,6 +49,11 @@ __all__ = ["APPLY_SCRIPT", "RedisCounters"]
 #:   pfadds   [[key, expireat, [member, ...]], ...]
 #:   hincrbys [[key, expireat, [field, increment, field, increment, ...]], ...]
 APPLY_SCRIPT = """
+-- offsets are non-negative decimal strings: compare exactly (Lua numbers are doubles)
+local function greater(a, b)
+  if #a ~= #b then return #a > #b end
+  return a > b
+end
 local okey = KEYS[1]
 local payload = cjson.decode(ARGV[1])
 local offsets, pfadds, hincrbys = payload[1], payload[2], payload[3]
@@ -56,7 +61,7 @@ for i = 1, #offsets do
   local o = offsets[i]
   if o[2] ~= '' then
     local stored = redis.call('HGET', okey, o[1])
-    if stored and tonumber(stored) > tonumber(o[2]) then
+    if stored and greater(stored, o[2]) then
       return 0
     end
   end
@@ -159,6 +164,8 @@ class RedisCounters(Counters):
         offset_rows = []
         for (topic, partition), next_offset in offsets.items():
             start = None if start_offsets is None else start_offsets.get((topic, partition))
+            if next_offset < 0 or (start is not None and start < 0):
+                raise ValueError(f"negative offset for {topic}:{partition}")
             offset_rows.append(
                 [keys.offset_field(topic, partition), "" if start is None else str(int(start)), str(int(next_offset))]
             )
