@@ -39,6 +39,10 @@ class DateMath:
     ops: tuple[tuple[str, int, str], ...]
     rounding: str | None
     text: str
+    # Additive (issue 2): ops may also hold rounding steps ("/", 1, unit) in the order written
+    # (``now/d+8h``); ``rounding`` is the final rounding unit. ``time_zone`` (the range query's
+    # ``time_zone``) applies to rounding and calendar arithmetic.
+    time_zone: str | None = None
 
 
 Bound: TypeAlias = Scalar | DateMath
