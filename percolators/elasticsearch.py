@@ -260,9 +260,7 @@ class ElasticsearchPercolator(Percolator):
     def _parse(self, rule: Rule) -> ParsedRule:
         from percolators.dsl import parse_rule
 
-        if not isinstance(rule.query, Mapping):
-            raise InvalidRuleError(rule.id, "", "a rule's query must be a JSON object")
-        return parse_rule(rule.id, rule.query, self.doc_mapping, dict(rule.metadata))
+        return parse_rule(rule.id, rule.query, self.doc_mapping, metadata=dict(rule.metadata))
 
     def validate(self, rule: Rule) -> RuleReport:
         parsed = self._parse(rule)

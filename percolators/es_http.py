@@ -106,19 +106,21 @@ def redact(url: str) -> str:
 
 
 def _cause_text(exc: BaseException, timeout: float) -> str:
-    seen: set[int] = set()
+    """A short human cause for a transport error: the most specific exception in its chain."""
+    chain: list[BaseException] = []
     current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, ConnectionRefusedError):
-            return "connection refused"
-        if isinstance(current, Urllib3Timeout | TimeoutError):
-            return f"timed out after {timeout:g}s"
-        if isinstance(current, ConnectionResetError):
-            return "connection reset by peer"
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
         current = current.__cause__ or current.__context__ or getattr(current, "reason", None)
+    if any(isinstance(e, ConnectionRefusedError) for e in chain):
+        return "connection refused"
+    if any(isinstance(e, ConnectionResetError) for e in chain):
+        return "connection reset by peer"
+    # NewConnectionError subclasses ConnectTimeoutError in urllib3, so test it before timeouts.
     if isinstance(exc, NewConnectionError):
         return f"cannot connect ({exc})"
+    if any(isinstance(e, Urllib3Timeout | TimeoutError) for e in chain):
+        return f"timed out after {timeout:g}s"
     if isinstance(exc, ProtocolError):
         return f"connection dropped ({exc.args[0] if exc.args else exc})"
     return str(exc) or type(exc).__name__

@@ -108,7 +108,9 @@ class FakeElasticsearch:
         self._server.daemon_threads = True
         self.port = int(self._server.server_address[1])
         self.url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-es", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="fake-es", daemon=True
+        )
         self._thread.start()
 
     def _take(self, request: RecordedRequest) -> Reply | None:
@@ -127,8 +129,9 @@ class FakeElasticsearch:
         with self._lock:
             self._replies.append(Reply(method, path, status, body, times))
 
-    def reply_with(self, method: str, path: str, handler: Callable[[RecordedRequest], tuple[int, Any]],
-                   *, times: int = 1) -> None:
+    def reply_with(
+        self, method: str, path: str, handler: Callable[[RecordedRequest], tuple[int, Any]], *, times: int = 1
+    ) -> None:
         with self._lock:
             self._replies.append(Reply(method, path, times=times, handler=handler))
 
@@ -182,8 +185,15 @@ def es_info(number: str = "8.15.3", distribution: str | None = None) -> dict[str
     }
 
 
-def error_body(status: int, type_: str, reason: str, *, caused_by: dict[str, Any] | None = None,
-               index: str | None = None, **extra: Any) -> dict[str, Any]:
+def error_body(
+    status: int,
+    type_: str,
+    reason: str,
+    *,
+    caused_by: dict[str, Any] | None = None,
+    index: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     """The common error response: ``{"error": {"root_cause": [...], "type", "reason"}, "status"}``."""
     root: dict[str, Any] = {"type": type_, "reason": reason}
     if index:
@@ -208,8 +218,13 @@ def already_exists(index: str) -> dict[str, Any]:
 
 
 def index_not_found(index: str) -> dict[str, Any]:
-    return error_body(404, "index_not_found_exception", f"no such index [{index}]", index=index,
-                      **{"resource.type": "index_or_alias", "resource.id": index})
+    return error_body(
+        404,
+        "index_not_found_exception",
+        f"no such index [{index}]",
+        index=index,
+        **{"resource.type": "index_or_alias", "resource.id": index},  # type: ignore[arg-type]
+    )
 
 
 def search_phase_error(index: str, type_: str, reason: str, caused_by: dict[str, Any] | None = None) -> dict[str, Any]:
