@@ -124,7 +124,9 @@ class ElasticsearchPercolator(Percolator):
     ``audience-rules``, ``index=`` overrides the URL path. ``batch_size`` documents go in one
     search (request size stays well under ``http.max_content_length``), ``page_size`` hits per
     page (at most 10,000), ``bulk_size`` rules per bulk request. ``retries`` and ``backoff`` apply
-    to every request and to bulk items rejected with 429.
+    to every request and to bulk items rejected with 429. ``timeout`` is the read timeout of one
+    request (a percolate search of a whole batch: Elasticsearch can spend hundreds of ms per
+    document against many rules, so keep ``batch_size * per-document time`` well under it).
     """
 
     def __init__(
@@ -134,7 +136,7 @@ class ElasticsearchPercolator(Percolator):
         *,
         index: str | None = None,
         api_key: str | None = None,
-        timeout: float = 10.0,
+        timeout: float = 60.0,
         retries: int = 3,
         backoff: float = 0.2,
         batch_size: int = 500,

@@ -5,10 +5,15 @@ work on Elasticsearch 8 and 9, whose clients are version-locked), and urllib3 is
 dependency. This module knows HTTP, JSON, NDJSON, auth and retries; nothing about percolation.
 
 Retry policy (exponential backoff with full jitter, as in the AWS architecture blog "Exponential
-Backoff And Jitter"): connection errors, timeouts, and HTTP 429/502/503/504 are retried up to
-``retries`` times; every other 4xx/5xx is raised at once as :class:`EsHttpError`. When the retries
-are used up, :class:`~percolators.errors.PercolatorUnavailableError` names the URL (password
-removed) and the last cause.
+Backoff And Jitter"): connection errors, connect timeouts, dropped connections and HTTP
+429/502/503/504 are retried up to ``retries`` times; every other 4xx/5xx is raised at once as
+:class:`EsHttpError`. When the retries are used up, :class:`~percolators.errors.PercolatorUnavailableError`
+names the URL (password removed) and the last cause.
+
+A *read* timeout is not retried: the request reached Elasticsearch, which keeps running it (an
+expensive percolation against many rules can take seconds per document, elastic/elasticsearch
+#114392), and sending it again would only pile more work on a struggling cluster. It raises
+PercolatorUnavailableError at once; the caller retries the batch later, as the port says.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from urllib.parse import quote, unquote, urlencode, urlsplit, urlunsplit
 import orjson
 import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
-from urllib3.exceptions import NewConnectionError, ProtocolError
+from urllib3.exceptions import NewConnectionError, ProtocolError, ReadTimeoutError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
 from percolators.errors import PercolatorError, PercolatorUnavailableError
@@ -139,7 +144,8 @@ class EsHttpClient:
         url: str,
         *,
         api_key: str | None = None,
-        timeout: float = 10.0,
+        timeout: float = 60.0,
+        connect_timeout: float = 5.0,
         retries: int = 3,
         backoff: float = 0.2,
         max_backoff: float = 10.0,
@@ -168,7 +174,10 @@ class EsHttpClient:
         self._rng = rng
         # retries=False: this class owns the retry policy (and its error messages).
         self._pool = urllib3.PoolManager(
-            num_pools=4, maxsize=4, retries=False, timeout=urllib3.Timeout(connect=timeout, read=timeout)
+            num_pools=4,
+            maxsize=4,
+            retries=False,
+            timeout=urllib3.Timeout(connect=min(connect_timeout, timeout), read=timeout),
         )
 
     def close(self) -> None:
@@ -225,6 +234,11 @@ class EsHttpClient:
                 self._sleep(self._delay(attempt))
             try:
                 response = self._pool.request(method, url, body=data, headers=headers, redirect=False)
+            except ReadTimeoutError as exc:
+                raise PercolatorUnavailableError(
+                    f"Elasticsearch at {self.display_url} did not answer {method} {path} within {self.timeout:g}s "
+                    "(not retried: the request may still be running there)"
+                ) from exc
             except Urllib3Error as exc:
                 last_cause = _cause_text(exc, self.timeout)
                 continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import importlib.util
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -547,6 +548,21 @@ def test_a_dropped_connection_is_retried(es, sleeps):
     ready(es)
     make(es, sleeps).connect()
     assert len(sleeps) == 1
+
+
+def test_a_read_timeout_is_not_retried(es, sleeps):
+    """The search reached Elasticsearch and may still be running: sending it again piles up work."""
+    ready(es)
+
+    def slow(request: RecordedRequest) -> tuple[int, Any]:
+        time.sleep(0.5)
+        return 200, search_page([])
+
+    es.reply_with("POST", SEARCH, slow)
+    perc = make(es, sleeps, timeout=0.2)
+    with pytest.raises(PercolatorUnavailableError, match=r"did not answer POST /audience-rules/_search within 0.2s"):
+        perc.percolate([DOCS[0]])
+    assert len(es.calls("POST", SEARCH)) == 1 and sleeps == []
 
 
 def test_no_retry_on_other_4xx(es, sleeps):
