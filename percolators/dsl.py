@@ -34,7 +34,6 @@ from typing import Any
 
 from percolators.analysis import analyze
 from percolators.datemath import (
-    DEFAULT_FORMAT,
     bound_millis,
     date_text,
     make_date_math,
@@ -172,6 +171,10 @@ def wildcard_regex(pattern: str, case_insensitive: bool) -> re.Pattern[str]:
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _type_name(value: Any) -> str:
@@ -314,9 +317,12 @@ class _Parser:
                 f"field '{spec.path}' is a geo_point: geometry fields do not support exact searching, use geo_distance",
             )
         if ftype == "date":
+            # DateFieldType.termQuery is rangeQuery(value, value, true, true): a whole day for
+            # "2026-01-01"; a JSON number is read as epoch millis (see date_range)
             text = self.date_value(value, fpath)
-            low = self.date_bound(text, "gte", fpath, DEFAULT_FORMAT, None)
-            high = self.date_bound(text, "lte", fpath, DEFAULT_FORMAT, None)
+            fmt = "epoch_millis" if _is_number(value) else spec.date_format
+            low = self.date_bound(text, "gte", fpath, fmt, None)
+            high = self.date_bound(text, "lte", fpath, fmt, None)
             return Range(spec.path, low, True, high, True, path=path)
         indexed = self.indexed_value(spec, value, fpath)
         if indexed is None:
@@ -574,6 +580,10 @@ class _Parser:
             except ValueError as exc:
                 raise self.fail(_join(fpath, "time_zone"), str(exc)) from None
         use_fmt = fmt or spec.date_format
+        if fmt is None and (_is_number(low) or _is_number(high)):
+            # DateFieldType.rangeQuery: "force epoch_millis" when a bound is a JSON number and
+            # no format is given (the range query docs: numbers are milliseconds-since-the-epoch)
+            use_fmt = "epoch_millis"
         lo: int | DateMath | None = None
         hi: int | DateMath | None = None
         if low is not None:

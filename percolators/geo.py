@@ -95,7 +95,7 @@ def parse_distance(value: Any) -> float:
 
 def format_distance(metres: float) -> str:
     if metres >= 1000:
-        return f"{metres / 1000:.1f} km"
+        return f"{round(metres / 1000, 1):g} km"
     return f"{metres:.0f} m"
 
 
