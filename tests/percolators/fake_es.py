@@ -64,6 +64,8 @@ class FakeElasticsearch:
         self.unexpected: list[RecordedRequest] = []
         self._replies: list[Reply] = []
         self._lock = threading.Lock()
+        #: answers requests no queued reply matches (the emulator); None: they are unexpected (599)
+        self.fallback: Callable[[RecordedRequest], tuple[int, Any]] | None = None
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -122,6 +124,8 @@ class FakeElasticsearch:
                     if reply.times and reply.used >= reply.times:
                         self._replies.remove(reply)
                     return reply
+            if self.fallback is not None:
+                return Reply(request.method, request.path, handler=self.fallback)
             self.unexpected.append(request)
             return None
 
@@ -300,3 +304,152 @@ def mget_response(index: str, found: dict[str, Any], missing: list[str]) -> dict
 def iter_bodies(requests: list[RecordedRequest]) -> Iterator[Any]:
     for request in requests:
         yield request.json
+
+
+class EmulatedElasticsearch(FakeElasticsearch):
+    """A fake that answers, like a one-node Elasticsearch 8, exactly the requests the backend makes
+    (root, create index, put mapping, delete index, _mget, _bulk, _search with percolate / ids /
+    term / match_all, sort on rule_meta.id, search_after, size, _source filtering), evaluating
+    percolate queries with the embedded engine.
+
+    It proves the backend's plumbing end to end (pagination, slot mapping, bisection, rollback,
+    the pinned-now split) with real matching, NOT Elasticsearch's semantics: that is what the
+    opt-in real-cluster contract run is for.
+    """
+
+    def __init__(self, mapping: dict[str, Any]) -> None:
+        super().__init__()
+        from percolators.embedded import EmbeddedPercolator
+
+        self.mapping = mapping
+        self.sources: dict[str, dict[str, dict[str, Any]]] = {}  # index -> rule id -> _source
+        self.engines: dict[str, Any] = {}
+        self._make_engine = lambda: EmbeddedPercolator(mapping)
+        self._emulator_lock = threading.Lock()
+        self.fallback = self._emulate
+
+    def _emulate(self, request: RecordedRequest) -> tuple[int, Any]:
+        with self._emulator_lock:
+            parts = [p for p in request.path.split("/") if p]
+            if request.method == "GET" and not parts:
+                return 200, es_info("8.15.3")
+            index = parts[0] if parts else ""
+            action = parts[1] if len(parts) > 1 else ""
+            if request.method == "PUT" and not action:
+                if index in self.sources:
+                    return 400, already_exists(index)
+                self.sources[index] = {}
+                self.engines[index] = self._make_engine()
+                return 200, created_index(index)
+            if request.method == "PUT" and action == "_mapping":
+                return 200, {"acknowledged": True}
+            if index not in self.sources:
+                return 404, index_not_found(index)
+            if request.method == "DELETE" and not action:
+                del self.sources[index], self.engines[index]
+                return 200, {"acknowledged": True}
+            if request.method == "POST" and action == "_mget":
+                found = {i: self.sources[index][i] for i in request.json["ids"] if i in self.sources[index]}
+                return 200, mget_response(index, found, [i for i in request.json["ids"] if i not in found])
+            if request.method == "POST" and action == "_bulk":
+                return 200, self._bulk(index, request.ndjson)
+            if request.method == "POST" and action == "_search":
+                return self._search(index, request.json)
+            return 400, error_body(400, "illegal_argument_exception", f"emulator: {request.method} {request.path}")
+
+    def _bulk(self, index: str, lines: list[Any]) -> dict[str, Any]:
+        from percolators.errors import InvalidRuleError
+        from percolators.port import Rule
+
+        items = []
+        position = 0
+        while position < len(lines):
+            op, meta = next(iter(lines[position].items()))
+            rule_id = meta["_id"]
+            if op == "delete":
+                position += 1
+                existed = self.sources[index].pop(rule_id, None) is not None
+                self.engines[index].delete([rule_id])
+                items.append(bulk_ok("delete", index, rule_id, result="deleted" if existed else "not_found"))
+                continue
+            source = lines[position + 1]
+            position += 2
+            try:
+                self.engines[index].upsert([Rule(rule_id, source["rule_query"])])
+            except InvalidRuleError as exc:
+                reason = f"[1:1] failed to parse: {exc.message}"
+                items.append(
+                    bulk_error(op, index, rule_id, 400, {"type": "document_parsing_exception", "reason": reason})
+                )
+                continue
+            existed = rule_id in self.sources[index]
+            self.sources[index][rule_id] = source
+            items.append(bulk_ok(op, index, rule_id, result="updated" if existed else "created"))
+        return bulk_response(items)
+
+    def _search(self, index: str, body: dict[str, Any]) -> tuple[int, Any]:
+        sources = self.sources[index]
+        query = body["query"]
+        candidates = set(sources)
+        documents = None
+        if "bool" in query:
+            for clause in query["bool"].get("filter", []):
+                kind, spec = next(iter(clause.items()))
+                if kind == "percolate":
+                    documents = spec["documents"]
+                elif kind == "ids":
+                    candidates &= set(spec["values"])
+                elif kind == "term":
+                    candidates = {
+                        i for i in candidates if sources[i]["rule_meta"].get("uses_now") is spec["rule_meta.uses_now"]
+                    }
+            for clause in query["bool"].get("must_not", []):
+                value = clause["term"]["rule_meta.uses_now"]
+                candidates = {i for i in candidates if sources[i]["rule_meta"].get("uses_now") is not value}
+        slots: dict[str, list[int]] = {i: [] for i in candidates}
+        if documents is not None:
+            results = self.engines[index].percolate(documents, rule_ids=candidates, on_error="skip")
+            for result in results:
+                if isinstance(result, Exception):
+                    field = getattr(result, "field", "")
+                    return 400, search_phase_error(
+                        index,
+                        "document_parsing_exception",
+                        f"[1:2] failed to parse field [{field}] of type [unknown] in document with id 'null'. "
+                        f"Preview of field's value: 'x'",
+                        caused_by={"type": "illegal_argument_exception", "reason": str(result)},
+                    )
+            slots = {i: [] for i in candidates}
+            for slot, matched in enumerate(results):
+                for rule_id in matched:
+                    slots[rule_id].append(slot)
+            slots = {i: s for i, s in slots.items() if s}
+        ordered = sorted(slots)
+        if "search_after" in body:
+            ordered = [i for i in ordered if i > body["search_after"][0]]
+        ordered = ordered[: body["size"]]
+        hits = []
+        for rule_id in ordered:
+            hit: dict[str, Any] = {"_id": rule_id, "sort": [rule_id]}
+            if documents is not None:
+                hit["fields"] = {"_percolator_document_slot": slots[rule_id]}
+            if body.get("_source"):
+                hit["_source"] = _filter_source(sources[rule_id], body["_source"])
+            hits.append(hit)
+        out: dict[str, Any] = {"_shards": {"failed": 0}}
+        if hits:
+            out["hits"] = {"hits": hits}
+        return 200, out
+
+
+def _filter_source(source: dict[str, Any], paths: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path in paths:
+        head, _, rest = path.partition(".")
+        if head not in source:
+            continue
+        if not rest:
+            out[head] = source[head]
+        elif rest in source[head]:
+            out.setdefault(head, {})[rest] = source[head][rest]
+    return out

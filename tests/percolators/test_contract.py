@@ -1,6 +1,10 @@
 """ONE contract suite for every implementation of percolators.port.Percolator.
 
 * ``embedded``: percolators.embedded.EmbeddedPercolator, always.
+* ``elasticsearch-emulated``: ElasticsearchPercolator against tests/percolators/fake_es.py's
+  EmulatedElasticsearch (real HTTP, Elasticsearch-shaped answers, matching by the embedded engine),
+  with tiny pages and batches: proves the backend's plumbing end to end (pagination, slot mapping,
+  bisection of bad documents, the pinned-now split), not Elasticsearch's semantics.
 * ``elasticsearch``: percolators.elasticsearch.ElasticsearchPercolator against a real cluster, only
   when RULES_TEST_ELASTICSEARCH_URL is set (e.g. ``http://127.0.0.1:9200``; start one with
   ``docker compose -f docker/docker-compose.elasticsearch.yml up -d``, see docker/README.md).
@@ -30,14 +34,25 @@ ES_URL_ENV = "RULES_TEST_ELASTICSEARCH_URL"
 @pytest.fixture(
     params=[
         "embedded",
+        "elasticsearch-emulated",
         pytest.param("elasticsearch", marks=pytest.mark.elasticsearch),
     ]
 )
 def percolator(request: pytest.FixtureRequest) -> Iterator[Percolator]:
+    # find_spec, not importorskip: once the module exists, an import error in it must fail.
+    if request.param != "elasticsearch" and importlib.util.find_spec("percolators.embedded") is None:
+        pytest.skip("percolators.embedded is not written yet")
+    if request.param == "elasticsearch-emulated":
+        from percolators.elasticsearch import ElasticsearchPercolator
+        from tests.percolators.fake_es import EmulatedElasticsearch
+
+        server = EmulatedElasticsearch(USER_MAPPING)
+        emulated = ElasticsearchPercolator(server.url, USER_MAPPING, retries=0, page_size=2, batch_size=3)
+        yield emulated
+        emulated.close()
+        server.close()
+        return
     if request.param == "embedded":
-        # find_spec, not importorskip: once the module exists, an import error in it must fail.
-        if importlib.util.find_spec("percolators.embedded") is None:
-            pytest.skip("percolators.embedded is not written yet")
         from percolators.embedded import EmbeddedPercolator
 
         engine: Percolator = EmbeddedPercolator(USER_MAPPING)
