@@ -25,6 +25,7 @@ from __future__ import annotations
 import calendar
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import chain
 from operator import itemgetter
 from typing import Any
 
@@ -122,13 +123,8 @@ def aggregate(
         hours.append(hour_of_last_seen(last_seen))
     single_hour = hours[0] if len(set(hours)) == 1 else None
 
-    dim_values: list[tuple[str, list[Any], bool]] = []
-    for dimension in dimensions:
-        # arrays become tuples (hashable for Counter) and are expanded after counting
-        raw = [dimension_value(d, dimension) for d in docs]
-        values = [tuple(v) if type(v) is list else _field_text(v) for v in raw]
-        has_lists = any(type(v) is tuple for v in values)
-        dim_values.append((dimension, values, has_lists))
+    # per document, its (dimension, value) pairs, computed once and shared by every rule it matched
+    doc_pairs = [_dimension_pairs(doc, dimensions) for doc in docs] if count_matches and dimensions else None
 
     users, matches, dims = out.users, out.matches, out.dimensions
     for rid, indices in by_rule.items():
@@ -144,22 +140,44 @@ def aggregate(
             picked = _pick(user_ids, idx)
             _add_users(users, (rid, "hour", hour), picked)
             _add_users(users, (rid, "day", day), picked)
-            if count_matches:
-                n = len(idx)
-                key = (rid, "hour", hour)
-                matches[key] = matches.get(key, 0) + n
-                key = (rid, "day", day)
-                matches[key] = matches.get(key, 0) + n
-                for dimension, values, has_lists in dim_values:
-                    counts = Counter(_pick(values, idx))
-                    if has_lists:
-                        counts = _expand_lists(counts)
-                    counts.pop(None, None)
-                    if counts:
-                        target = dims.setdefault((rid, day, dimension), {})
-                        for value, count in counts.items():
-                            target[value] = target.get(value, 0) + count
+            if not count_matches:
+                continue
+            n = len(idx)
+            key = (rid, "hour", hour)
+            matches[key] = matches.get(key, 0) + n
+            key = (rid, "day", day)
+            matches[key] = matches.get(key, 0) + n
+            if doc_pairs is None:
+                continue
+            if n == 1:
+                counts: Mapping[tuple[str, str], int] = dict.fromkeys(doc_pairs[idx[0]], 1)
+            else:
+                counts = Counter(chain.from_iterable(_pick(doc_pairs, idx)))
+            for (dimension, value), count in counts.items():
+                dkey = (rid, day, dimension)
+                target = dims.get(dkey)
+                if target is None:
+                    dims[dkey] = {value: count}
+                else:
+                    target[value] = target.get(value, 0) + count
     return out
+
+
+def _dimension_pairs(doc: Mapping[str, Any], dimensions: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    pairs: list[tuple[str, str]] = []
+    for dimension in dimensions:
+        value = dimension_value(doc, dimension)
+        if value is None:
+            continue
+        if type(value) is list:
+            for text in dict.fromkeys(_field_text(item) for item in value):  # once per document
+                if text is not None:
+                    pairs.append((dimension, text))
+        else:
+            text = _field_text(value)
+            if text is not None:
+                pairs.append((dimension, text))
+    return tuple(pairs)
 
 
 def _add_users(users: dict[tuple[str, str, int], set[str]], key: tuple[str, str, int], picked: Iterable[str]) -> None:
@@ -168,15 +186,3 @@ def _add_users(users: dict[tuple[str, str, int], set[str]], key: tuple[str, str,
         users[key] = set(picked)
     else:
         found.update(picked)
-
-
-def _expand_lists(counts: Counter[Any]) -> Counter[Any]:
-    expanded: Counter[Any] = Counter()
-    for value, count in counts.items():
-        if type(value) is tuple:
-            for item in dict.fromkeys(_field_text(v) for v in value):  # a value counts once per document
-                expanded[item] += count
-        else:
-            expanded[value] += count
-    return expanded
-

@@ -68,12 +68,14 @@ def _gm(epoch_s: int) -> time.struct_time:
     return time.gmtime(epoch_s)
 
 
+@lru_cache(maxsize=65536)
 def hour_stamp(epoch_s: int) -> str:
     """``yyyymmddhh`` of the hour containing ``epoch_s``."""
     t = _gm(epoch_s - epoch_s % HOUR)
     return f"{t.tm_year:04d}{t.tm_mon:02d}{t.tm_mday:02d}{t.tm_hour:02d}"
 
 
+@lru_cache(maxsize=65536)
 def day_stamp(epoch_s: int) -> str:
     """``yyyymmdd`` of the day containing ``epoch_s``."""
     t = _gm(epoch_s - epoch_s % DAY)
@@ -86,6 +88,7 @@ def month_stamp(epoch_s: int) -> str:
     return f"{t.tm_year:04d}{t.tm_mon:02d}"
 
 
+@lru_cache(maxsize=4096)
 def month_end(epoch_s: int) -> int:
     """Epoch seconds of the first instant of the month after the one containing ``epoch_s``."""
     t = _gm(epoch_s - epoch_s % DAY)

@@ -7,7 +7,10 @@ per client, re-sent with ``EVAL`` after a ``NOSCRIPT``): the script first checks
 stored offsets (``o:<consumer>``, field ``<topic>:<partition>`` -> next offset) against the batch's
 start offsets; if any stored offset is beyond its start offset the batch was already applied and
 nothing is written (returns 0). Otherwise it runs every ``PFADD`` (multi-element, chunked),
-``HINCRBY`` and ``EXPIREAT`` and stores the new offsets (returns 1). A Lua script is atomic on a
+``HINCRBY`` and stores the new offsets (returns 1). ``EXPIREAT`` (a deadline fixed by the bucket,
+see ``keys``) is only sent when a write may have created the key (PFADD changed the sketch, an
+HINCRBY created a field): every key gets its deadline when it is created, and a batch hitting
+existing keys and fields saves those calls. A Lua script is atomic on a
 Redis server and, with AOF, persisted as one transaction: counters and offsets never disagree, so a
 worker killed at any moment resumes from the stored offsets and counts every bid exactly once.
 
@@ -71,20 +74,24 @@ for i = 1, #pfadds do
   local e = pfadds[i]
   local key, members = e[1], e[3]
   local n = #members
+  local changed = 0
   for j = 1, n, 4000 do
     local last = j + 3999
     if last > n then last = n end
-    redis.call('PFADD', key, unpack(members, j, last))
+    changed = changed + redis.call('PFADD', key, unpack(members, j, last))
   end
-  redis.call('EXPIREAT', key, e[2])
+  -- a new key always changes (PFADD returns 1): its deadline is set when it is created
+  if changed > 0 then redis.call('EXPIREAT', key, e[2]) end
 end
 for i = 1, #hincrbys do
   local e = hincrbys[i]
   local key, fv = e[1], e[3]
+  local fresh = false
   for j = 1, #fv, 2 do
-    redis.call('HINCRBY', key, fv[j], fv[j + 1])
+    -- a result equal to the increment means a new field (a new key has only new fields)
+    if redis.call('HINCRBY', key, fv[j], fv[j + 1]) == fv[j + 1] then fresh = true end
   end
-  redis.call('EXPIREAT', key, e[2])
+  if fresh then redis.call('EXPIREAT', key, e[2]) end
 end
 if #offsets > 0 then
   local args = {}

@@ -120,6 +120,7 @@ def test_breakdown(counters: RedisCounters) -> None:
 def test_retention_ttls(counters: RedisCounters, client: redis.Redis) -> None:
     event = T0 + timedelta(hours=10)
     write(counters, [doc("u1", event)], ["a@v1"])
+    write(counters, [doc("u1", event)], ["a@v1"])  # existing keys and fields: deadlines kept
     day_end = calendar.timegm((2026, 11, 23, 0, 0, 0, 0, 0, 0))
     month_end = calendar.timegm((2026, 12, 1, 0, 0, 0, 0, 0, 0))
     hour_end = int((event + timedelta(hours=1)).timestamp())
