@@ -35,10 +35,10 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rules_service.counters.aggregate import aggregate  # noqa: E402
-from rules_service.counters.port import CounterBatch  # noqa: E402
-from rules_service.counters.redis_store import RedisCounters  # noqa: E402
-from rules_service.normalize import format_timestamp_ms  # noqa: E402
+from rules_service.counters.aggregate import aggregate
+from rules_service.counters.port import CounterBatch
+from rules_service.counters.redis_store import RedisCounters
+from rules_service.normalize import format_timestamp_ms
 
 DIMENSIONS = ("gender", "age_band", "device.os", "device.carrier", "geo.city", "exchange")
 
