@@ -44,7 +44,8 @@ def read_all(backend: Backend, topic: str) -> list[Record]:
         deadline = time.monotonic() + 20
         while any(consumer.position(tp) < ends[tp] for tp in parts):
             assert time.monotonic() < deadline, "could not read up to the end offsets"
-            out.extend(r for r in consumer.poll(max_records=1000, timeout_ms=200) if r.offset < ends[(r.topic, r.partition)])
+            batch = consumer.poll(max_records=1000, timeout_ms=200)
+            out.extend(r for r in batch if r.offset < ends[TopicPartition(r.topic, r.partition)])
         return out
     finally:
         consumer.close()
@@ -61,7 +62,8 @@ def latest_by_key(records: list[Record]) -> dict[bytes, bytes]:
     return state
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, tick: Callable[[], None] | None = None) -> None:
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
+               tick: Callable[[], None] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

@@ -1,0 +1,259 @@
+"""What only the embedded log promises: several processes at once, acknowledged writes survive
+kill -9, compaction reclaims space without blocking readers, retention, persistence."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from workers.log.embedded import EmbeddedLog
+from workers.log.port import (
+    LogError,
+    Message,
+    Record,
+    TopicExistsError,
+    TopicPartition,
+    TopicSpec,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def child(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-m", "tests.log.embedded_child", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def read_everything(log: EmbeddedLog, topic: str) -> list[Record]:
+    consumer = log.consumer(None)
+    consumer.assign(log.partitions(topic))
+    out: list[Record] = []
+    while batch := consumer.poll(max_records=5000):
+        out.extend(batch)
+    consumer.close()
+    return out
+
+
+def test_several_processes_produce_and_consume_at_once(tmp_path: Path) -> None:
+    root = tmp_path / "log"
+    log = EmbeddedLog(root)
+    log.create_topic(TopicSpec("bids", partitions=2))
+    writers = [child("produce", str(root), "bids", f"w{n}", "1500", "30") for n in range(3)]
+    # Read concurrently with the writers, committing as we go, like a stream worker.
+    consumer = log.consumer("workers")
+    consumer.assign(log.partitions("bids"))
+    seen: list[Record] = []
+    deadline = time.monotonic() + 60
+    while len(seen) < 4500 and time.monotonic() < deadline:
+        batch = consumer.poll(max_records=700, timeout_ms=100)
+        seen.extend(batch)
+        if batch:
+            consumer.commit()
+    acked: set[tuple[int, int, str, str]] = set()
+    for proc in writers:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        for line in out.splitlines():
+            p, o, key, value = line.split()
+            acked.add((int(p), int(o), key, value))
+    assert len(acked) == 4500
+    got = {(r.partition, r.offset, r.key.decode(), r.value.decode().rstrip(".")) for r in seen}  # type: ignore[union-attr]
+    assert got == acked  # every acknowledged message read once, at the offset it was acknowledged with
+    assert len(seen) == 4500
+    for p in (0, 1):  # offsets are dense and unique per partition despite three writers
+        offsets = sorted(r.offset for r in seen if r.partition == p)
+        assert offsets == list(range(len(offsets)))
+    by_key: dict[str, list[int]] = {}
+    for r in sorted(seen, key=lambda r: (r.partition, r.offset)):
+        by_key.setdefault(r.key.decode(), []).append(int(r.value.decode().split(":")[1].rstrip(".")))  # type: ignore[union-attr]
+    assert all(values == sorted(values) for values in by_key.values())  # per-key order kept
+    assert consumer.lag() == {TopicPartition("bids", 0): 0, TopicPartition("bids", 1): 0}
+    consumer.close()
+
+
+def test_acknowledged_batches_survive_kill_9(tmp_path: Path) -> None:
+    root = tmp_path / "log"
+    log = EmbeddedLog(root)
+    log.create_topic(TopicSpec("bids", partitions=3))
+    proc = child("produce-forever", str(root), "bids", "w", "400")
+    acked: list[tuple[int, int, str, str]] = []
+    assert proc.stdout is not None
+    while len(acked) < 20_000:
+        line = proc.stdout.readline()
+        assert line, f"producer died: {proc.stderr.read() if proc.stderr else ''}"
+        p, o, key, value = line.split()
+        acked.append((int(p), int(o), key, value))
+    proc.send_signal(signal.SIGKILL)  # most likely in the middle of a transaction
+    proc.wait(timeout=10)
+    for line in proc.stdout:  # acknowledged between our last read and the kill
+        p, o, key, value = line.split()
+        acked.append((int(p), int(o), key, value))
+
+    reopened = EmbeddedLog(root)
+    records = read_everything(reopened, "bids")
+    stored = {(r.partition, r.offset): (r.key.decode(), r.value.decode().rstrip(".")) for r in records}  # type: ignore[union-attr]
+    missing = [a for a in acked if stored.get((a[0], a[1])) != (a[2], a[3])]
+    assert not missing, f"{len(missing)} acknowledged messages lost, e.g. {missing[:3]}"
+    # A batch is atomic: what was not acknowledged is all there or all absent, and the log goes on.
+    producer = reopened.producer()
+    p, o = producer.send_batch("bids", [Message(b"after", partition=0)])[0]
+    assert o == max(off for (part, off) in stored if part == 0) + 1
+    producer.close()
+
+
+def test_compaction_reclaims_space_while_a_reader_reads(tmp_path: Path) -> None:
+    log = EmbeddedLog(tmp_path / "log", tombstone_retention_ms=0)
+    log.create_topic(TopicSpec("users", partitions=1, cleanup_policy="compact"))
+    producer = log.producer()
+    big = b"x" * 2000
+    for start in range(0, 6000, 500):
+        producer.send_batch("users", [Message(big, key=f"u{i}".encode()) for i in range(start, start + 500)])
+    log.compact("users")
+    full = log.topic_size_bytes("users")
+    # Most users go away (tombstones), the rest shrink to small values.
+    producer.send_batch("users", [Message(None, key=f"u{i}".encode()) for i in range(5000)])
+    producer.send_batch("users", [Message(b"small", key=f"u{i}".encode()) for i in range(5000, 6000)])
+
+    stop = threading.Event()
+    reads: list[int] = []
+    slowest = [0.0]
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                consumer = log.consumer(None)
+                consumer.assign([TopicPartition("users", 0)])
+                state: dict[bytes, bytes | None] = {}
+                while True:
+                    started = time.monotonic()
+                    batch = consumer.poll(max_records=100)
+                    slowest[0] = max(slowest[0], time.monotonic() - started)
+                    if not batch:
+                        break
+                    for r in batch:
+                        assert r.key is not None
+                        state[r.key] = r.value
+                consumer.close()
+                live = {k for k, v in state.items() if v is not None}
+                assert live == {f"u{i}".encode() for i in range(5000, 6000)}
+                assert all(state[k] == b"small" for k in live)
+                reads.append(len(state))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    time.sleep(0.2)
+    log.compact("users")
+    time.sleep(0.2)
+    stop.set()
+    thread.join(timeout=30)
+    assert not errors, errors[0]
+    assert len(reads) >= 2, "the reader made no progress during compaction"
+    assert slowest[0] < 2.0, f"a poll waited {slowest[0]:.2f}s during compaction"
+    after = log.topic_size_bytes("users")
+    assert after < full * 0.25, f"compaction left {after} of {full} bytes"
+    assert [r.value for r in read_everything(log, "users")] == [b"small"] * 1000  # tombstones cleaned
+    producer.close()
+
+
+def test_overwritten_keys_keep_the_file_near_the_live_data(tmp_path: Path) -> None:
+    log = EmbeddedLog(tmp_path / "log")
+    log.create_topic(TopicSpec("users", partitions=2, cleanup_policy="compact"))
+    producer = log.producer()
+    for round_ in range(25):
+        producer.send_batch("users", [Message(b"%04d" % round_ + b"v" * 996, key=b"user-%05d" % i)
+                                      for i in range(400)])
+    log.compact("users")
+    live = 400 * (1000 + 10)
+    assert log.topic_size_bytes("users") < 2 * live + 64 * 1024
+    records = read_everything(log, "users")
+    assert len(records) == 400 and all(r.value and r.value.startswith(b"0024") for r in records)
+    producer.close()
+
+
+def test_retention_drops_old_records_and_offsets_are_never_reused(tmp_path: Path) -> None:
+    log = EmbeddedLog(tmp_path / "log")
+    log.create_topic(TopicSpec("bids", partitions=1, retention_ms=60_000))
+    producer = log.producer()
+    old = int(time.time() * 1000) - 600_000
+    producer.send_batch("bids", [Message(b"old", timestamp_ms=old) for _ in range(100)])
+    producer.send_batch("bids", [Message(b"new") for _ in range(10)])
+    log.compact("bids")
+    consumer = log.consumer(None)
+    tp = TopicPartition("bids", 0)
+    consumer.assign([tp])
+    assert consumer.beginning_offsets([tp]) == {tp: 100}
+    assert [(r.offset, r.value) for r in consumer.poll(max_records=1000)] == [(100 + i, b"new") for i in range(10)]
+    consumer.close()
+
+    log.create_topic(TopicSpec("short", partitions=1, retention_ms=1))
+    producer.send_batch("short", [Message(b"x", timestamp_ms=old) for _ in range(5)])
+    log.compact("short")
+    assert read_everything(log, "short") == []
+    assert producer.send("short", b"y") == (0, 5)  # the emptied partition does not restart at 0
+    producer.close()
+
+
+def test_data_and_group_offsets_persist_across_processes(tmp_path: Path) -> None:
+    root = tmp_path / "log"
+    first = EmbeddedLog(root)
+    first.create_topic(TopicSpec("rules", partitions=1, cleanup_policy="compact"))
+    producer = first.producer()
+    producer.send_batch("rules", [Message(b"r1", key=b"a"), Message(b"r2", key=b"b")])
+    consumer = first.consumer("api")
+    consumer.assign([TopicPartition("rules", 0)])
+    consumer.commit({TopicPartition("rules", 0): 1})
+    producer.close()
+    consumer.close()
+    first.close()
+
+    second = EmbeddedLog(root)
+    assert second.list_topics() == ["rules"]
+    assert second.describe_topic("rules") == TopicSpec("rules", partitions=1, cleanup_policy="compact")
+    consumer = second.consumer("api")
+    consumer.assign([TopicPartition("rules", 0)])
+    assert consumer.committed(TopicPartition("rules", 0)) == 1
+    assert [r.value for r in consumer.poll()] == [b"r2"]
+    consumer.close()
+
+
+def test_admin_errors(tmp_path: Path) -> None:
+    log = EmbeddedLog(tmp_path / "log")
+    log.create_topic(TopicSpec("users", cleanup_policy="compact"))
+    with pytest.raises(TopicExistsError):
+        log.create_topic(TopicSpec("users"), exist_ok=False)
+    log.create_topic(TopicSpec("users"))  # exist_ok: no-op
+    with pytest.raises(LogError, match="invalid topic name"):
+        log.create_topic(TopicSpec("../escape"))
+    with pytest.raises(LogError, match="partitions"):
+        log.create_topic(TopicSpec("none", partitions=0))
+    producer = log.producer()
+    with pytest.raises(LogError, match="no key"):
+        producer.send_batch("users", [Message(b"v")])
+    producer.close()
+
+
+def test_seek_to_time_with_out_of_order_timestamps(tmp_path: Path) -> None:
+    log = EmbeddedLog(tmp_path / "log")
+    log.create_topic(TopicSpec("bids"))
+    producer = log.producer()
+    producer.send_batch("bids", [Message(b"a", timestamp_ms=1000), Message(b"b", timestamp_ms=5000),
+                                 Message(b"c", timestamp_ms=2000)])
+    producer.send_batch("bids", [Message(b"d", timestamp_ms=3000), Message(b"e", timestamp_ms=9000)])
+    consumer = log.consumer(None)
+    tp = TopicPartition("bids", 0)
+    consumer.assign([tp])
+    for target, expected in [(0, 0), (1500, 1), (5000, 1), (6000, 4), (9001, 5)]:
+        consumer.seek_to_time(target)
+        assert consumer.position(tp) == expected, target
+    consumer.close()
