@@ -200,92 +200,142 @@ _CONVERTERS: dict[str, Callable[[FieldSpec, Any], Any]] = {
 # ---------------------------------------------------------------------------------------------
 
 
-def _plan(mapping: Mapping) -> dict[str, tuple[tuple[FieldSpec, Callable[[FieldSpec, Any], Any] | None], ...]]:
+_KEYWORD, _TEXT, _OTHER, _KEYWORD_FAST = 0, 1, 2, 3  # FAST: keyword without ignore_above
+
+_Entry = tuple[str, int, FieldSpec, Callable[[FieldSpec, Any], Any] | None]
+
+
+def _plan(mapping: Mapping) -> dict[str, tuple[_Entry, ...]]:
+    """source path -> (leaf path, kind, spec, converter) for the field and its multi-fields."""
     plan = mapping.cache.get("document_plan")
     if plan is None:
-        plan = {
-            source: tuple((spec, _CONVERTERS.get(spec.type)) for spec in specs)
-            for source, specs in mapping.by_source.items()
-        }
+        plan = {}
+        for source, specs in mapping.by_source.items():
+            entries = []
+            for spec in specs:
+                if spec.type == "keyword":
+                    kind = _KEYWORD_FAST if spec.ignore_above is None else _KEYWORD
+                elif spec.type == "text":
+                    kind = _TEXT
+                else:
+                    kind = _OTHER
+                entries.append((spec.path, kind, spec, _CONVERTERS.get(spec.type)))
+            plan[source] = tuple(entries)
         mapping.cache["document_plan"] = plan
     return plan
 
 
-class _Builder:
-    __slots__ = ("objects", "phrases", "plan", "values")
+def _walk(
+    obj: AbcMapping[str, Any],
+    prefix: str,
+    plan: dict[str, tuple[_Entry, ...]],
+    objects: frozenset[str],
+    values: dict[str, list[Any]],
+    phrases: dict[str, list[tuple[str, ...]]],
+) -> None:
+    for key, value in obj.items():
+        path = prefix + key if prefix else key
+        entries = plan.get(path)
+        if entries is not None:
+            if value.__class__ is str and len(entries) == 1 and entries[0][1] == _KEYWORD_FAST:
+                bucket = values.get(path)
+                if bucket is None:
+                    values[path] = [value]
+                else:
+                    bucket.append(value)
+            elif value.__class__ is list:
+                _leaf_list(entries, value, values, phrases)
+            else:
+                _scalar(entries, value, values, phrases)
+        elif path in objects:
+            _object(path, value, plan, objects, values, phrases)
+        # unmapped: ignored (dynamic: false)
 
-    def __init__(self, mapping: Mapping):
-        self.plan = _plan(mapping)
-        self.objects = mapping.objects
-        self.values: dict[str, list[Any]] = {}
-        self.phrases: dict[str, list[tuple[str, ...]]] = {}
 
-    def walk(self, obj: AbcMapping[str, Any], prefix: str) -> None:
-        plan = self.plan
-        for key, value in obj.items():
-            path = prefix + key
-            specs = plan.get(path)
-            if specs is not None:
-                self.leaf(path, specs, value)
-            elif path in self.objects:
-                self.object(path, value)
-            # unmapped: ignored (dynamic: false)
+def _object(
+    path: str,
+    value: Any,
+    plan: dict[str, tuple[_Entry, ...]],
+    objects: frozenset[str],
+    values: dict[str, list[Any]],
+    phrases: dict[str, list[tuple[str, ...]]],
+) -> None:
+    if value.__class__ is dict or isinstance(value, AbcMapping):
+        _walk(value, path + ".", plan, objects, values, phrases)
+    elif value.__class__ is list:
+        for item in value:
+            _object(path, item, plan, objects, values, phrases)
+    elif value is not None:
+        raise InvalidDocumentError(
+            path, f"object mapping for [{path}] tried to parse field [{path}] as object, but found a concrete value"
+        )
 
-    def object(self, path: str, value: Any) -> None:
-        if isinstance(value, AbcMapping):
-            self.walk(value, path + ".")
-        elif isinstance(value, list):
-            for item in value:
-                self.object(path, item)
-        elif value is not None:
-            raise InvalidDocumentError(
-                path, f"object mapping for [{path}] tried to parse field [{path}] as object, but found a concrete value"
-            )
 
-    def leaf(self, path: str, specs: tuple[tuple[FieldSpec, Any], ...], value: Any) -> None:
-        if isinstance(value, list):
-            first = specs[0][0]
-            if first.type == "geo_point" and _is_point_array(value):
-                self.scalar(specs, value)
-                return
-            for item in value:
-                self.leaf(path, specs, item)
-            return
-        self.scalar(specs, value)
+def _leaf_list(
+    entries: tuple[_Entry, ...],
+    value: list[Any],
+    values: dict[str, list[Any]],
+    phrases: dict[str, list[tuple[str, ...]]],
+) -> None:
+    if entries[0][2].type == "geo_point" and _is_point_array(value):
+        _scalar(entries, value, values, phrases)
+        return
+    for item in value:
+        if item.__class__ is list:
+            _leaf_list(entries, item, values, phrases)
+        else:
+            _scalar(entries, item, values, phrases)
 
-    def scalar(self, specs: tuple[tuple[FieldSpec, Any], ...], value: Any) -> None:
-        for spec, convert in specs:
-            raw = value
-            if raw is None:
-                if spec.null_value is None:
-                    continue
-                raw = spec.null_value
-            if spec.type == "text":
-                if isinstance(raw, AbcMapping | list | bool):
-                    if isinstance(raw, bool):
-                        raw = "true" if raw else "false"
-                    else:
-                        raise InvalidDocumentError(spec.path, f"failed to parse field [{spec.path}] of type [text]")
-                tokens = analyze(raw if isinstance(raw, str) else keyword_text(raw))
-                self.phrases.setdefault(spec.path, []).append(tokens)
-                if tokens:
-                    self.values.setdefault(spec.path, []).extend(tokens)
+
+def _scalar(
+    entries: tuple[_Entry, ...],
+    raw: Any,
+    values: dict[str, list[Any]],
+    phrases: dict[str, list[tuple[str, ...]]],
+) -> None:
+    for path, kind, spec, convert in entries:
+        value = raw
+        if value is None:
+            if spec.null_value is None:
                 continue
-            if isinstance(raw, AbcMapping) and spec.type != "geo_point":
-                raise InvalidDocumentError(
-                    spec.path, f"failed to parse field [{spec.path}] of type [{spec.type}]: found an object"
-                )
-            assert convert is not None
-            try:
-                indexed = convert(spec, raw)
-            except ValueError as exc:
-                if spec.ignore_malformed:
-                    continue
-                raise InvalidDocumentError(
-                    spec.path, f"failed to parse field [{spec.path}] of type [{spec.type}]: {exc}"
-                ) from None
-            if indexed is not None:
-                self.values.setdefault(spec.path, []).append(indexed)
+            value = spec.null_value
+        if kind == _KEYWORD_FAST and value.__class__ is str:
+            bucket = values.get(path)
+            if bucket is None:
+                values[path] = [value]
+            else:
+                bucket.append(value)
+            continue
+        if kind == _TEXT:
+            if value.__class__ is not str:
+                if isinstance(value, bool):
+                    value = "true" if value else "false"
+                elif isinstance(value, int | float):
+                    value = keyword_text(value)
+                else:
+                    raise InvalidDocumentError(
+                        path, f"failed to parse field [{path}] of type [text]: expected a string"
+                    )
+            tokens = analyze(value)
+            phrases.setdefault(path, []).append(tokens)
+            if tokens:
+                values.setdefault(path, []).extend(tokens)
+            continue
+        if isinstance(value, AbcMapping) and spec.type != "geo_point":
+            raise InvalidDocumentError(path, f"failed to parse field [{path}] of type [{spec.type}]: found an object")
+        assert convert is not None
+        try:
+            indexed = convert(spec, value)
+        except ValueError as exc:
+            if spec.ignore_malformed:
+                continue
+            raise InvalidDocumentError(path, f"failed to parse field [{path}] of type [{spec.type}]: {exc}") from None
+        if indexed is not None:
+            bucket = values.get(path)
+            if bucket is None:
+                values[path] = [indexed]
+            else:
+                bucket.append(indexed)
 
 
 def _is_point_array(value: list[Any]) -> bool:
@@ -297,14 +347,12 @@ def index_document(doc: AbcMapping[str, Any], mapping: Mapping) -> IndexedDoc:
     """Index ``doc`` against ``mapping``. Raises InvalidDocumentError naming the field."""
     if not isinstance(doc, AbcMapping):
         raise InvalidDocumentError("", "a document must be a JSON object")
-    builder = _Builder(mapping)
-    builder.walk(doc, "")
-    values: dict[str, tuple[Any, ...]] = {}
-    for path, items in builder.values.items():
-        if len(items) == 1:
-            values[path] = (items[0],)
-        else:
-            # distinct values, first-seen order (text tokens repeat a lot)
-            values[path] = tuple(dict.fromkeys(items))
-    phrases = {path: tuple(seqs) for path, seqs in builder.phrases.items()}
+    raw_values: dict[str, list[Any]] = {}
+    raw_phrases: dict[str, list[tuple[str, ...]]] = {}
+    _walk(doc, "", _plan(mapping), mapping.objects, raw_values, raw_phrases)
+    # distinct values, first-seen order (text tokens repeat a lot)
+    values = {
+        path: (items[0],) if len(items) == 1 else tuple(dict.fromkeys(items)) for path, items in raw_values.items()
+    }
+    phrases = {path: tuple(seqs) for path, seqs in raw_phrases.items()}
     return IndexedDoc(values, phrases, frozenset(values))

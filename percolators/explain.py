@@ -6,11 +6,13 @@ this module only adds the human reasons (``age 31 is within [26, 35]``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping as AbcMapping
 from datetime import UTC, datetime
 from typing import Any
 
-from percolators.document import IndexedDoc
+from percolators.document import IndexedDoc, index_document
 from percolators.geo import format_distance
+from percolators.mapping import Mapping
 from percolators.port import Explanation
 from percolators.query import (
     Bool,
@@ -20,6 +22,7 @@ from percolators.query import (
     MatchAll,
     MatchNone,
     Node,
+    ParsedRule,
     Phrase,
     Prefix,
     Range,
@@ -134,8 +137,31 @@ def _leaf_reason(node: Node, doc: IndexedDoc, now_ms: int, matched: bool) -> str
     raise TypeError(f"unknown node {node!r}")
 
 
-def explain(node: Node, doc: IndexedDoc, now_ms: int) -> Explanation:
-    """An :class:`Explanation` tree mirroring ``node``; verdicts equal ``reference.matches``."""
+def explain(
+    node: Node | ParsedRule,
+    doc: IndexedDoc | AbcMapping[str, Any],
+    mapping_or_now: Mapping | int,
+    now_ms: int | None = None,
+) -> Explanation:
+    """An :class:`Explanation` tree mirroring ``node``; verdicts equal ``reference.matches``.
+
+    Two call forms: ``explain(node, indexed_doc, now_ms)`` and
+    ``explain(rule_or_node, raw_document, mapping, now_ms)`` (indexes the document first and may
+    raise InvalidDocumentError).
+    """
+    if isinstance(node, ParsedRule):
+        node = node.query
+    if now_ms is None:
+        if not isinstance(mapping_or_now, int) or not isinstance(doc, IndexedDoc):
+            raise TypeError("explain(node, indexed_doc, now_ms) or explain(node, document, mapping, now_ms)")
+        return _explain(node, doc, mapping_or_now)
+    if not isinstance(mapping_or_now, Mapping):
+        raise TypeError("explain(node, document, mapping, now_ms): the third argument must be a Mapping")
+    indexed = doc if isinstance(doc, IndexedDoc) else index_document(doc, mapping_or_now)
+    return _explain(node, indexed, now_ms)
+
+
+def _explain(node: Node, doc: IndexedDoc, now_ms: int) -> Explanation:
     if not isinstance(node, Bool):
         matched = leaf_matches(node, doc, now_ms)
         return Explanation(node.path, _node_type(node), matched, _leaf_reason(node, doc, now_ms, matched))
@@ -143,7 +169,7 @@ def explain(node: Node, doc: IndexedDoc, now_ms: int) -> Explanation:
     problems: list[str] = []
     for occur, clauses in (("must", node.must), ("filter", node.filter), ("must_not", node.must_not)):
         for clause in clauses:
-            child = explain(clause, doc, now_ms)
+            child = _explain(clause, doc, now_ms)
             children.append(child)
             if occur == "must_not" and child.matched:
                 problems.append(f"must_not clause {child.path} matched")
