@@ -33,7 +33,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     settings: Settings = config.pop("SETTINGS", None) or load_settings(config.pop("RULES", None))
     provided = {key: config.pop(key, None) for key in _SERVICE_KEYS}
 
-    app = Flask("rules_service.api")
+    app = Flask("rules_service.api", static_folder=None)
     app.config.update(
         MAX_CONTENT_LENGTH=settings.MAX_REQUEST_BYTES,
         JSON_SORT_KEYS=False,

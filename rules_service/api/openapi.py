@@ -36,12 +36,12 @@ AUDIENCE_ID = {"in": "path", "name": "audience_id", "required": True, "schema": 
 def _responses(ok: dict[str, Any], *errors: int) -> dict[Any, Any]:
     out: dict[Any, Any] = dict(ok)
     for code in (401, 429, *errors):
-        out[str(code)] = {"description": ERRORS[code], "content": {"application/json": {"schema": "ErrorSchema"}}}
+        out[str(code)] = {"description": ERRORS[code], "content": {"application/json": {"schema": "Error"}}}
     if "429" in out:
         out["429"]["headers"] = {"Retry-After": {"schema": {"type": "integer"},
                                                   "description": "Seconds until the next window."}}
     out["default"] = {"description": "Any other error (405, 500...), same envelope.",
-                      "content": {"application/json": {"schema": "ErrorSchema"}}}
+                      "content": {"application/json": {"schema": "Error"}}}
     return out
 
 
@@ -71,28 +71,28 @@ def build_spec(dimensions: tuple[str, ...]) -> APISpec:
     for schema in (s.ErrorSchema, s.AudienceSchema, s.AudienceListSchema, s.AudienceCreateSchema,
                    s.AudienceUpdateSchema, s.RuleTestSchema, s.RuleTestResponseSchema, s.SizeSchema,
                    s.SizesSchema, s.InsightsSchema, s.UserSchemaSchema, s.HealthSchema):
-        spec.components.schema(schema.__name__, schema=schema)
+        spec.components.schema(schema.__name__.removesuffix("Schema"), schema=schema)
 
     window = {"in": "query", "schema": s.WindowQuerySchema}
     insights_params = [{"in": "query", "schema": s.InsightsQuerySchema}]
     spec.path(path="/v1/audiences", operations={
         "get": {"summary": "List the advertiser's audiences (oldest first, cursor pagination)",
                 "parameters": [{"in": "query", "schema": s.ListQuerySchema}],
-                "responses": _responses({"200": _json("AudienceListSchema", "A page of audiences.")}, 400)},
+                "responses": _responses({"200": _json("AudienceList", "A page of audiences.")}, 400)},
         "post": {"summary": "Create an audience (validated against the user schema)",
-                 "requestBody": _body("AudienceCreateSchema"),
-                 "responses": _responses({"201": {**_json("AudienceSchema", "The audience."),
+                 "requestBody": _body("AudienceCreate"),
+                 "responses": _responses({"201": {**_json("Audience", "The audience."),
                                                   "headers": {"Location": {"schema": {"type": "string"}}}}},
                                          400, 413, 415, 422, 503)},
     })
     spec.path(path="/v1/audiences/{audience_id}", parameters=[AUDIENCE_ID], operations={
         "get": {"summary": "Read an audience",
-                "responses": _responses({"200": _json("AudienceSchema", "The audience.")}, 404)},
+                "responses": _responses({"200": _json("Audience", "The audience.")}, 404)},
         "put": {"summary": "Rename and/or change the rule (a changed rule creates a new version)",
                 "parameters": [{"in": "header", "name": "If-Match", "required": False,
                                 "schema": {"type": "string"}}],
-                "requestBody": _body("AudienceUpdateSchema"),
-                "responses": _responses({"200": _json("AudienceSchema", "The audience.")},
+                "requestBody": _body("AudienceUpdate"),
+                "responses": _responses({"200": _json("Audience", "The audience.")},
                                         400, 404, 409, 412, 413, 415, 422, 503)},
         "delete": {"summary": "Delete an audience, its rules and its counters",
                    "parameters": [{"in": "header", "name": "If-Match", "required": False,
@@ -102,18 +102,18 @@ def build_spec(dimensions: tuple[str, ...]) -> APISpec:
     spec.path(path="/v1/audiences/{audience_id}/size", parameters=[AUDIENCE_ID], operations={
         "get": {"summary": "Unique users and matches of the serving version over a window",
                 "parameters": [window],
-                "responses": _responses({"200": _json("SizeSchema", "Counts.")}, 400, 404)},
+                "responses": _responses({"200": _json("Size", "Counts.")}, 400, 404)},
     })
     spec.path(path="/v1/audiences/sizes", operations={
         "get": {"summary": "Sizes of up to 100 audiences at once (dashboards)",
                 "parameters": [{"in": "query", "schema": s.SizesQuerySchema}],
-                "responses": _responses({"200": _json("SizesSchema", "Counts per audience.")}, 400)},
+                "responses": _responses({"200": _json("Sizes", "Counts per audience.")}, 400)},
     })
     spec.path(path="/v1/audiences/{audience_id}/insights", parameters=[AUDIENCE_ID], operations={
         "get": {"summary": "Time series and breakdowns by dimension",
                 "description": "dimension is one of: " + ", ".join(dimensions),
                 "parameters": insights_params,
-                "responses": _responses({"200": _json("InsightsSchema", "Series and breakdowns.")}, 400, 404)},
+                "responses": _responses({"200": _json("Insights", "Series and breakdowns.")}, 400, 404)},
     })
     spec.path(path="/v1/audiences/{audience_id}/live", parameters=[AUDIENCE_ID], operations={
         "get": {"summary": "Server-Sent Events with the audience's counts as they change (at most 1/s)",
@@ -125,13 +125,13 @@ def build_spec(dimensions: tuple[str, ...]) -> APISpec:
     })
     spec.path(path="/v1/audiences/test", operations={
         "post": {"summary": "Dry run: which documents match the rule and why, clause by clause",
-                 "requestBody": _body("RuleTestSchema"),
-                 "responses": _responses({"200": _json("RuleTestResponseSchema", "One result per document.")},
+                 "requestBody": _body("RuleTest"),
+                 "responses": _responses({"200": _json("RuleTestResponse", "One result per document.")},
                                          400, 413, 415, 422)},
     })
     spec.path(path="/v1/schema", operations={
         "get": {"summary": "The user document schema rules are written against",
-                "responses": _responses({"200": _json("UserSchemaSchema", "Mapping and field docs.")})},
+                "responses": _responses({"200": _json("UserSchema", "Mapping and field docs.")})},
     })
     spec.path(path="/v1/openapi.json", operations={
         "get": _public({"summary": "This document",
@@ -141,12 +141,12 @@ def build_spec(dimensions: tuple[str, ...]) -> APISpec:
     })
     spec.path(path="/healthz", operations={
         "get": _public({"summary": "The process is up",
-                        "responses": _responses({"200": _json("HealthSchema", "Up.")})}),
+                        "responses": _responses({"200": _json("Health", "Up.")})}),
     })
     spec.path(path="/readyz", operations={
         "get": _public({"summary": "Redis, the log and the percolator answer",
-                        "responses": _responses({"200": _json("HealthSchema", "Ready."),
-                                                 "503": _json("HealthSchema", "A check failed (named).")})}),
+                        "responses": _responses({"200": _json("Health", "Ready."),
+                                                 "503": _json("Health", "A check failed (named).")})}),
     })
     spec.path(path="/metrics", operations={
         "get": _public({"summary": "Prometheus metrics",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 LOOKBACK_CHOICES = (0, 30, 60, 90)
 MAX_TEST_DOCUMENTS = 100
@@ -40,7 +40,8 @@ class AudienceCreateSchema(Schema):
     name = fields.String(required=True, validate=validate.Length(min=1, max=200),
                          metadata={"description": "Display name, 1-200 characters."})
     rule = fields.Dict(required=True, metadata={"description": "An Elasticsearch query DSL object over the "
-                                                              "user document (GET /v1/schema). No scripts."})
+                                                              "user document (GET /v1/schema). No scripts.",
+                                                "minProperties": 1, "maxProperties": 1})
     lookback_days = fields.Integer(strict=True, load_default=0, validate=validate.OneOf(LOOKBACK_CHOICES),
                                    metadata={"description": "Backfill the audience over this many past days."})
 
@@ -69,7 +70,7 @@ class RuleTestSchema(Schema):
 
 class ListQuerySchema(Schema):
     class Meta:
-        unknown = EXCLUDE
+        unknown = RAISE  # a misspelt parameter (dayz=90) must not silently mean the default
 
     limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
     cursor = fields.String(load_default=None, validate=validate.Length(min=1, max=100),
@@ -80,7 +81,7 @@ class WindowQuerySchema(Schema):
     """``from``/``to`` (ISO 8601; naive times are UTC) or ``days`` (ending now); default 30 days."""
 
     class Meta:
-        unknown = EXCLUDE
+        unknown = RAISE  # a misspelt parameter (dayz=90) must not silently mean the default
 
     from_ = fields.AwareDateTime(data_key="from", default_timezone=UTC, load_default=None)
     to = fields.AwareDateTime(default_timezone=UTC, load_default=None)

@@ -35,6 +35,11 @@ def json_body(schema: Schema) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ApiError("request body must be a JSON object", status=400, type="validation_error",
                        fields={"body": "expected an object"})
+    try:  # what we store and publish must round-trip through orjson (64-bit integers, valid UTF-8)
+        orjson.dumps(data)
+    except TypeError as exc:
+        raise ApiError(f"request body cannot be stored: {exc} (integers must fit in 64 bits; strings must be "
+                       "valid Unicode)", status=400, type="validation_error", fields={"body": str(exc)}) from None
     try:
         return schema.load(data)
     except ValidationError as exc:
@@ -101,6 +106,9 @@ def check_rule_limits(rule: Any, settings: Settings) -> None:
     if not isinstance(rule, dict) or not rule:
         raise ApiError("rule must be a non-empty query object", status=422, type="invalid_rule",
                        fields={"rule": "expected a query DSL object such as {\"term\": {...}}"})
+    if len(rule) != 1:
+        raise ApiError("a query object has exactly one query type", status=422, type="invalid_rule",
+                       fields={"rule": f"expected one query type, got {len(rule)}: {', '.join(map(str, rule))}"})
     size = len(orjson.dumps(rule))
     if size > settings.MAX_RULE_BYTES:
         raise ApiError(f"rule is {size} bytes; the limit is {settings.MAX_RULE_BYTES}", status=422,

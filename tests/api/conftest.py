@@ -25,7 +25,11 @@ def real_percolator() -> Percolator | None:
         from percolators.port import Rule
 
         percolator = EmbeddedPercolator()
-        percolator.validate(Rule("probe", {"term": {"gender": "male"}}))
+        query = {"term": {"gender": "male"}}
+        percolator.upsert([Rule("probe", query)])
+        assert percolator.percolate([{"gender": "male"}]) == [["probe"]]
+        assert percolator.explain(query, {"gender": "male"}).matched
+        percolator.delete(["probe"])
         return percolator
     except Exception:
         return None
@@ -55,7 +59,7 @@ class ApiEnv:
         body.setdefault("rule", {"term": {"gender": "male"}})
         response = self.client.post("/v1/audiences", json=body, headers=headers)
         assert response.status_code == 201, response.get_json()
-        return response.get_json()  # type: ignore[no-any-return]
+        return response.get_json()
 
 
 def build_env(redis_url: str, **overrides: Any) -> ApiEnv:
