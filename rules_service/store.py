@@ -254,6 +254,21 @@ class AudienceStore:
         ids = [_text(i) for i in self.redis.zrangebylex(self._k("advs"), "-", "+")]
         return [adv for adv in (self.get_advertiser(i) for i in ids) if adv is not None]
 
+    def rotate_key(self, advertiser_id: str) -> str | None:
+        """A new API key for the advertiser (the old one stops working; a revoked advertiser is
+        enabled again). None if unknown."""
+        key = self._k("adv", advertiser_id)
+        old_hash = self.redis.hget(key, "key_hash")
+        if old_hash is None:
+            return None
+        api_key = "rk_" + secrets.token_urlsafe(32)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._k("key", _text(old_hash)))
+            pipe.hset(key, mapping={"key_hash": hash_key(api_key), "revoked": "0"})
+            pipe.set(self._k("key", hash_key(api_key)), advertiser_id)
+            pipe.execute()
+        return api_key
+
     def revoke_advertiser(self, advertiser_id: str) -> bool:
         """Disable the advertiser's key. Its audiences stay (counted, not readable). False if unknown."""
         key = self._k("adv", advertiser_id)

@@ -16,6 +16,7 @@ from rules_service.config import ConfigError, load_settings
 COMMAND_MODULES: list[str] = [
     "percolators.cli",
     "workers.cli",
+    "rules_service.cli_api",
 ]
 
 
