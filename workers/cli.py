@@ -37,7 +37,7 @@ def _parse_partitions(text: str | None) -> list[int] | None:
 
 
 @click.command("worker")
-@click.option("--drain", is_flag=True, help="Process everything up to the current end of `bids`, print a summary, exit.")
+@click.option("--drain", is_flag=True, help="Process `bids` up to its current end, print a summary, exit.")
 @click.option("--concurrency", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Stream consumer processes (the partitions of `bids` are split between them).")
 @click.option("--batch-size", type=click.IntRange(1, 100_000), default=None,
@@ -59,7 +59,8 @@ def worker_command(drain: bool, concurrency: int, batch_size: int | None, partit
         logging.basicConfig(level=getattr(logging, loglevel.upper(), logging.INFO),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
-            summary = run_drain(settings, processes=concurrency, partitions=chosen, batch_size=batch_size)
+            summary = run_drain(settings, processes=concurrency, partitions=chosen, batch_size=batch_size,
+                                handle_signals=True)
         except ValueError as exc:
             raise CliError(str(exc)) from None
         click.echo(json.dumps(summary))

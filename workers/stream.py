@@ -236,6 +236,7 @@ class StreamConsumer:
         dimensions: Sequence[str] = (),
         poll_timeout_ms: int = 100,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        fault_hook: Callable[[str], None] | None = None,
     ) -> None:
         self.log = log
         self.percolator = percolator
@@ -248,6 +249,8 @@ class StreamConsumer:
         self.aggregate = aggregate or default_aggregator(dimensions)
         self.poll_timeout_ms = poll_timeout_ms
         self.clock_ms = clock_ms
+        # Called at "after_produce" and "after_apply": the fault test kills the process there.
+        self.fault_hook = fault_hook
         self.stats = StreamStats()
         self._wanted = None if partitions is None else sorted(set(partitions))
         self._consumer: Consumer | None = None
@@ -371,8 +374,12 @@ class StreamConsumer:
         if dead:
             self._producer.send_batch(dlq_topic(self.topic), [letter.to_message() for letter in dead])
 
+        if self.fault_hook is not None:
+            self.fault_hook("after_produce")
         applied = self.counters.apply(batch, self.group, next_offsets, start_offsets)
         readable_ms = self.clock_ms()
+        if self.fault_hook is not None:
+            self.fault_hook("after_apply")
         self._consumer.commit({TopicPartition(t, p): o for (t, p), o in next_offsets.items()})
 
         stats = self.stats

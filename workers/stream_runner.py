@@ -22,10 +22,12 @@ import ctypes
 import logging
 import multiprocessing
 import multiprocessing.synchronize
+import os
+import random
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from rules_service.config import Settings
@@ -57,6 +59,7 @@ def build_consumer(settings: Settings, *, partitions: Sequence[int] | None = Non
         consumer = StreamConsumer(
             log, percolator, counters, topic=settings.BIDS_TOPIC, group=group, partitions=partitions,
             batch_size=batch_size or settings.BATCH_SIZE, rules=rules, dimensions=settings.DIMENSIONS,
+            fault_hook=self_kill_hook(os.environ.get(SELF_KILL_ENV, "")),
         )
         consumer.start()
         yield consumer
@@ -67,6 +70,28 @@ def build_consumer(settings: Settings, *, partitions: Sequence[int] | None = Non
             rules.close()
         percolator.close()
         log.close()
+
+
+#: Fault injection for the kill -9 test: ``after_produce=0.05,after_apply=0.05`` makes the process
+#: SIGKILL itself at that point of a batch with that probability (the windows a random external
+#: kill rarely hits). A ``RULES_TEST_*`` variable: never set in production.
+SELF_KILL_ENV = "RULES_TEST_SELF_KILL"
+
+
+def self_kill_hook(spec: str) -> Callable[[str], None] | None:
+    if not spec:
+        return None
+    odds: dict[str, float] = {}
+    for part in spec.split(","):
+        point, _, probability = part.partition("=")
+        odds[point.strip()] = float(probability)
+    rng = random.Random(os.getpid() ^ time.time_ns())
+
+    def hook(point: str) -> None:
+        if rng.random() < odds.get(point, 0.0):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
 
 
 def die_with_parent() -> None:
@@ -149,14 +174,16 @@ def _all_partitions(settings: Settings) -> list[int]:
 
 
 def drain(settings: Settings, *, processes: int = 1, partitions: Sequence[int] | None = None,
-          batch_size: int | None = None, group: str = DEFAULT_GROUP) -> dict[str, Any]:
-    """Drain ``bids`` up to the end offsets seen at start with ``processes`` processes."""
+          batch_size: int | None = None, group: str = DEFAULT_GROUP, handle_signals: bool = False) -> dict[str, Any]:
+    """Drain ``bids`` up to the end offsets seen at start with ``processes`` processes.
+    ``handle_signals``: SIGTERM/SIGINT stop after the current batch (for the command line)."""
     began = time.monotonic()
     chosen = list(partitions) if partitions is not None else _all_partitions(settings)
     shares = split_partitions(chosen, processes)
     if len(shares) <= 1:
         stop = threading.Event()
-        _install_stop_signals(stop)
+        if handle_signals:
+            _install_stop_signals(stop)
         summary = drain_in_process(settings, partitions=chosen, batch_size=batch_size, group=group, stop=stop)
         return merge_summaries([summary], time.monotonic() - began)
     ctx = multiprocessing.get_context("spawn")
