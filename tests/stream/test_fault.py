@@ -33,7 +33,7 @@ END = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
 BIDS = 16_000
 SEED = 20261122
 
-RULES = {
+RULES: dict[str, dict[str, Any]] = {
     "women": {"term": {"gender": "female"}},
     "ios": {"term": {"device.os": "iOS"}},
     "manchester_30s": {"bool": {"filter": [{"term": {"geo.city": "Manchester"}},
