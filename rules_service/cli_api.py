@@ -14,6 +14,7 @@ import click
 
 from rules_service.cli import CliError
 from rules_service.config import ConfigError, Settings, load_settings
+from rules_service.store import AudienceStore
 
 
 def _settings() -> Settings:
@@ -23,9 +24,8 @@ def _settings() -> Settings:
         raise CliError(str(exc)) from None
 
 
-def _store(settings: Settings):  # type: ignore[no-untyped-def]
+def _store(settings: Settings) -> AudienceStore:
     from rules_service.redis_conn import connect_redis
-    from rules_service.store import AudienceStore
 
     try:
         client = connect_redis(settings)

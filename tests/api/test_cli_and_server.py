@@ -66,7 +66,7 @@ def _request(method: str, url: str, key: str, body: dict | None = None) -> tuple
 
 @pytest.mark.slow
 def test_serve_under_waitress_end_to_end(redis_url: str, tmp_path: Path) -> None:
-    code, out, _ = run_cli(["advertisers", "create", "Acme"], redis_url, tmp_path)
+    _, out, _ = run_cli(["advertisers", "create", "Acme"], redis_url, tmp_path)
     key = json.loads(out)["api_key"]
     port = free_port()
     env = {**os.environ, "RULES_REDIS_URL": redis_url, "RULES_DATA_DIR": str(tmp_path)}
