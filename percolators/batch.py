@@ -20,8 +20,10 @@ from typing import Any
 
 from percolators.query import ResolvedRange
 
-#: Grid sizes (degrees) of the geo cells used by the presearcher and the geo evaluator.
+#: Grid sizes (degrees) of the geo cells used by the presearcher (coarse: few probes per point)
+#: and by the geo evaluator (fine: most cells of a circle lie wholly inside or outside it).
 GEO_LEVELS: tuple[float, ...] = (0.05, 0.2, 1.0, 5.0)
+EVAL_GEO_LEVELS: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 #: Metres per degree of latitude (on the sphere Elasticsearch uses), for bounding boxes.
 METRES_PER_DEGREE = 6_371_008.7714 * math.pi / 180.0
 
@@ -72,7 +74,9 @@ class BatchIndex:
         "_cache",
         "_geo",
         "_geo_grid",
+        "_geo_pos",
         "_lower",
+        "_pairs",
         "_present",
         "_resolved",
         "all",
@@ -117,12 +121,14 @@ class BatchIndex:
             terms[key] = (1 << positions[0]) if len(positions) == 1 else mask_of(positions)
         self.terms = terms
         self._geo = geo
-        self._geo_grid: dict[tuple[str, float], dict[tuple[int, int], list[tuple[int, float, float]]]] = {}
+        self._geo_grid: dict[tuple[str, float], dict[tuple[int, int], int]] = {}
         self._by_field: dict[str, tuple[list[Any], list[int]]] | None = None
         self._lower: dict[str, dict[str, int]] = {}
         self._present: dict[str, int] | None = None
         self._cache: dict[Any, int] = {}
-        self._resolved: dict[int, ResolvedRange] = {}
+        self._pairs: dict[Any, tuple[int, int]] = {}
+        self._geo_pos: dict[str, list[list[tuple[float, float]]]] = {}
+        self._resolved: dict[Any, ResolvedRange] = {}
 
     # ----- per-field views, built on first use ---------------------------------------------
     def field_values(self, name: str) -> tuple[list[Any], list[int]]:
@@ -166,22 +172,38 @@ class BatchIndex:
     def geo_points(self, name: str) -> list[tuple[int, float, float]]:
         return self._geo.get(name, [])
 
-    def geo_grid(self, name: str, level: float) -> dict[tuple[int, int], list[tuple[int, float, float]]]:
+    def geo_cell_masks(self, name: str, level: float) -> dict[tuple[int, int], int]:
+        """Grid cell -> mask of the documents with a point in it."""
         key = (name, level)
         grid = self._geo_grid.get(key)
         if grid is None:
-            grid = {}
-            for point in self._geo.get(name, ()):
-                grid.setdefault(geo_cell(level, point[1], point[2]), []).append(point)
-            self._geo_grid[key] = grid
+            acc: dict[tuple[int, int], list[int]] = {}
+            for pos, lat, lon in self._geo.get(name, ()):
+                acc.setdefault(geo_cell(level, lat, lon), []).append(pos)
+            grid = self._geo_grid[key] = {cell: mask_of(positions) for cell, positions in acc.items()}
         return grid
+
+    def geo_by_position(self, name: str) -> list[list[tuple[float, float]]]:
+        """Each document's points in the geo field (empty list: none), by batch position."""
+        got = self._geo_pos.get(name)
+        if got is None:
+            got = [[] for _ in range(self.size)]
+            for pos, lat, lon in self._geo.get(name, ()):
+                got[pos].append((lat, lon))
+            self._geo_pos[name] = got
+        return got
+
+    def geo_mask(self, name: str) -> int:
+        """Documents with at least one point in the geo field."""
+        return self.memo(("geo", name), lambda: mask_of([pos for pos, _, _ in self._geo.get(name, ())]))
 
     # ----- memoised masks --------------------------------------------------------------------
     def resolved(self, node: Any) -> ResolvedRange:
         """A range's bounds at this batch's ``now`` (date math resolved once per batch)."""
-        got = self._resolved.get(id(node))
+        key = (node.field, node.low, node.low_inclusive, node.high, node.high_inclusive)
+        got = self._resolved.get(key)
         if got is None:
-            got = self._resolved[id(node)] = node.resolve(self.now_ms)
+            got = self._resolved[key] = node.resolve(self.now_ms)
         return got
 
     def range_mask(self, name: str, low: Any, low_inc: bool, high: Any, high_inc: bool) -> int:
@@ -217,10 +239,9 @@ class BatchIndex:
         if got is not None:
             return got
         mask = 0
-        if case_insensitive:
-            low = prefix.lower()
+        if case_insensitive:  # ``prefix`` is already lower-cased by the parser
             for value, part in self.lower_terms(name).items():
-                if value.startswith(low):
+                if value.startswith(prefix):
                     mask |= part
         else:
             values, masks = self.field_values(name)
@@ -239,23 +260,41 @@ class BatchIndex:
         self._cache[key] = mask
         return mask
 
-    def predicate_mask(self, key: Any, name: str, predicate: Callable[[Any], bool], lowered: bool = False) -> int:
-        """OR of the masks of the field's distinct values satisfying ``predicate`` (memoised by key)."""
+    def predicate_mask(self, key: Any, name: str, predicate: Callable[[Any], bool], prefix: str = "") -> int:
+        """OR of the masks of the field's distinct string values (those starting with ``prefix``)
+        satisfying ``predicate``, memoised by ``key``."""
         got = self._cache.get(key)
         if got is not None:
             return got
         mask = 0
-        if lowered:
-            for value, part in self.lower_terms(name).items():
+        values, masks = self.field_values(name)
+        try:
+            i = bisect_left(values, prefix) if prefix else 0
+        except TypeError:
+            i = len(values)
+        n = len(values)
+        while i < n:
+            value = values[i]
+            if isinstance(value, str):
+                if not value.startswith(prefix):
+                    break
                 if predicate(value):
-                    mask |= part
-        else:
-            values, masks = self.field_values(name)
-            for value, part in zip(values, masks, strict=True):
-                if isinstance(value, str) and predicate(value):
-                    mask |= part
+                    mask |= masks[i]
+            i += 1
         self._cache[key] = mask
         return mask
+
+    def memo_get(self, key: Any) -> int | None:
+        return self._cache.get(key)
+
+    def memo_set(self, key: Any, mask: int) -> None:
+        self._cache[key] = mask
+
+    def memo_pair(self, key: Any, compute: Callable[[BatchIndex], tuple[int, int]]) -> tuple[int, int]:
+        got = self._pairs.get(key)
+        if got is None:
+            got = self._pairs[key] = compute(self)
+        return got
 
     def memo(self, key: Any, compute: Callable[[], int]) -> int:
         got = self._cache.get(key)

@@ -63,7 +63,7 @@ class EmbeddedPercolator(Percolator):
 
         if not isinstance(rule.id, str) or not rule.id:
             raise InvalidRuleError(str(rule.id), "", "rule id must be a non-empty string")
-        return parse_rule(rule.id, rule.query, self.mapping, dict(rule.metadata))
+        return parse_rule(rule.id, rule.query, self.mapping, metadata=dict(rule.metadata))
 
     def validate(self, rule: Rule) -> RuleReport:
         parsed = self._parse(rule)
@@ -72,7 +72,7 @@ class EmbeddedPercolator(Percolator):
             from percolators.presearcher import IndexedPresearcher
 
             probe = IndexedPresearcher(self.field_types)
-            warnings = tuple(dict.fromkeys((*warnings, *probe.add(rule.id, parsed.query))))
+            warnings = warnings or probe.add(rule.id, parsed.query)
         return RuleReport(rule.id, warnings)
 
     def upsert(self, rules: Iterable[Rule]) -> list[RuleReport]:
@@ -154,21 +154,23 @@ class EmbeddedPercolator(Percolator):
             if restrict is not None:
                 candidates = candidates & restrict  # type: ignore[operator]
         rules = index.rules
-        lists = [out[slot] for slot in slots]
+        # bin(mask) writes bit 0 last: string index i is bit (len - 1 - i)
+        appenders = [out[slot].append for slot in slots]
         full = batch.all
         for rule_id in sorted(candidates):  # sorted: each document's list comes out sorted
             mask = rules[rule_id].evaluate(batch, full) & full
             if not mask:
                 continue
             if mask & (mask - 1) == 0:  # one document
-                lists[mask.bit_length() - 1].append(rule_id)
+                appenders[mask.bit_length() - 1](rule_id)
                 continue
             text = bin(mask)
             top = len(text) - 1
-            i = text.find("1", 2)
+            find = text.find
+            i = find("1", 2)
             while i >= 0:
-                lists[top - i].append(rule_id)
-                i = text.find("1", i + 1)
+                appenders[top - i](rule_id)
+                i = find("1", i + 1)
 
     def _percolate_reference(
         self, docs: list[Any], slots: list[int], out: list[Any], restrict: set[str] | None, now_ms: int

@@ -13,11 +13,12 @@ documents that reach them, so the two can never disagree there.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
 
-from percolators.batch import GEO_LEVELS, BatchIndex, geo_bbox, iter_bits
+from percolators.batch import EVAL_GEO_LEVELS, METRES_PER_DEGREE, BatchIndex, geo_bbox, iter_bits
 from percolators.query import (
     Bool,
     Exists,
@@ -88,7 +89,7 @@ def _match_none(batch: BatchIndex, pre: int) -> int:
 def _term(node: Term) -> Evaluator:
     name = node.field
     if node.case_insensitive and isinstance(node.value, str):
-        low = node.value.lower()
+        low = node.value  # the parser lower-cased it; documents' values are lower-cased per batch
 
         def term_ci(batch: BatchIndex, pre: int) -> int:
             return batch.lower_terms(name).get(low, 0)
@@ -133,7 +134,7 @@ def _range(node: Range) -> Evaluator:
 
 
 def _exists(node: Exists) -> Evaluator:
-    leaves = node.leaves or (node.field,)
+    leaves = node.leaves
 
     def exists(batch: BatchIndex, pre: int) -> int:
         mask = 0
@@ -154,69 +155,118 @@ def _prefix(node: Prefix) -> Evaluator:
 
 
 def _wildcard(node: Wildcard) -> Evaluator:
-    name, ci = node.field, node.case_insensitive
-    fullmatch = node.regex.fullmatch
-    key = ("w", name, node.pattern, ci, node.regex.pattern, node.regex.flags)
+    name = node.field
+    fullmatch = node.regex.fullmatch  # case_insensitive is in the regex's flags
+    key = ("w", name, node.regex.pattern, node.regex.flags)
+    # only values starting with the literal prefix can match (not so under case folding)
+    prefix = "" if node.case_insensitive else node.literal_prefix
 
     def predicate(value: str) -> bool:
         return fullmatch(value) is not None
 
     def wildcard(batch: BatchIndex, pre: int) -> int:
-        return batch.predicate_mask(key, name, predicate, lowered=ci)
+        return batch.predicate_mask(key, name, predicate, prefix)
 
     return wildcard
 
 
+def geo_band(node: GeoDistance) -> float | None:
+    """Relative error bound of the flat-earth distance :func:`_geo` uses to skip the exact
+    computation, or None when it should not be trusted (big circles, high latitudes, plane)."""
+    if node.distance_type != "arc" or node.distance_m > 100_000 or abs(node.lat) > 70:
+        return None
+    dlat = node.distance_m / METRES_PER_DEGREE * 1.1
+    # using the centre's cos(lat) for the whole circle errs by about dlat * tan(lat); keep 3x that
+    # plus 2% for the curvature terms, and send everything within the band to the exact formula
+    return 0.02 + 3 * math.radians(dlat) * math.tan(math.radians(abs(node.lat) + dlat))
+
+
 def _geo(node: GeoDistance) -> Evaluator:
-    """Points in the cells of a generous bounding box, then the exact per-document check for the
-    documents still in ``pre``."""
-    from percolators.reference import matches
+    """Documents in the grid cells (fine level) covering a generous box around the circle, then a
+    per-point check: a flat-earth distance settles the points clearly inside or outside, and the
+    reference's exact distance decides the ones near the edge (so results are the reference's)."""
+    from percolators.reference import distance
 
-    name = node.field
+    name, limit = node.field, node.distance_m
     box = geo_bbox(node.lat, node.lon, node.distance_m)
-    cells: list[tuple[int, int]] | None = None
-    level = GEO_LEVELS[-1]
-    if box is not None:
-        lat_min, lat_max, lon_min, lon_max = box
-        for level in GEO_LEVELS:
-            i0, i1 = math.floor(lat_min / level), math.floor(lat_max / level)
-            j0, j1 = math.floor(lon_min / level), math.floor(lon_max / level)
-            if (i1 - i0 + 1) * (j1 - j0 + 1) <= 16:
-                cells = [(i, j) for i in range(i0, i1 + 1) for j in range(j0, j1 + 1)]
-                break
+    band = geo_band(node)
+    clat, clon = node.lat, node.lon
+    cos_c = math.cos(math.radians(clat))
+    limit_deg = limit / METRES_PER_DEGREE
+    inner2 = (limit_deg * (1 - band)) ** 2 if band is not None and band < 0.5 else -1.0
+    outer2 = (limit_deg * (1 + band)) ** 2 if band is not None and band < 0.5 else math.inf
+    level, inside, edge = _geo_cells(box, clat, clon, cos_c, inner2)
+    key = ("geo", name, clat, clon, limit, node.distance_type)
+    exact_key = (*key, "exact")
 
-    def geo(batch: BatchIndex, pre: int) -> int:
-        if box is None or cells is None:
-            points = batch.geo_points(name)
-        else:
-            grid = batch.geo_grid(name, level)
-            points = []
-            for cell in cells:
-                got = grid.get(cell)
-                if got:
-                    points.extend(got)
-        if not points:
-            return 0
-        todo = 0
+    def cover(batch: BatchIndex) -> tuple[int, int]:
         if box is None:
-            for pos, _lat, _lon in points:
-                todo |= 1 << pos
-        else:
-            lat_min, lat_max, lon_min, lon_max = box
-            for pos, lat, lon in points:
-                if lat_min <= lat <= lat_max and lon_min <= lon <= lon_max:
-                    todo |= 1 << pos
-        todo &= pre
-        if not todo:
-            return 0
-        docs, now_ms = batch.docs, batch.now_ms
+            return 0, batch.geo_mask(name)
+        get = batch.geo_cell_masks(name, level).get
+        inside_mask = edge_mask = 0
+        for cell in inside:
+            inside_mask |= get(cell, 0)
+        for cell in edge:
+            edge_mask |= get(cell, 0)
+        return inside_mask, edge_mask & ~inside_mask
+
+    def check(batch: BatchIndex, todo: int) -> int:
+        points = batch.geo_by_position(name)
         mask = 0
         for pos in iter_bits(todo):
-            if matches(node, docs[pos], now_ms):
-                mask |= 1 << pos
+            for lat, lon in points[pos]:
+                dy = lat - clat
+                dx = (lon - clon) * cos_c
+                d2 = dx * dx + dy * dy
+                if d2 < inner2 or (d2 <= outer2 and distance(node, lat, lon) <= limit):
+                    mask |= 1 << pos
+                    break
         return mask
 
+    def geo(batch: BatchIndex, pre: int) -> int:
+        inside_mask, edge_mask = batch.memo_pair(key, cover)
+        todo = edge_mask & pre
+        if not todo:
+            return inside_mask
+        full = batch.memo_get(exact_key)
+        if full is None:
+            if todo.bit_count() <= 32:
+                return inside_mask | check(batch, todo)
+            # many documents to check: settle the whole edge once for the batch
+            full = check(batch, edge_mask)
+            batch.memo_set(exact_key, full)
+        return inside_mask | full
+
     return geo
+
+
+@functools.lru_cache(maxsize=4096)
+def _geo_cells(
+    box: tuple[float, float, float, float] | None, clat: float, clon: float, cos_c: float, inner2: float
+) -> tuple[float, tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
+    """(level, cells wholly inside the circle, other cells of the box) on the finest grid that
+    keeps the box within 256 cells. The flat distance is a convex function, so its maximum over
+    a cell is at a corner: four corners clearly inside (``< inner2``) put the whole cell inside."""
+    if box is None:
+        return EVAL_GEO_LEVELS[-1], (), ()
+    lat_min, lat_max, lon_min, lon_max = box
+    for level in EVAL_GEO_LEVELS:
+        i0, i1 = math.floor(lat_min / level), math.floor(lat_max / level)
+        j0, j1 = math.floor(lon_min / level), math.floor(lon_max / level)
+        if (i1 - i0 + 1) * (j1 - j0 + 1) <= 256 or level == EVAL_GEO_LEVELS[-1]:
+            break
+    inside, edge = [], []
+    for i in range(i0, i1 + 1):
+        for j in range(j0, j1 + 1):
+            corners_in = True
+            for lat in (i * level, (i + 1) * level):
+                for lon in (j * level, (j + 1) * level):
+                    dy = lat - clat
+                    dx = (lon - clon) * cos_c
+                    if dx * dx + dy * dy >= inner2:
+                        corners_in = False
+            (inside if corners_in else edge).append((i, j))
+    return level, tuple(inside), tuple(edge)
 
 
 def _phrase(node: Phrase) -> Evaluator:
@@ -260,7 +310,7 @@ def _per_document(node: Any) -> Evaluator:
 
 def _bool(node: Bool) -> tuple[Evaluator, int]:
     msm = node.minimum_should_match
-    if node.should and msm > len(node.should):
+    if msm > len(node.should):
         return _match_none, 0
     required = sorted((_compile(child) for child in (*node.must, *node.filter)), key=_cost)
     excluded = sorted((_compile(child) for child in node.must_not), key=_cost)

@@ -105,7 +105,7 @@ def extract_anchor(node: Node, field_types: Mapping[str, str], weightor: TermWei
     """The anchor of ``node`` (see the module docstring), or None when it cannot have one."""
     if isinstance(node, Term):
         if node.case_insensitive and isinstance(node.value, str):
-            return frozenset({(CI, node.field, node.value.lower())})
+            return frozenset({(CI, node.field, node.value)})  # lower-cased by the parser
         return frozenset({(node.field, node.value)})
     if isinstance(node, Terms):
         return frozenset((node.field, value) for value in node.values)
@@ -117,14 +117,13 @@ def extract_anchor(node: Node, field_types: Mapping[str, str], weightor: TermWei
         if not node.prefix:
             return None
         if node.case_insensitive:
-            return frozenset({(PREFIX_CI, node.field, node.prefix.lower())})
+            return frozenset({(PREFIX_CI, node.field, node.prefix)})  # lower-cased by the parser
         return frozenset({(PREFIX, node.field, node.prefix)})
     if isinstance(node, Wildcard):
         literal = node.literal_prefix
-        if not literal:
+        if not literal or node.case_insensitive:
+            # a case-insensitive regex folds case in ways str.lower() does not always mirror
             return None
-        if node.case_insensitive:
-            return frozenset({(PREFIX_CI, node.field, literal.lower())})
         return frozenset({(PREFIX, node.field, literal)})
     if isinstance(node, Range):
         return _range_anchor(node, field_types)
@@ -139,7 +138,7 @@ def extract_anchor(node: Node, field_types: Mapping[str, str], weightor: TermWei
 
 def _bool_anchor(node: Bool, field_types: Mapping[str, str], weightor: TermWeightor) -> frozenset[Any] | None:
     msm = node.minimum_should_match
-    if node.should and msm > len(node.should):
+    if msm > len(node.should):
         return frozenset()  # matches nothing
     options: list[frozenset[Any]] = []
     for child in (*node.must, *node.filter):

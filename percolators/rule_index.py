@@ -80,8 +80,9 @@ class RuleIndex:
         rule_id = stored.parsed.id
         self.remove(rule_id)
         extra = self.presearcher.add(rule_id, stored.parsed.query)
-        warnings = tuple(dict.fromkeys((*stored.warnings, *extra)))
-        if extra:
+        # the parser already explains rules that cannot be narrowed; ours only adds what it missed
+        warnings = stored.warnings or extra
+        if warnings != stored.warnings:
             stored = StoredRule(stored.parsed, stored.evaluate, stored.fields, warnings)
         self.rules[rule_id] = stored
         for name in stored.fields:

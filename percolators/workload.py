@@ -315,7 +315,7 @@ _NEGATABLE = (_clause_device, _clause_interests, _clause_occupation, _clause_pla
 
 def generate_rule_query(rng: random.Random) -> dict[str, Any]:
     """One audience query: a bool of 2-5 clauses (filters, sometimes must_not / should)."""
-    n = rng.choices((2, 3, 4, 5), (0.3, 0.35, 0.25, 0.1))[0]
+    n = rng.choices((2, 3, 4, 5), (0.25, 0.35, 0.28, 0.12))[0]
     makers = [maker for maker, _ in _CLAUSES]
     weights = [weight for _, weight in _CLAUSES]
     chosen: list[Any] = []
@@ -330,8 +330,9 @@ def generate_rule_query(rng: random.Random) -> dict[str, Any]:
         body["should"] = should
         body["minimum_should_match"] = rng.choice((1, 2, "50%", "-1", "2<75%")) if len(should) > 2 else 1
         chosen = chosen[: n - 1]
-    elif shape < 0.22:  # a should-only audience: users in either place
+    elif shape < 0.22:  # users in either place (should is optional next to filters unless required)
         body["should"] = [_clause_place(rng), _clause_radius(rng)]
+        body["minimum_should_match"] = 1
         chosen = chosen[: n - 1]
     body["filter"] = [maker(rng) for maker in chosen]
     if rng.random() < 0.2:
