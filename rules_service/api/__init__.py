@@ -23,7 +23,7 @@ _SERVICE_KEYS = ("REDIS", "STORE", "PERCOLATOR", "COUNTERS", "LOG", "PRODUCER", 
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
-    from rules_service.api import audiences, counts, live, meta, user_schema
+    from rules_service.api import audiences, counts, live, meta, replays, user_schema
     from rules_service.api.auth import authenticate
     from rules_service.api.errors import register_error_handlers
     from rules_service.api.extensions import init_app
@@ -58,6 +58,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     v1.register_blueprint(counts.bp)
     v1.register_blueprint(audiences.bp)
     v1.register_blueprint(live.bp)
+    v1.register_blueprint(replays.bp)
     v1.register_blueprint(user_schema.bp)
     app.register_blueprint(v1)
     app.register_blueprint(meta.bp)
