@@ -17,6 +17,8 @@ COMMAND_MODULES: list[str] = [
     "percolators.cli",
     "workers.cli",
     "rules_service.cli_api",
+    "workers.replay_cli",
+    "rules_service.demo",
 ]
 
 
