@@ -92,6 +92,8 @@ class KafkaLog(Log):
                                 "request_timeout_ms": self.request_timeout_ms}
         if self.api_version is not None:
             conf["api_version"] = self.api_version
+        else:  # negotiating must not outlast a request
+            conf["bootstrap_timeout_ms"] = self.request_timeout_ms
         return conf
 
     def _meta(self) -> Any:
@@ -102,8 +104,27 @@ class KafkaLog(Log):
             try:
                 self._meta_client = KConsumer(**self._common(), enable_auto_commit=False)
             except Exception as exc:
-                raise _unavailable(f"cannot reach Kafka at {self.bootstrap_servers}", exc) from exc
+                hint = "" if self.api_version else " (a broker older than 0.10 cannot negotiate: add ?api_version=0.9)"
+                raise _unavailable(f"cannot reach Kafka at {self.bootstrap_servers}{hint}", exc) from exc
         return self._meta_client
+
+    def _refresh_metadata(self) -> Any:
+        """A metadata round trip for every topic, bounded by ``request_timeout_ms`` (kafka-python's
+        own ``topics()`` waits forever when no broker answers). Returns the cluster metadata."""
+        meta = self._meta()
+        try:
+            cluster = meta._cluster
+            stash = cluster.need_all_topic_metadata
+            cluster.need_all_topic_metadata = True
+            try:
+                future = cluster.request_update()
+                meta._net.run(meta._manager.wait_for, future, self.request_timeout_ms)
+            finally:
+                cluster.need_all_topic_metadata = stash
+        except AttributeError:  # kafka-python internals moved: fall back to the unbounded call
+            meta.topics()
+            cluster = meta._cluster
+        return cluster
 
     def broker_version(self) -> tuple[int, ...]:
         """The configured ``api_version``, else the one negotiated with the broker."""
@@ -121,12 +142,12 @@ class KafkaLog(Log):
         if not refresh and topic in self._partition_counts:
             return self._partition_counts[topic]
         with self._lock:
-            meta = self._meta()
             try:
-                meta.topics()  # forces a metadata round trip
-                parts = meta.partitions_for_topic(topic)
+                parts = self._refresh_metadata().partitions_for_topic(topic)
+            except LogError:
+                raise
             except Exception as exc:
-                raise _unavailable(f"reading metadata of {topic!r}", exc) from exc
+                raise _unavailable(f"reading metadata of {topic!r} from {self.bootstrap_servers}", exc) from exc
         if not parts:
             raise TopicNotFoundError(f"topic {topic!r} does not exist on {self.bootstrap_servers}")
         self._partition_counts[topic] = len(parts)
@@ -192,7 +213,7 @@ class KafkaLog(Log):
     def list_topics(self) -> list[str]:
         with self._lock:
             try:
-                topics = self._meta().topics()
+                topics = self._refresh_metadata().topics()
             except LogError:
                 raise
             except Exception as exc:
