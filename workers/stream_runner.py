@@ -101,8 +101,16 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB (Linux ``ru_maxrss`` is in KB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def _stats_to_dict(stats: StreamStats) -> dict[str, Any]:
     out = stats.summary()
+    out["rss_mb"] = peak_rss_mb()
     out["e2e_hist"] = stats.end_to_end_ms.counts
     out["batch_hist"] = stats.batch_ms.counts
     out["busy_seconds"] = stats.busy_seconds
@@ -125,6 +133,7 @@ def merge_summaries(parts: Sequence[dict[str, Any]], elapsed_s: float) -> dict[s
         for bucket, n in part.get("batch_hist", {}).items():
             batch.add(int(bucket), n)
     total["dlq_reasons"] = dict(sorted(reasons.items()))
+    total["rss_mb"] = [part.get("rss_mb") for part in parts]  # peak RSS per consumer process
     total["processes"] = len(parts)
     total["elapsed_s"] = round(elapsed_s, 3)
     total["bids_per_s"] = round(total["processed"] / max(elapsed_s, 1e-9), 1)
