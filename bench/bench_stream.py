@@ -36,13 +36,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import orjson  # noqa: E402
 import redis  # noqa: E402
 
 from rules_service.config import Settings  # noqa: E402
 from rules_service.domain import RULES_TOPIC, RuleChange  # noqa: E402
 from workers.bidgen import BidGenerator  # noqa: E402
-from workers.log.port import Message, TopicPartition  # noqa: E402
+from workers.log.port import Message  # noqa: E402
 
 
 def emit(**figures: Any) -> None:
