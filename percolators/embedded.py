@@ -15,8 +15,10 @@ what the equivalence tests and the benchmark compare against.
 from __future__ import annotations
 
 import gc
+from collections import deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from itertools import compress, repeat
 from typing import Any
 
 from percolators.batch import BatchIndex
@@ -30,6 +32,13 @@ from rules_service.schema import USER_MAPPING
 #: Documents percolated together in one batch index (bigger batches amortise per-rule work; the
 #: masks grow linearly, so beyond a few thousand the gain flattens).
 DEFAULT_MAX_BATCH = 4096
+
+
+#: Above this many matching documents a rule's matches are scattered with C-level iterators.
+DENSE_SCATTER = 96
+_BITS_OF_BYTE = [bytes((byte >> bit) & 1 for bit in range(8)) for byte in range(256)]
+_append = list.append
+_drain = deque(maxlen=0).extend
 
 
 def now_millis(now: datetime | None) -> int:
@@ -154,8 +163,9 @@ class EmbeddedPercolator(Percolator):
             if restrict is not None:
                 candidates = candidates & restrict  # type: ignore[operator]
         rules = index.rules
-        # bin(mask) writes bit 0 last: string index i is bit (len - 1 - i)
-        appenders = [out[slot].append for slot in slots]
+        lists = [out[slot] for slot in slots]
+        appenders = [target.append for target in lists]
+        selector_bytes = (batch.size + 7) // 8
         full = batch.all
         for rule_id in sorted(candidates):  # sorted: each document's list comes out sorted
             mask = rules[rule_id].evaluate(batch, full) & full
@@ -163,14 +173,18 @@ class EmbeddedPercolator(Percolator):
                 continue
             if mask & (mask - 1) == 0:  # one document
                 appenders[mask.bit_length() - 1](rule_id)
-                continue
-            text = bin(mask)
-            top = len(text) - 1
-            find = text.find
-            i = find("1", 2)
-            while i >= 0:
-                appenders[top - i](rule_id)
-                i = find("1", i + 1)
+            elif mask.bit_count() > DENSE_SCATTER:
+                # many documents: one byte per document selects their lists, all in C
+                selectors = b"".join(map(_BITS_OF_BYTE.__getitem__, mask.to_bytes(selector_bytes, "little")))
+                _drain(map(_append, compress(lists, selectors), repeat(rule_id)))
+            else:
+                text = bin(mask)  # bit 0 is the last character: string index i is bit (top - i)
+                top = len(text) - 1
+                find = text.find
+                i = find("1", 2)
+                while i >= 0:
+                    appenders[top - i](rule_id)
+                    i = find("1", i + 1)
 
     def _percolate_reference(
         self, docs: list[Any], slots: list[int], out: list[Any], restrict: set[str] | None, now_ms: int

@@ -37,6 +37,8 @@ from percolators.query import (
 Evaluator = Callable[[BatchIndex, int], int]
 
 # Relative cost of evaluating a clause over a batch: cheap conjuncts run first and shrink ``pre``.
+#: Check up to this many documents for one rule; beyond, settle the whole circle once per batch.
+GEO_CHECK_LIMIT = 32
 _COST_TERM = 1
 _COST_TERMS = 2
 _COST_RANGE = 3
@@ -230,7 +232,7 @@ def _geo(node: GeoDistance) -> Evaluator:
             return inside_mask
         full = batch.memo_get(exact_key)
         if full is None:
-            if todo.bit_count() <= 32:
+            if todo.bit_count() <= GEO_CHECK_LIMIT:
                 return inside_mask | check(batch, todo)
             # many documents to check: settle the whole edge once for the batch
             full = check(batch, edge_mask)

@@ -315,7 +315,7 @@ _NEGATABLE = (_clause_device, _clause_interests, _clause_occupation, _clause_pla
 
 def generate_rule_query(rng: random.Random) -> dict[str, Any]:
     """One audience query: a bool of 2-5 clauses (filters, sometimes must_not / should)."""
-    n = rng.choices((2, 3, 4, 5), (0.25, 0.35, 0.28, 0.12))[0]
+    n = rng.choices((2, 3, 4, 5), (0.15, 0.35, 0.35, 0.15))[0]
     makers = [maker for maker, _ in _CLAUSES]
     weights = [weight for _, weight in _CLAUSES]
     chosen: list[Any] = []
