@@ -345,7 +345,11 @@ class ReplayScan:
         if docs:
             progress.kept += len(docs)
             matched = self._percolate(docs, stamps, active)
-            aggregate(docs, matched, self.dimensions, batch=batch, count_matches=True)
+            # only matched users reach the aggregation (it reads every document's dimensions)
+            hits = [i for i, m in enumerate(matched) if m]
+            if hits:
+                aggregate([docs[i] for i in hits], [matched[i] for i in hits], self.dimensions, batch=batch,
+                          count_matches=True)
         key = (self.plan.topic, partition)
         self.counters.apply(batch, self.consumer, {key: records[-1].offset + 1}, {key: records[0].offset})
 
