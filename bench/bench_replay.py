@@ -32,17 +32,17 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from percolators.embedded import EmbeddedPercolator  # noqa: E402
-from percolators.workload import generate_rules  # noqa: E402
-from rules_service.config import load_settings  # noqa: E402
-from rules_service.counters.redis_store import RedisCounters  # noqa: E402
-from rules_service.domain import LAST_SEEN_TOPIC  # noqa: E402
-from rules_service.normalize import bid_to_document, format_timestamp_ms  # noqa: E402
-from workers.bidgen import BidGenerator  # noqa: E402
-from workers.log.embedded import EmbeddedLog  # noqa: E402
-from workers.log.port import Message  # noqa: E402
-from workers.replay import ReplayRequest, ReplayScan, plan_scan  # noqa: E402
-from workers.topics import ensure_topic  # noqa: E402
+from percolators.embedded import EmbeddedPercolator
+from percolators.workload import generate_rules
+from rules_service.config import load_settings
+from rules_service.counters.redis_store import RedisCounters
+from rules_service.domain import LAST_SEEN_TOPIC
+from rules_service.normalize import bid_to_document, format_timestamp_ms
+from workers.bidgen import BidGenerator
+from workers.log.embedded import EmbeddedLog
+from workers.log.port import Message
+from workers.replay import ReplayRequest, ReplayScan, plan_scan
+from workers.topics import ensure_topic
 
 DAY_MS = 86_400_000
 
