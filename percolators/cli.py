@@ -12,6 +12,7 @@ before any output: exit status 2 and a message naming the line or rule id.
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -182,6 +183,10 @@ def percolate_command(
         except InvalidRuleError as exc:
             raise CliError(f"invalid rule {exc.rule_id!r}" + (f" at {exc.path}" if exc.path else "")
                            + f": {exc.message}") from None
+        # The rules are loaded for good: move them out of the cyclic GC's sight, or every full
+        # collection triggered by parsing documents would walk the whole rule index again.
+        gc.collect()
+        gc.freeze()
         out = sys.stdout.buffer
         try:
             if str(docs_path) == "-":

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import gc
 from collections import deque
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from itertools import compress, repeat
 from typing import Any
@@ -38,7 +38,7 @@ DEFAULT_MAX_BATCH = 4096
 DENSE_SCATTER = 96
 _BITS_OF_BYTE = [bytes((byte >> bit) & 1 for bit in range(8)) for byte in range(256)]
 _append = list.append
-_drain = deque(maxlen=0).extend
+_drain: Callable[[Iterable[Any]], None] = deque(maxlen=0).extend
 
 
 def now_millis(now: datetime | None) -> int:
@@ -161,7 +161,7 @@ class EmbeddedPercolator(Percolator):
         else:
             candidates = index.presearcher.candidates(batch, index.rules)
             if restrict is not None:
-                candidates = candidates & restrict  # type: ignore[operator]
+                candidates = candidates & restrict
         rules = index.rules
         lists = [out[slot] for slot in slots]
         appenders = [target.append for target in lists]
@@ -207,4 +207,4 @@ class EmbeddedPercolator(Percolator):
         from percolators.explain import explain
 
         parsed = parse_rule("explain", query, self.mapping)
-        return explain(parsed, document, self.mapping, now_millis(now))  # type: ignore[call-arg,arg-type]
+        return explain(parsed, document, self.mapping, now_millis(now))

@@ -257,7 +257,8 @@ def _geo_cells(
         j0, j1 = math.floor(lon_min / level), math.floor(lon_max / level)
         if (i1 - i0 + 1) * (j1 - j0 + 1) <= 256 or level == EVAL_GEO_LEVELS[-1]:
             break
-    inside, edge = [], []
+    inside: list[tuple[int, int]] = []
+    edge: list[tuple[int, int]] = []
     for i in range(i0, i1 + 1):
         for j in range(j0, j1 + 1):
             corners_in = True
@@ -328,7 +329,8 @@ def _bool(node: Bool) -> tuple[Evaluator, int]:
         and node.must + node.filter
         and all(isinstance(c, Term) and not c.case_insensitive for c in (*node.must, *node.filter))
     ):
-        keys = tuple((c.field, c.value) for c in sorted((*node.must, *node.filter), key=_term_order))  # type: ignore[union-attr]
+        terms = [c for c in (*node.must, *node.filter) if isinstance(c, Term)]
+        keys = tuple((c.field, c.value) for c in sorted(terms, key=_term_order))
 
         def and_terms(batch: BatchIndex, pre: int) -> int:
             get = batch.terms.get
