@@ -6,11 +6,12 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify
 
 from rules_service.api.auth import current_advertiser
+from rules_service.api.batch_counts import summaries
 from rules_service.api.errors import ApiError
 from rules_service.api.extensions import services
 from rules_service.api.schemas import MAX_BATCH_IDS, InsightsQuerySchema, SizesQuerySchema, WindowQuerySchema
 from rules_service.api.validation import query_args, resolve_window
-from rules_service.api.views import load_audience, size_of
+from rules_service.api.views import load_audience, size_of, size_view
 from rules_service.domain import rule_id
 from rules_service.store import iso
 
@@ -40,7 +41,10 @@ def sizes() -> Response:
     docs = services().store.get_audiences(ids, current_advertiser())
     found = [doc for doc in docs if doc is not None]
     missing = [i for i, doc in zip(ids, docs, strict=True) if doc is None]
-    return jsonify({"sizes": [size_of(doc, start, end) for doc in found], "not_found": missing})
+    counts = summaries(services().counters, [rule_id(d["id"], d["serving_version"]) for d in found], start, end)
+    return jsonify({"sizes": [size_view(doc, users, matched, start, end)
+                              for doc, (users, matched) in zip(found, counts, strict=True)],
+                    "not_found": missing})
 
 
 @bp.get("/audiences/<audience_id>/insights")

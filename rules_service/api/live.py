@@ -24,12 +24,12 @@ import orjson
 from flask import Blueprint, Response
 
 from rules_service.api.auth import current_advertiser
+from rules_service.api.batch_counts import summary
 from rules_service.api.extensions import Services, services
 from rules_service.api.schemas import LiveQuerySchema
 from rules_service.api.validation import DEFAULT_DAYS, query_args, resolve_window
-from rules_service.api.views import load_audience
+from rules_service.api.views import load_audience, size_view
 from rules_service.domain import rule_id
-from rules_service.store import iso
 
 bp = Blueprint("live", __name__)
 
@@ -87,9 +87,6 @@ def live(audience_id: str) -> Response:
 
 
 def _counts(svc: Services, doc: dict[str, Any], start: datetime, end: datetime) -> dict[str, Any]:
-    counters = svc.counters
-    rid = rule_id(doc["id"], doc["serving_version"])
-    return {"audience_id": doc["id"], "unique_users": int(counters.unique_users(rid, start, end)),
-            "matches": int(counters.matches(rid, start, end)), "from": iso(start), "to": iso(end),
-            "version": doc["serving_version"]}
+    users, matched = summary(svc.counters, rule_id(doc["id"], doc["serving_version"]), start, end)
+    return size_view(doc, users, matched, start, end)
 

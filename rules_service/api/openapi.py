@@ -29,6 +29,8 @@ ERRORS = {
     503: "A backend (Redis, the log, the percolator) is unavailable.",
 }
 
+REPLAY_ID = {"in": "path", "name": "replay_id", "required": True, "schema": {"type": "string"},
+             "description": "Replay id (rpl_...)."}
 AUDIENCE_ID = {"in": "path", "name": "audience_id", "required": True, "schema": {"type": "string"},
                "description": "Audience id (aud_...)."}
 
@@ -70,7 +72,7 @@ def build_spec(dimensions: tuple[str, ...]) -> APISpec:
                                                    "description": "Authorization: Bearer <api key>"})
     for schema in (s.ErrorSchema, s.AudienceSchema, s.AudienceListSchema, s.AudienceCreateSchema,
                    s.AudienceUpdateSchema, s.RuleTestSchema, s.RuleTestResponseSchema, s.SizeSchema,
-                   s.SizesSchema, s.InsightsSchema, s.UserSchemaSchema, s.HealthSchema):
+                   s.SizesSchema, s.InsightsSchema, s.UserSchemaSchema, s.HealthSchema, s.ReplaySchema):
         spec.components.schema(schema.__name__.removesuffix("Schema"), schema=schema)
 
     window = {"in": "query", "schema": s.WindowQuerySchema}
@@ -129,6 +131,7 @@ def build_spec(dimensions: tuple[str, ...]) -> APISpec:
                  "responses": _responses({"200": _json("RuleTestResponse", "One result per document.")},
                                          400, 413, 415, 422)},
     })
+    _replay_paths(spec)
     spec.path(path="/v1/schema", operations={
         "get": {"summary": "The user document schema rules are written against",
                 "responses": _responses({"200": _json("UserSchema", "Mapping and field docs.")})},
@@ -154,6 +157,31 @@ def build_spec(dimensions: tuple[str, ...]) -> APISpec:
                                                          "content": {"text/plain": {"schema": {"type": "string"}}}}})}),
     })
     return spec
+
+
+def _replay_paths(spec: APISpec) -> None:
+    """The replay and rollback routes (``rules_service.api.replays``)."""
+    from rules_service.api.replays import ReplayCreateSchema
+
+    spec.components.schema("ReplayCreate", schema=ReplayCreateSchema)
+    spec.path(path="/v1/audiences/{audience_id}/replays", parameters=[AUDIENCE_ID], operations={
+        "post": {"summary": "Backfill the audience's newest version over the last N days",
+                 "requestBody": _body("ReplayCreate"),
+                 "responses": _responses({"202": {**_json("Replay", "The replay, pending."),
+                                                  "headers": {"Location": {"schema": {"type": "string"}}}}},
+                                         400, 404, 413, 415, 503)},
+    })
+    spec.path(path="/v1/audiences/{audience_id}/rollback", parameters=[AUDIENCE_ID], operations={
+        "post": {"summary": "Serve the previous version again while its counters exist",
+                 "responses": _responses({"200": _json("Audience", "The audience, with a `rollback` object.")},
+                                         404, 409, 503)},
+    })
+    spec.path(path="/v1/replays/{replay_id}", parameters=[REPLAY_ID], operations={
+        "get": {"summary": "A replay's status and progress",
+                "responses": _responses({"200": _json("Replay", "The replay.")}, 404)},
+        "delete": {"summary": "Cancel a replay",
+                   "responses": _responses({"202": _json("Replay", "Cancellation requested.")}, 404, 409)},
+    })
 
 
 def openapi_document(app: Flask) -> dict[str, Any]:

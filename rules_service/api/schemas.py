@@ -213,6 +213,33 @@ class UserSchemaSchema(Schema):
     fields_ = fields.List(fields.Nested(SchemaFieldSchema), data_key="fields", required=True)
 
 
+class ReplayProgressSchema(Schema):
+    scanned = fields.Integer(allow_none=True)
+    total = fields.Integer(allow_none=True)
+    matched = fields.Integer(allow_none=True)
+    rate = fields.Float(allow_none=True)
+    eta_seconds = fields.Float(allow_none=True)
+    records = fields.Integer(allow_none=True)
+    elapsed_seconds = fields.Float(allow_none=True)
+
+
+class ReplaySchema(Schema):
+    """A backfill replay (``rules_service.api.replays.replay_view``)."""
+
+    id = fields.String(required=True)
+    audience_id = fields.String(allow_none=True)
+    version = fields.Integer(allow_none=True)
+    days = fields.Integer(allow_none=True)
+    status = fields.String(required=True, validate=validate.OneOf(("pending", "running", "done", "failed",
+                                                                   "cancelled")))
+    cancel_requested = fields.Boolean(required=True)
+    progress = fields.Nested(ReplayProgressSchema, required=True)
+    requested_at = fields.String(allow_none=True)
+    started_at = fields.String(allow_none=True)
+    finished_at = fields.String(allow_none=True)
+    error = fields.String(allow_none=True)
+
+
 class ErrorBodySchema(Schema):
     type = fields.String(required=True)
     message = fields.String(required=True)

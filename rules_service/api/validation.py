@@ -54,6 +54,9 @@ def query_args(schema: Schema, list_fields: Iterable[str] = ()) -> dict[str, Any
         if key in list_fields:
             raw[key] = [part.strip() for value in request.args.getlist(key) for part in value.split(",")
                         if part.strip()]
+        elif len(request.args.getlist(key)) > 1:
+            raise ApiError(f"query parameter {key!r} given more than once", status=400, type="validation_error",
+                           fields={key: "given more than once"})
         else:
             raw[key] = request.args.get(key)
     try:

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from rules_service.api.auth import current_advertiser
+from rules_service.api.batch_counts import summary
 from rules_service.api.errors import not_found
 from rules_service.api.extensions import services
 from rules_service.domain import rule_id
@@ -62,13 +63,10 @@ def audience_view(doc: Doc, warnings: list[str] | None = None) -> dict[str, Any]
 
 
 def size_of(doc: Doc, start: datetime, end: datetime) -> dict[str, Any]:
-    counters = services().counters
-    rid = rule_id(doc["id"], doc["serving_version"])
-    return {
-        "audience_id": doc["id"],
-        "unique_users": int(counters.unique_users(rid, start, end)),
-        "matches": int(counters.matches(rid, start, end)),
-        "from": iso(start),
-        "to": iso(end),
-        "version": doc["serving_version"],
-    }
+    users, matched = summary(services().counters, rule_id(doc["id"], doc["serving_version"]), start, end)
+    return size_view(doc, users, matched, start, end)
+
+
+def size_view(doc: Doc, users: int, matched: int, start: datetime, end: datetime) -> dict[str, Any]:
+    return {"audience_id": doc["id"], "unique_users": users, "matches": matched, "from": iso(start),
+            "to": iso(end), "version": doc["serving_version"]}

@@ -61,11 +61,11 @@ def test_openapi_documents_every_route_and_error(api: ApiEnv) -> None:
     assert doc["openapi"].startswith("3.")
     assert doc["components"]["securitySchemes"]["bearerAuth"] == {"type": "http", "scheme": "bearer",
                                                                   "description": "Authorization: Bearer <api key>"}
-    routes = {rule.rule.replace("<audience_id>", "{audience_id}") for rule in api.app.url_map.iter_rules()
-              if rule.endpoint != "static"}
+    routes = {rule.rule.replace("<audience_id>", "{audience_id}").replace("<replay_id>", "{replay_id}")
+              for rule in api.app.url_map.iter_rules()}
     assert routes == set(doc["paths"])
     for rule in api.app.url_map.iter_rules():
-        path = rule.rule.replace("<audience_id>", "{audience_id}")
+        path = rule.rule.replace("<audience_id>", "{audience_id}").replace("<replay_id>", "{replay_id}")
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             responses = doc["paths"][path][method.lower()]["responses"]
             assert "default" in responses, (path, method)
