@@ -296,6 +296,9 @@ class BatchIndex:
             got = self._pairs[key] = compute(self)
         return got
 
+    def memo_pair_set(self, key: Any, value: tuple[int, int]) -> None:
+        self._pairs[key] = value
+
     def memo(self, key: Any, compute: Callable[[], int]) -> int:
         got = self._cache.get(key)
         if got is None:

@@ -37,8 +37,6 @@ from percolators.query import (
 Evaluator = Callable[[BatchIndex, int], int]
 
 # Relative cost of evaluating a clause over a batch: cheap conjuncts run first and shrink ``pre``.
-#: Check up to this many documents for one rule; beyond, settle the whole circle once per batch.
-GEO_CHECK_LIMIT = 32
 _COST_TERM = 1
 _COST_TERMS = 2
 _COST_RANGE = 3
@@ -230,16 +228,20 @@ def _geo(node: GeoDistance) -> Evaluator:
         todo = edge_mask & pre
         if not todo:
             return inside_mask
-        full = batch.memo_get(exact_key)
-        if full is None:
-            if todo.bit_count() <= GEO_CHECK_LIMIT:
-                return inside_mask | check(batch, todo)
-            # many documents to check: settle the whole edge once for the batch
-            full = check(batch, edge_mask)
-            batch.memo_set(exact_key, full)
-        return inside_mask | full
+        # Rules sharing this circle share the exact checks: each document is checked at most once
+        # per batch, and only when some rule needs it.
+        checked, found = batch.memo_pair(exact_key, _nothing_checked)
+        todo &= ~checked
+        if todo:
+            found |= check(batch, todo)
+            batch.memo_pair_set(exact_key, (checked | todo, found))
+        return inside_mask | found
 
     return geo
+
+
+def _nothing_checked(batch: BatchIndex) -> tuple[int, int]:
+    return 0, 0
 
 
 @functools.lru_cache(maxsize=4096)
