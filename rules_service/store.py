@@ -237,6 +237,11 @@ class AudienceStore:
             pipe.execute()
         return adv, api_key
 
+    def queue_advertiser_lookup(self, pipe: Any, key_hash: str) -> None:
+        """Queue the lookup of a key by its SHA-256 on a pipeline (the reply is the advertiser id
+        or None); lets the API authenticate and rate-limit in one round trip."""
+        pipe.get(self._k("key", key_hash))
+
     def advertiser_id_for_key(self, api_key: str) -> str | None:
         """The advertiser owning an API key, or None (unknown or revoked). One GET."""
         value = self.redis.get(self._k("key", hash_key(api_key)))

