@@ -37,6 +37,7 @@ Design note: why SQLite in WAL mode (and not our own segment files)
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import operator
 import os
@@ -66,7 +67,7 @@ from workers.log.port import (
 __all__ = ["EmbeddedConsumer", "EmbeddedLog", "EmbeddedProducer"]
 
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
-_PAGE_SIZE = 8192
+_PAGE_SIZE = 16384  # measured slightly faster than 8 KB for ~500-byte records, both ways
 _CHUNK = 20_000  # rows per cleaner transaction
 DEFAULT_TOMBSTONE_RETENTION_MS = 24 * 3600 * 1000
 
@@ -157,19 +158,30 @@ _ts_of = operator.itemgetter(3)
 _set = object.__setattr__
 
 
-def _records(topic: str, partition: int, rows: list[tuple[int, bytes | None, bytes | None, int]]) -> list[Record]:
-    """Records from (offset, key, value, ts) rows. ``Record`` is a frozen dataclass whose
-    ``__init__`` costs about 1 us; filling the instance dict directly builds the very same object
-    (same class, fields, equality and hash) in under half that, which is what lets a replay scan
-    reach 500k records/s."""
-    out: list[Record] = []
-    append = out.append
-    for o, k, v, t in rows:
-        r = _new(Record)
-        _set(r, "__dict__", {"topic": topic, "partition": partition, "offset": o, "key": k, "value": v,
-                             "timestamp_ms": t})
-        append(r)
-    return out
+def _read(conn: sqlite3.Connection, sql: str, params: tuple[int, ...], topic: str, partition: int) -> list[Record]:
+    """Run a ``SELECT offset, key, value, ts`` and build Records: the hot path of consumers and
+    replay scans.
+
+    ``Record`` is a frozen dataclass whose ``__init__`` costs about 1 us; filling the instance
+    dict directly builds the very same object (same class, fields, equality and hash) in under
+    half that. The cyclic GC is paused while the batch is built: these allocations form no
+    cycles, and otherwise a collection runs every 700 of them."""
+    paused = gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        rows = conn.execute(sql, params).fetchall()
+        out: list[Record] = []
+        append = out.append
+        for o, k, v, t in rows:
+            r = _new(Record)
+            _set(r, "__dict__", {"topic": topic, "partition": partition, "offset": o, "key": k, "value": v,
+                                 "timestamp_ms": t})
+            append(r)
+        return out
+    finally:
+        if paused:
+            gc.enable()
 
 
 def _table(partition: int) -> str:
@@ -321,11 +333,11 @@ class EmbeddedLog(Log):
                       "ORDER BY offset LIMIT ?"
                 position, end = 0, ends[p]
                 while position < end:
-                    rows = handle.conn.execute(sql, (position, end, batch_size)).fetchall()
-                    if not rows:
+                    records = _read(handle.conn, sql, (position, end, batch_size), topic, p)
+                    if not records:
                         break
-                    yield _records(topic, p, rows)
-                    position = rows[-1][0] + 1
+                    position = records[-1].offset + 1
+                    yield records
         except sqlite3.Error as exc:
             raise LogUnavailableError(f"scanning topic {topic!r} failed: {exc}") from exc
         finally:
@@ -438,7 +450,14 @@ class EmbeddedProducer(Producer):
             if self._closed:
                 raise LogError("producer is closed")
             handle = self._topic(topic)
-            result = self._append(handle, topic, messages)
+            paused = gc.isenabled()  # see _read: no cycles here, and it saves a collection per 700 rows
+            if paused:
+                gc.disable()
+            try:
+                result = self._append(handle, topic, messages)
+            finally:
+                if paused:
+                    gc.enable()
             if time.monotonic() - self._last_maintenance[topic] >= self._log.maintenance_interval_s:
                 self._last_maintenance[topic] = time.monotonic()
                 # Housekeeping is best effort: the batch is already acknowledged.
@@ -601,13 +620,11 @@ class EmbeddedConsumer(Consumer):
                     break
                 tp = self._order[(self._next + i) % count]
                 conn = self._topic(tp.topic).conn
-                rows = conn.execute(
-                    f"SELECT offset, key, value, ts FROM {_table(tp.partition)} WHERE offset >= ? "
-                    "ORDER BY offset LIMIT ?", (self._positions[tp], max_records - len(out))).fetchall()
-                if rows:
-                    topic, partition = tp
-                    out.extend(_records(topic, partition, rows))
-                    self._positions[tp] = rows[-1][0] + 1
+                records = _read(conn, f"SELECT offset, key, value, ts FROM {_table(tp.partition)} WHERE offset >= ? "
+                                "ORDER BY offset LIMIT ?", (self._positions[tp], max_records - len(out)), *tp)
+                if records:
+                    out.extend(records)
+                    self._positions[tp] = records[-1].offset + 1
         except sqlite3.Error as exc:
             raise LogUnavailableError(f"reading failed: {exc}") from exc
         if count:
