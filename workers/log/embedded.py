@@ -24,7 +24,11 @@ Design note: why SQLite in WAL mode (and not our own segment files)
   ``INSERT OR REPLACE``, so writing a key deletes its previous record in the same transaction:
   the topic is always compacted (a reader only ever sees the latest value of a key, plus
   tombstones until they are cleaned), and its size follows the live data instead of the write
-  volume. The cleaner (:meth:`EmbeddedLog.compact`, also run by producers every
+  volume. The one difference from Kafka (whose cleaner never touches the active segment): a
+  consumer that keeps up with the head may still miss an intermediate value of a key that was
+  overwritten before it polled; it always sees the latest one. For state topics (last seen,
+  rules) that is the point of compaction.
+* Cleaning: :meth:`EmbeddedLog.compact` (also run by producers every
   ``maintenance_interval_s``) removes tombstones older than ``tombstone_retention_ms`` (Kafka's
   ``delete.retention.ms``, default 24 h), applies ``retention_ms`` to ``delete`` topics, and gives
   free pages back to the file system with ``incremental_vacuum`` when more than a quarter of the
