@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -52,7 +53,47 @@ def compile_node(node: Node) -> Evaluator:
     return _compile(node)[0]
 
 
+#: Identical leaves of different rules (the same gender term, the same age range...) share one
+#: evaluator: at 100,000 rules this saves a good part of the index's memory. Weak values: an
+#: evaluator no stored rule uses any more goes away with it.
+_SHARED_LEAVES: weakref.WeakValueDictionary[tuple[Any, ...], Evaluator] = weakref.WeakValueDictionary()
+
+
+def _leaf_key(node: Node) -> tuple[Any, ...] | None:
+    """What makes two leaves evaluate identically: everything but their clause path. (A field has
+    one value type, so values that compare equal across types, 1 and 1.0, mean the same here.)"""
+    if isinstance(node, Term):
+        return ("t", node.field, node.value, node.case_insensitive)
+    if isinstance(node, Terms):
+        return ("T", node.field, node.values)
+    if isinstance(node, Range):
+        return ("r", node.field, node.low, node.low_inclusive, node.high, node.high_inclusive)
+    if isinstance(node, Prefix):
+        return ("p", node.field, node.prefix, node.case_insensitive)
+    if isinstance(node, Wildcard):
+        return ("w", node.field, node.regex.pattern, node.regex.flags)
+    if isinstance(node, GeoDistance):
+        return ("g", node.field, node.lat, node.lon, node.distance_m, node.distance_type)
+    if isinstance(node, Exists):
+        return ("e", node.leaves)
+    return None
+
+
 def _compile(node: Node) -> tuple[Evaluator, int]:
+    if isinstance(node, Bool):
+        return _bool(node)
+    key = _leaf_key(node)
+    if key is None:
+        return _compile_leaf(node)
+    shared = _SHARED_LEAVES.get(key)
+    if shared is not None:
+        return shared, _LEAF_COSTS.get(type(node), 10)
+    evaluator, cost = _compile_leaf(node)
+    _SHARED_LEAVES[key] = evaluator
+    return evaluator, cost
+
+
+def _compile_leaf(node: Node) -> tuple[Evaluator, int]:
     if isinstance(node, Term):
         return _term(node), _COST_TERM
     if isinstance(node, Terms):
@@ -76,6 +117,18 @@ def _compile(node: Node) -> tuple[Evaluator, int]:
     if isinstance(node, Phrase):
         return _phrase(node), _COST_PHRASE
     return _per_document(node), 10
+
+
+_LEAF_COSTS: dict[type, int] = {
+    Term: _COST_TERM,
+    Terms: _COST_TERMS,
+    Range: _COST_RANGE,
+    Exists: _COST_EXISTS,
+    Prefix: _COST_PREFIX,
+    Wildcard: _COST_WILDCARD,
+    GeoDistance: _COST_GEO,
+    Phrase: _COST_PHRASE,
+}
 
 
 def _match_all(batch: BatchIndex, pre: int) -> int:

@@ -98,7 +98,11 @@ class TermWeightor:
         return base
 
     def weight(self, anchor: frozenset[Any]) -> float:
-        return sum(self.key_weight(key) for key in anchor)
+        field_weights, default = self.field_weights, self.default
+        total = 0.0
+        for key in anchor:
+            total += field_weights.get(key[0], default) if len(key) == 2 else self.key_weight(key)
+        return total
 
 
 def extract_anchor(node: Node, field_types: Mapping[str, str], weightor: TermWeightor) -> frozenset[Any] | None:
