@@ -73,10 +73,13 @@ class RedisBackfills(Backfills):
         return f"{self.prefix}replay:{replay_id}"
 
     def start(self, audience: dict[str, Any], version: int, days: int) -> str:
+        from rules_service.api.batch_counts import invalidate
         from workers.log.port import Message
 
         replay_id = new_id("rpl")
         request = replay_request(replay_id, audience, version, days)
+        # The replay writes into past days: cached closed-days sizes of this rule are dropped.
+        invalidate(self.redis, request["rule_id"])
         record = {**request, "id": replay_id, "status": "pending", "progress": None, "query": None}
         # Record first, then publish: a worker that sees the message always finds the record.
         self.redis.set(self._key(replay_id), orjson.dumps(record))

@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -91,9 +92,19 @@ def hash_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
 
 
+_id_lock = threading.Lock()
+_last_ms = 0
+
+
 def new_id(kind: str) -> str:
-    """``<kind>_`` + 12 hex digits of epoch milliseconds + 10 random hex digits: sortable by creation."""
-    return f"{kind}_{int(time.time() * 1000):012x}{secrets.token_hex(5)}"
+    """``<kind>_`` + 12 hex digits of epoch milliseconds + 10 random hex digits: sortable by creation
+    (ULID-like). Within one process the millisecond part is strictly increasing, so ids created in
+    the same millisecond still sort in creation order; across processes, order is to the millisecond."""
+    global _last_ms
+    with _id_lock:
+        _last_ms = max(int(time.time() * 1000), _last_ms + 1)
+        stamp = _last_ms
+    return f"{kind}_{stamp:012x}{secrets.token_hex(5)}"
 
 
 # --- pure document logic -------------------------------------------------------------------------

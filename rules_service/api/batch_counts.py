@@ -10,21 +10,30 @@ Closed-days cache (why): unique users over 90 days is a ``PFCOUNT`` merging ~90 
 ~4 µs per sparse sketch and far more per dense one: ~0.4 ms of Redis time per audience, 40 ms for a
 dashboard, before any client overhead; and the matches are HMGETs of ~90 fields. Days before
 yesterday no longer receive live traffic, so for a window their part is kept, per rule, as one
-merged sketch (``PFMERGE``) and one sum, next to the rule's counters
-(``c:{r:<rule>}:u:cache:<first>-<last>`` and ``...:m:cache:...``, same hash tag, so
-``delete_rule`` removes them), for ``CACHE_TTL_S``. A read sends only those two keys plus the
-recent day and hour keys to a Lua script (one round trip per batch); rules whose cache is missing
-are built in a second round trip. Staleness: a *replay* writing into those past days shows in
-sizes after at most ``CACHE_TTL_S``; live counts (today, yesterday, the hours) are always fresh.
+merged sketch (``PFMERGE``) and one sum next to the rule's counters
+(``c:{r:<rule>}:u:cache:<first>-<last>x<n>``, ``...:m:cache:...``, listed in
+``c:{r:<rule>}:cache:index``; same hash tag, so ``delete_rule`` removes them too) for
+``CACHE_TTL_S``. A read sends only those two keys plus the recent day and hour keys to a Lua
+script (one round trip per batch); rules whose cache is missing are built in a second round trip.
+
+Who else writes into closed days, and why the cache stays exact for them:
+
+* replays: ``RedisBackfills.start`` drops the rule's cache (:func:`invalidate`) and the API reads
+  a serving version under replay *exactly* (``exact=``) until the replay is done, so progress is
+  visible at once and nothing stale is cached meanwhile. A new version is backfilled before it
+  serves, so its cache is built after its replay.
+* a stream worker more than a day behind (an outage backlog) writes into closed days: those
+  counts appear after at most ``CACHE_TTL_S``. Live traffic (today, yesterday, hours) is always
+  read fresh.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
-CACHE_TTL_S = 60
+CACHE_TTL_S = 900
 #: Cache only when at least this many closed days are read.
 MIN_CACHED_DAYS = 8
 DAY = 86400
@@ -57,18 +66,20 @@ end
 return {users, matched}
 """
 
-# KEYS: ucache, mcache, closed day sketches..., closed month hashes...  ARGV: ttl, n_sketches, then
-# per hash "count" and its fields. Builds both caches.
+# KEYS: ucache, mcache, index, closed day sketches..., closed month hashes...  ARGV: ttl,
+# n_sketches, then per hash "count" and its fields. Builds both caches and lists them in the index.
 _BUILD = """
 local n = tonumber(ARGV[2])
 local sources = {}
-for i = 3, n + 2 do sources[#sources + 1] = KEYS[i] end
+for i = 4, n + 3 do sources[#sources + 1] = KEYS[i] end
 redis.call('DEL', KEYS[1])
 redis.call('PFMERGE', KEYS[1], unpack(sources))
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
+redis.call('SADD', KEYS[3], KEYS[1], KEYS[2])
+redis.call('EXPIRE', KEYS[3], tonumber(ARGV[1]))
 local matched = 0
 local a = 3
-for k = n + 3, #KEYS do
+for k = n + 4, #KEYS do
   local count = tonumber(ARGV[a]); a = a + 1
   local fields = {}
   for f = 1, count do fields[f] = ARGV[a]; a = a + 1 end
@@ -81,12 +92,14 @@ return matched
 """
 
 
-def summary(counters: Any, rule_id: str, start: datetime, end: datetime) -> tuple[int, int]:
+def summary(counters: Any, rule_id: str, start: datetime, end: datetime, exact: bool = False) -> tuple[int, int]:
     """(unique users, matches) of one rule in one round trip where possible."""
-    return summaries(counters, [rule_id], start, end)[0]
+    return summaries(counters, [rule_id], start, end, exact={rule_id} if exact else ())[0]
 
 
-def summaries(counters: Any, rule_ids: Sequence[str], start: datetime, end: datetime) -> list[tuple[int, int]]:
+def summaries(counters: Any, rule_ids: Sequence[str], start: datetime, end: datetime,
+              exact: Collection[str] = ()) -> list[tuple[int, int]]:
+    """Counts per rule id; ids in ``exact`` bypass the closed-days cache (a replay writes there)."""
     native = getattr(counters, "summaries", None)
     if callable(native):
         return [(int(u), int(m)) for u, m in native(rule_ids, start, end)]
@@ -94,7 +107,20 @@ def summaries(counters: Any, rule_ids: Sequence[str], start: datetime, end: date
 
     if not isinstance(counters, RedisCounters):
         return [(int(counters.unique_users(r, start, end)), int(counters.matches(r, start, end))) for r in rule_ids]
-    return _redis_summaries(counters, rule_ids, start, end)
+    return _redis_summaries(counters, rule_ids, start, end, exact)
+
+
+def index_key(rule_id: str) -> str:
+    from rules_service.counters import keys
+
+    return f"{keys.rule_prefix(rule_id)}cache:index"
+
+
+def invalidate(client: Any, rule_id: str) -> None:
+    """Drop every cached closed-days sketch and sum of a rule (before a replay writes into them)."""
+    index = index_key(rule_id)
+    members = client.smembers(index)
+    client.delete(index, *members)
 
 
 def _match_spec(pairs: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
@@ -133,18 +159,27 @@ class _Plan:
                                                   + [keys.hour_matches(_RID, h) for h in hours])
         self.closed_sketches = [keys.day_users(_RID, d) for d in closed]
         self.closed_hashes, self.closed_args = _match_spec([keys.day_matches(_RID, d) for d in closed])
+        self.index = index_key(_RID)
+        self.all_sketches = [keys.day_users(_RID, d) for d in days] + [keys.hour_users(_RID, h) for h in hours]
+        self.all_hashes, self.all_args = _match_spec([keys.day_matches(_RID, d) for d in days]
+                                                     + [keys.hour_matches(_RID, h) for h in hours])
 
     def read_call(self, rid: str) -> tuple[list[str], list[Any]]:
         names = [self.ucache, self.mcache, *self.sketches, *self.hashes]
         return [k.replace(_RID, rid) for k in names], [len(self.sketches), *self.hash_args]
 
+    def exact_call(self, rid: str) -> tuple[list[str], list[Any]]:
+        """Every sketch and hash of the window, no cache (an empty first key tells the script)."""
+        names = ["", "", *self.all_sketches, *self.all_hashes]
+        return [k.replace(_RID, rid) for k in names], [len(self.all_sketches), *self.all_args]
+
     def build_call(self, rid: str) -> tuple[list[str], list[Any]]:
-        names = [self.ucache, self.mcache, *self.closed_sketches, *self.closed_hashes]
+        names = [self.ucache, self.mcache, self.index, *self.closed_sketches, *self.closed_hashes]
         return [k.replace(_RID, rid) for k in names], [CACHE_TTL_S, len(self.closed_sketches), *self.closed_args]
 
 
-def _redis_summaries(counters: Any, rule_ids: Sequence[str], start: datetime,
-                     end: datetime) -> list[tuple[int, int]]:
+def _redis_summaries(counters: Any, rule_ids: Sequence[str], start: datetime, end: datetime,
+                     exact: Collection[str]) -> list[tuple[int, int]]:
     if not rule_ids:
         return []
     plan = _Plan(counters, start, end)
@@ -152,7 +187,8 @@ def _redis_summaries(counters: Any, rule_ids: Sequence[str], start: datetime,
         return [(0, 0) for _ in rule_ids]
     client = counters.client
     read, build = _READ, _BUILD
-    out = _run(client, read, [plan.read_call(rid) for rid in rule_ids])
+    out = _run(client, read, [plan.exact_call(rid) if rid in exact or not plan.cached else plan.read_call(rid)
+                              for rid in rule_ids])
     missing = [i for i, (users, _) in enumerate(out) if users < 0]
     if missing:
         _run(client, build, [plan.build_call(rule_ids[i]) for i in missing])

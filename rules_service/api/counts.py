@@ -11,7 +11,7 @@ from rules_service.api.errors import ApiError
 from rules_service.api.extensions import services
 from rules_service.api.schemas import MAX_BATCH_IDS, InsightsQuerySchema, SizesQuerySchema, WindowQuerySchema
 from rules_service.api.validation import query_args, resolve_window
-from rules_service.api.views import load_audience, size_of, size_view
+from rules_service.api.views import load_audience, serving_rule, size_of, size_view
 from rules_service.domain import rule_id
 from rules_service.store import iso
 
@@ -41,7 +41,9 @@ def sizes() -> Response:
     docs = services().store.get_audiences(ids, current_advertiser())
     found = [doc for doc in docs if doc is not None]
     missing = [i for i, doc in zip(ids, docs, strict=True) if doc is None]
-    counts = summaries(services().counters, [rule_id(d["id"], d["serving_version"]) for d in found], start, end)
+    serving = [serving_rule(doc) for doc in found]
+    counts = summaries(services().counters, [rid for rid, _ in serving], start, end,
+                       exact={rid for rid, exact in serving if exact})
     return jsonify({"sizes": [size_view(doc, users, matched, start, end)
                               for doc, (users, matched) in zip(found, counts, strict=True)],
                     "not_found": missing})

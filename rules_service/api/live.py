@@ -28,8 +28,7 @@ from rules_service.api.batch_counts import summary
 from rules_service.api.extensions import Services, services
 from rules_service.api.schemas import LiveQuerySchema
 from rules_service.api.validation import DEFAULT_DAYS, query_args, resolve_window
-from rules_service.api.views import load_audience, size_view
-from rules_service.domain import rule_id
+from rules_service.api.views import load_audience, serving_rule, size_view
 
 bp = Blueprint("live", __name__)
 
@@ -87,6 +86,7 @@ def live(audience_id: str) -> Response:
 
 
 def _counts(svc: Services, doc: dict[str, Any], start: datetime, end: datetime) -> dict[str, Any]:
-    users, matched = summary(svc.counters, rule_id(doc["id"], doc["serving_version"]), start, end)
+    rid, exact = serving_rule(doc)
+    users, matched = summary(svc.counters, rid, start, end, exact=exact)
     return size_view(doc, users, matched, start, end)
 

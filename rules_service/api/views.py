@@ -62,8 +62,17 @@ def audience_view(doc: Doc, warnings: list[str] | None = None) -> dict[str, Any]
     return out
 
 
+def serving_rule(doc: Doc) -> tuple[str, bool]:
+    """The rule id reads use, and whether it must be read exactly (a replay is writing into the
+    serving version's past days: bypass the closed-days cache, see ``batch_counts``)."""
+    backfill = doc.get("backfill") or {}
+    replaying = backfill.get("status") in ("pending", "running") and doc["version"] == doc["serving_version"]
+    return rule_id(doc["id"], doc["serving_version"]), replaying
+
+
 def size_of(doc: Doc, start: datetime, end: datetime) -> dict[str, Any]:
-    users, matched = summary(services().counters, rule_id(doc["id"], doc["serving_version"]), start, end)
+    rid, exact = serving_rule(doc)
+    users, matched = summary(services().counters, rid, start, end, exact=exact)
     return size_view(doc, users, matched, start, end)
 
 

@@ -158,8 +158,9 @@ def test_batched_summaries_equal_per_rule_reads(api: ApiEnv) -> None:
     rules = [f"aud_b{i}@v1" for i in range(4)]
     fake = FakeCounters()
     for i, rid in enumerate(rules):
-        events = [(NOW - timedelta(days=d, hours=h), f"u{(d * 7 + h) % (5 + i)}", {})
-                  for d in range(0, 20, 3) for h in range(0, 24, 5 + i)]
+        events: list[tuple[datetime, str, dict[str, str]]] = [
+            (NOW - timedelta(days=d, hours=h), f"u{(d * 7 + h) % (5 + i)}", {})
+            for d in range(0, 20, 3) for h in range(0, 24, 5 + i)]
         feed(api, rid, events, offset=i + 1)
         for when, user, _ in events:
             fake.add(rid, when, user)
@@ -179,7 +180,8 @@ def test_closed_days_sketch_cache_is_exact_bounded_and_deleted_with_the_rule(api
     from rules_service.api.batch_counts import summaries
 
     rid = "aud_cache@v1"
-    events = [(NOW - timedelta(days=d), f"u{d % 13}", {}) for d in range(2, 60)]
+    events: list[tuple[datetime, str, dict[str, str]]] = [
+        (NOW - timedelta(days=d), f"u{d % 13}", {}) for d in range(2, 60)]
     feed(api, rid, events)
     start, end = NOW - timedelta(days=90), NOW + timedelta(hours=1)
     assert summaries(api.counters, [rid], start, end) == [(13, 58)]
@@ -194,3 +196,23 @@ def test_closed_days_sketch_cache_is_exact_bounded_and_deleted_with_the_rule(api
     assert summaries(api.counters, [rid], start, end)[0][0] == api.counters.unique_users(rid, start, end)
     api.counters.delete_rule(rid)
     assert api.redis.keys("c:{r:aud_cache@v1}:*") == []
+
+
+def test_sizes_under_replay_are_exact_and_a_replay_request_drops_the_cache(api: ApiEnv) -> None:
+    headers = api.advertiser()
+    audience = api.create(headers, lookback_days=90)  # v1 serves while its backfill is pending
+    rid = f"{audience['id']}@v1"
+    url = f"/v1/audiences/{audience['id']}/size?days=90"
+    feed(api, rid, [(NOW - timedelta(days=d), f"u{d}", {}) for d in range(2, 40)])
+    assert api.client.get(url, headers=headers).get_json()["unique_users"] == 38
+    feed(api, rid, [(NOW - timedelta(days=20), "replayed", {})], offset=2)  # the replay writes the past
+    assert api.client.get(url, headers=headers).get_json()["unique_users"] == 39  # at once
+    assert api.redis.keys(f"c:{{r:{rid}}}:*cache*") == []  # nothing cached meanwhile
+    api.store.activate_version(audience["id"], 1)  # replay done
+    assert api.client.get(url, headers=headers).get_json()["unique_users"] == 39
+    assert api.redis.keys(f"c:{{r:{rid}}}:*cache*") != []  # now cached
+    # a new replay of the serving version (e.g. POST /replays) drops the cache before writing
+    doc = api.store.get_audience(audience["id"])
+    assert doc is not None
+    api.app.extensions["rules_service"].backfills.start(doc, 1, 90)
+    assert api.redis.keys(f"c:{{r:{rid}}}:*cache*") == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.generation.modes import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
@@ -29,6 +29,10 @@ def test_openapi_fuzz_finds_no_5xx_or_schema_violation(redis_url: str) -> None:
         @settings(max_examples=20, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
         def run(case: schemathesis.Case) -> None:
+            # A query value None, [] or {} is dropped when the request is serialised, so a "negative"
+            # case made of it reaches the server as a valid request (a false "schema-violating
+            # request accepted").
+            assume(not any(value is None or value == [] or value == {} for value in (case.query or {}).values()))
             if case.operation.path.endswith("/live"):  # bounded streams only
                 case.query = {**(case.query or {}), "timeout": 0.2, "interval": 0.1}
             # A schema-valid rule may still be semantically invalid (unmapped field): a documented
