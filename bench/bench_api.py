@@ -38,15 +38,14 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 import redis
 
 from rules_service.config import load_settings
 from rules_service.counters.port import CounterBatch
 from rules_service.domain import rule_id
 from rules_service.store import AudienceStore, new_audience
+
+ROOT = Path(__file__).resolve().parents[1]
 
 HOUR, DAY = 3600, 86400
 
@@ -191,7 +190,7 @@ def main() -> None:
             for cache_key in client.scan_iter(match="c:*:cache:*", count=1000):
                 client.delete(cache_key)
 
-        def cold(call):  # type: ignore[no-untyped-def]
+        def cold(call):
             def run() -> None:
                 flush_cache()
                 began = time.perf_counter()
