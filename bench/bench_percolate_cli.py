@@ -43,7 +43,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rules", type=int, default=10_000)
     parser.add_argument("--docs", type=int, default=100_000)
-    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=8192)
     parser.add_argument("--cpu", type=int, default=0, help="pin with taskset to this CPU (-1: do not pin)")
     parser.add_argument("--keep", action="store_true", help="keep the generated files and print where")
     args = parser.parse_args()

@@ -155,7 +155,7 @@ def run_percolate(
 @click.option("--now", "now_text", default=None, help="Pin the time used by date math (ISO 8601 or epoch millis).")
 @click.option("--backend", default=None,
               help="Percolator URL (embedded: or http://es:9200), overriding RULES_PERCOLATOR_URL.")
-@click.option("--batch-size", default=4096, show_default=True, type=click.IntRange(min=1),
+@click.option("--batch-size", default=8192, show_default=True, type=click.IntRange(min=1),
               help="Documents percolated per call.")
 def percolate_command(
     mapping_path: Path, rules_path: Path, docs_path: Path, now_text: str | None, backend: str | None, batch_size: int

@@ -31,7 +31,7 @@ from rules_service.schema import USER_MAPPING
 
 #: Documents percolated together in one batch index (bigger batches amortise per-rule work; the
 #: masks grow linearly, so beyond a few thousand the gain flattens).
-DEFAULT_MAX_BATCH = 4096
+DEFAULT_MAX_BATCH = 8192
 
 
 #: Above this many matching documents a rule's matches are scattered with C-level iterators.
