@@ -1,6 +1,5 @@
 """The API against a real redis-server (store, rate limits, backfill records, RedisCounters), the
-percolator (the real embedded one when it works, else tests/api/fakes.FakePercolator) and an
-in-memory log whose messages the tests inspect."""
+real embedded percolator, and an in-memory log whose messages the tests inspect."""
 
 from __future__ import annotations
 
@@ -15,28 +14,14 @@ from percolators.port import Percolator
 from rules_service.api import create_app
 from rules_service.config import Settings, load_settings
 from rules_service.store import AudienceStore
-from tests.api.fakes import FakeLog, FakePercolator
-
-
-def real_percolator() -> Percolator | None:
-    """The embedded percolator if it is importable and validates a rule, else None."""
-    try:
-        from percolators.embedded import EmbeddedPercolator
-        from percolators.port import Rule
-
-        percolator = EmbeddedPercolator()
-        query = {"term": {"gender": "male"}}
-        percolator.upsert([Rule("probe", query)])
-        assert percolator.percolate([{"gender": "male"}]) == [["probe"]]
-        assert percolator.explain(query, {"gender": "male"}).matched
-        percolator.delete(["probe"])
-        return percolator
-    except Exception:
-        return None
+from tests.api.fakes import FakeLog
 
 
 def make_percolator() -> Percolator:
-    return real_percolator() or FakePercolator()
+    """The real embedded percolator (validation and dry runs must be the production ones)."""
+    from percolators.embedded import EmbeddedPercolator
+
+    return EmbeddedPercolator()
 
 
 @dataclass

@@ -281,3 +281,13 @@ def test_dry_run_explains_and_stores_nothing(api: ApiEnv) -> None:
     bad_doc = api.client.post("/v1/audiences/test", json={"rule": RULE, "documents": [{"age": "old"}]},
                               headers=headers).get_json()["results"][0]
     assert bad_doc["matched"] is False and "age" in bad_doc["error"]
+
+
+def test_percolator_down_is_503_and_nothing_created(api: ApiEnv) -> None:
+    from tests.api.fakes import BrokenPercolator
+
+    headers = api.advertiser()
+    api.app.extensions["rules_service"]._provided["PERCOLATOR"] = BrokenPercolator()
+    response = api.client.post("/v1/audiences", json={"name": "n", "rule": RULE}, headers=headers)
+    assert response.status_code == 503 and "percolator" in response.get_json()["error"]["message"]
+    assert api.client.get("/v1/audiences", headers=headers).get_json()["data"] == []
