@@ -6,8 +6,27 @@
 to anything until a request needs it.
 
 Resources live in blueprints: ``audiences`` (CRUD and the dry-run test), ``counts`` (size, sizes,
-insights), ``live`` (SSE), ``user_schema`` and ``meta`` (health, readiness, metrics, OpenAPI).
-Every ``/v1`` route but ``/v1/openapi.json`` is authenticated and rate limited per API key.
+insights), ``live`` (SSE), ``replays`` (issue 6), ``user_schema`` and ``meta`` (health, readiness,
+metrics, OpenAPI). Every ``/v1`` route but ``/v1/openapi.json`` is authenticated and rate limited
+per API key.
+
+Quick start (``RULES_REDIS_URL`` unset: the embedded redis-server under ``RULES_DATA_DIR``)::
+
+    python manage.py advertisers create "Acme"     # {"id": "adv_...", "name": "Acme", "api_key": "rk_..."}
+    python manage.py serve --port 8000 --threads 32 &
+    KEY=rk_...
+    curl -s -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \
+         -d '{"name": "iOS men 26-35", "lookback_days": 30, "rule": {"bool": {"filter": [
+               {"term": {"gender": "male"}}, {"term": {"device.os": "ios"}},
+               {"range": {"age": {"gte": 26, "lte": 35}}}]}}}' http://127.0.0.1:8000/v1/audiences
+    curl -s -H "Authorization: Bearer $KEY" "http://127.0.0.1:8000/v1/audiences/<id>/size?days=30"
+    curl -s -H "Authorization: Bearer $KEY" \
+         "http://127.0.0.1:8000/v1/audiences/<id>/insights?days=7&granularity=day&dimension=gender,device.os"
+    curl -sN -H "Authorization: Bearer $KEY" http://127.0.0.1:8000/v1/audiences/<id>/live   # SSE
+    curl -s http://127.0.0.1:8000/v1/openapi.json    # every endpoint, parameter and error
+
+Errors are always ``{"error": {"type", "message", "fields"}}``; an invalid rule is a 422 whose
+``fields`` name the clause, e.g. ``{"rule.bool.filter[2].range.age": "..."}``.
 """
 
 from __future__ import annotations
