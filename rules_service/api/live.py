@@ -10,11 +10,13 @@ noticed (the server learns of a disconnect when a write fails, so within 10 s).
 
 Each open stream holds one server thread (waitress ``--threads``). ``max_events`` and ``timeout``
 end a stream early (tests, scripted clients). The stream sends ``event: deleted`` and ends if the
-audience is deleted.
+audience is deleted, and ``event: error`` if Redis fails mid-stream (the client reconnects after
+``retry``).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -31,6 +33,7 @@ from rules_service.api.validation import DEFAULT_DAYS, query_args, resolve_windo
 from rules_service.api.views import load_audience, serving_rule, size_view
 
 bp = Blueprint("live", __name__)
+logger = logging.getLogger(__name__)
 
 KEEPALIVE_S = 10.0
 
@@ -59,11 +62,17 @@ def live(audience_id: str) -> Response:
         sent = 0
         yield "retry: 2000\n\n"
         while True:
-            doc = store.get_audience(audience_id, advertiser)
-            if doc is None:
+            try:
+                doc = store.get_audience(audience_id, advertiser)
+                payload = None if doc is None else _counts(app_services, doc, *window())
+            except Exception as exc:  # the response has started: say why the stream ends
+                logger.exception("live stream of %s failed", audience_id)
+                error = {"type": "service_unavailable", "message": f"counts unavailable ({type(exc).__name__})"}
+                yield f"event: error\ndata: {orjson.dumps(error).decode()}\n\n"
+                return
+            if doc is None or payload is None:
                 yield "event: deleted\ndata: {}\n\n"
                 return
-            payload = _counts(app_services, doc, *window())
             key = (payload["unique_users"], payload["matches"], payload["version"])
             now = time.monotonic()
             if key != last:

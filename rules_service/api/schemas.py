@@ -105,9 +105,9 @@ class LiveQuerySchema(WindowQuerySchema):
                                 metadata={"description": "Close the stream after this many count events."})
     timeout = fields.Float(load_default=None, validate=validate.Range(min=0.1, max=86_400),
                            metadata={"description": "Close the stream after this many seconds."})
-    interval = fields.Float(load_default=1.0, validate=validate.Range(min=0.05, max=60),
-                            metadata={"description": "Seconds between counter polls (at least once a second "
-                                                     "is the default)."})
+    interval = fields.Float(load_default=1.0, validate=validate.Range(min=1.0, max=60),
+                            metadata={"description": "Seconds between counter polls, hence between events "
+                                                     "(at least 1: counts are coalesced to one event a second)."})
 
 
 # --- responses -----------------------------------------------------------------------------------

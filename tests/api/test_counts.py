@@ -114,7 +114,7 @@ def test_live_sends_counts_at_once_then_on_change(api: ApiEnv) -> None:
     audience = api.create(headers)
     rid = f"{audience['id']}@v1"
     feed(api, rid, [(NOW - timedelta(hours=1), "u1", {})])
-    response = api.client.get(f"/v1/audiences/{audience['id']}/live?max_events=2&interval=0.1&timeout=10",
+    response = api.client.get(f"/v1/audiences/{audience['id']}/live?max_events=2&timeout=10",
                               headers=headers, buffered=False)
     assert response.status_code == 200 and response.mimetype == "text/event-stream"
     assert response.headers["Cache-Control"] == "no-cache"
@@ -132,16 +132,16 @@ def test_live_sends_counts_at_once_then_on_change(api: ApiEnv) -> None:
 def test_live_coalesces_and_times_out(api: ApiEnv) -> None:
     headers = api.advertiser()
     audience = api.create(headers)
-    response = api.client.get(f"/v1/audiences/{audience['id']}/live?timeout=0.5&interval=0.1", headers=headers)
+    response = api.client.get(f"/v1/audiences/{audience['id']}/live?timeout=1.5", headers=headers)
     events = _events(response.data)
     assert len(events) == 1 and events[0]["unique_users"] == 0  # unchanged counts are not repeated
-    assert api.client.get(f"/v1/audiences/{audience['id']}/live?interval=0", headers=headers).status_code == 400
+    assert api.client.get(f"/v1/audiences/{audience['id']}/live?interval=0.5", headers=headers).status_code == 400
 
 
 def test_live_reports_deletion(api: ApiEnv) -> None:
     headers = api.advertiser()
     audience = api.create(headers)
-    response = api.client.get(f"/v1/audiences/{audience['id']}/live?timeout=5&interval=0.1", headers=headers,
+    response = api.client.get(f"/v1/audiences/{audience['id']}/live?timeout=5", headers=headers,
                               buffered=False)
     chunks = iter(response.response)
     assert next(chunks).startswith(b"retry:")
@@ -216,3 +216,24 @@ def test_sizes_under_replay_are_exact_and_a_replay_request_drops_the_cache(api: 
     assert doc is not None
     api.app.extensions["rules_service"].backfills.start(doc, 1, 90)
     assert api.redis.keys(f"c:{{r:{rid}}}:*cache*") == []
+
+
+def test_live_ends_with_an_error_event_when_counters_fail(api: ApiEnv) -> None:
+    from tests.api.fakes import FakeCounters
+
+    class FailingSecondTime(FakeCounters):
+        calls = 0
+
+        def unique_users(self, rule_id: str, start: datetime, end: datetime) -> int:
+            self.calls += 1
+            if self.calls > 1:
+                raise ConnectionError("redis went away")
+            return 7
+
+    headers = api.advertiser()
+    audience = api.create(headers)
+    api.app.extensions["rules_service"]._provided["COUNTERS"] = FailingSecondTime()
+    body = api.client.get(f"/v1/audiences/{audience['id']}/live?timeout=5", headers=headers).data.decode()
+    assert _events(body.encode())[0]["unique_users"] == 7
+    assert body.rstrip().endswith('data: {"type":"service_unavailable","message":"counts unavailable '
+                                  '(ConnectionError)"}')
