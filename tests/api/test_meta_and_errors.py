@@ -57,8 +57,11 @@ def test_schema_endpoint(api: ApiEnv) -> None:
 
 
 def test_openapi_documents_every_route_and_error(api: ApiEnv) -> None:
+    import schemathesis
+
     doc = api.client.get("/v1/openapi.json").get_json()
     assert doc["openapi"].startswith("3.")
+    schemathesis.openapi.from_dict(doc).validate()  # against the OpenAPI 3.0 meta-schema
     assert doc["components"]["securitySchemes"]["bearerAuth"] == {"type": "http", "scheme": "bearer",
                                                                   "description": "Authorization: Bearer <api key>"}
     routes = {rule.rule.replace("<audience_id>", "{audience_id}").replace("<replay_id>", "{replay_id}")
