@@ -29,6 +29,8 @@ Who else writes into closed days, and why the cache stays exact for them:
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
@@ -190,31 +192,41 @@ def _redis_summaries(counters: Any, rule_ids: Sequence[str], start: datetime, en
     out = _run(client, read, [plan.exact_call(rid) if rid in exact or not plan.cached else plan.read_call(rid)
                               for rid in rule_ids])
     missing = [i for i, (users, _) in enumerate(out) if users < 0]
-    if missing:
-        _run(client, build, [plan.build_call(rule_ids[i]) for i in missing])
-        for i, reply in zip(missing, _run(client, read, [plan.read_call(rule_ids[i]) for i in missing]), strict=True):
-            out[i] = reply
+    if missing:  # build and re-read in one pipeline: Redis runs them in order
+        calls = [(script, call) for i in missing
+                 for script, call in ((build, plan.build_call(rule_ids[i])), (read, plan.read_call(rule_ids[i])))]
+        replies = _run_mixed(client, calls)
+        for n, i in enumerate(missing):
+            out[i] = replies[2 * n + 1]
     return [(max(0, u), m) for u, m in out]
 
 
-def _run(client: Any, script: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-    """EVALSHA every call in one pipeline (no SCRIPT EXISTS round trip); load the script and retry
-    once if the server does not know it (a restart or SCRIPT FLUSH)."""
-    import hashlib
+@functools.cache
+def _sha(script: str) -> str:
+    """The SHA-1 of a script's text: what SCRIPT LOAD returns and EVALSHA takes."""
+    return hashlib.sha1(script.encode()).hexdigest()
 
+
+def _run(client: Any, script: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+    return _run_mixed(client, [(script, call) for call in calls])
+
+
+def _run_mixed(client: Any, calls: list[tuple[str, tuple[list[str], list[Any]]]]) -> list[Any]:
+    """EVALSHA every call in one pipeline (no SCRIPT EXISTS round trip); load the scripts and retry
+    once if the server does not know them (a restart or SCRIPT FLUSH)."""
     import redis
 
-    sha = hashlib.sha1(script.encode()).hexdigest()  # what SCRIPT LOAD returns
     for attempt in (1, 2):
         pipe = client.pipeline(transaction=False)
-        for keys, args in calls:
-            pipe.evalsha(sha, len(keys), *keys, *args)
+        for script, (keys, args) in calls:
+            pipe.evalsha(_sha(script), len(keys), *keys, *args)
         try:
             replies = pipe.execute()
             break
         except redis.exceptions.NoScriptError:
             if attempt == 2:
                 raise
-            client.script_load(script)
+            for script in {script for script, _ in calls}:
+                client.script_load(script)
     return [tuple(int(v) for v in r) if isinstance(r, list) else int(r) for r in replies]
 

@@ -237,3 +237,15 @@ def test_live_ends_with_an_error_event_when_counters_fail(api: ApiEnv) -> None:
     assert _events(body.encode())[0]["unique_users"] == 7
     assert body.rstrip().endswith('data: {"type":"service_unavailable","message":"counts unavailable '
                                   '(ConnectionError)"}')
+
+
+def test_size_reads_survive_a_script_flush(api: ApiEnv) -> None:
+    from rules_service.api.batch_counts import summaries
+
+    rid = "aud_flush@v1"
+    feed(api, rid, [(NOW - timedelta(days=d), f"u{d}", {}) for d in range(1, 30)])
+    window = (NOW - timedelta(days=90), NOW + timedelta(hours=1))
+    assert summaries(api.counters, [rid], *window) == [(29, 29)]
+    api.redis.script_flush()
+    api.redis.delete(*api.redis.keys("c:*cache*"))  # the build script must be reloaded too
+    assert summaries(api.counters, [rid], *window) == [(29, 29)]
