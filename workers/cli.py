@@ -43,12 +43,15 @@ def _parse_partitions(text: str | None) -> list[int] | None:
 @click.option("--batch-size", type=click.IntRange(1, 100_000), default=None,
               help="Records per batch (default RULES_BATCH_SIZE).")
 @click.option("--partitions", default=None, help="Consume only these partitions of `bids` (e.g. 0,1).")
-@click.option("--tasks/--no-tasks", default=True, show_default=True,
-              help="Also run Celery tasks (replays) in this worker (streaming mode only).")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker_command(drain: bool, concurrency: int, batch_size: int | None, partitions: str | None, tasks: bool,
+def worker_command(drain: bool, concurrency: int, batch_size: int | None, partitions: str | None,
                    loglevel: str) -> None:
-    """Run a Celery worker whose stream consumers turn `bids` into audience counters."""
+    """Run a Celery worker whose stream consumers turn `bids` into audience counters.
+
+    Without --drain: a Celery worker (broker: the counters' Redis or RULES_CELERY_BROKER_URL) that
+    runs replay tasks and, through its bootstep, CONCURRENCY stream consumer processes; SIGTERM
+    stops it after the current batch. With --drain: the same consumers run until every partition
+    reaches the end offset seen at start, then a JSON summary is printed."""
     import logging
 
     settings = _settings()
@@ -70,10 +73,9 @@ def worker_command(drain: bool, concurrency: int, batch_size: int | None, partit
 
     app = create_celery(settings, stream={"enabled": True, "processes": concurrency, "partitions": chosen,
                                           "batch_size": batch_size})
-    argv = ["worker", f"--loglevel={loglevel}", "--concurrency=1", "--without-gossip", "--without-mingle"]
-    if not tasks:
-        argv.append("--queues=stream-only-no-tasks")
-    app.worker_main(argv=argv)
+    # The task pool (replays) gets one process: the stream consumers are the CPU-heavy part.
+    app.worker_main(argv=["worker", f"--loglevel={loglevel}", "--concurrency=1", "--without-gossip",
+                          "--without-mingle"])
 
 
 def _lines(handle: IO[bytes]) -> Iterator[tuple[int, bytes]]:
@@ -94,6 +96,8 @@ def _key_for(topic: str, value: object) -> bytes | None:
             return rule_id(str(value["audience_id"]), int(value["version"])).encode()
         except (KeyError, TypeError, ValueError):
             return None
+    if isinstance(value, dict) and isinstance(value.get("user_id"), str) and value["user_id"]:
+        return str(value["user_id"]).encode()  # a user document (users.last_seen)
     return user_key(value)
 
 

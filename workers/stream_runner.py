@@ -201,6 +201,14 @@ def drain(settings: Settings, *, processes: int = 1, partitions: Sequence[int] |
                             name=f"stream-drain-{'-'.join(map(str, share))}") for share in shares]
     for child in children:
         child.start()
+    if handle_signals:  # forward SIGTERM/SIGINT: each child stops after its batch and reports
+        def forward(signum: int, frame: object) -> None:
+            for child in children:
+                if child.is_alive():
+                    child.terminate()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, forward)
     parts: list[dict[str, Any]] = []
     try:
         while len(parts) < len(children):

@@ -1,0 +1,132 @@
+"""``manage.py produce``, ``generate-bids`` and ``worker --drain`` through click's runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import orjson
+import pytest
+from click.testing import CliRunner
+
+from workers.bidgen import BidGenerator, user_key
+from workers.cli import register
+
+
+END_MS = 1_795_132_800_000  # 2026-11-20T00:00:00Z
+
+
+def is_json(value: bytes) -> bool:
+    try:
+        orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
+@pytest.fixture
+def cli() -> click.Group:
+    group = click.Group("manage.py")
+    register(group)
+    return group
+
+
+def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {"RULES_DATA_DIR": str(tmp_path), "RULES_BIDS_PARTITIONS": "3", **extra}
+
+
+def test_produce_reports_bad_lines_and_keeps_the_rest(cli: click.Group, tmp_path: Path) -> None:
+    from rules_service.config import Settings
+    from workers.log.factory import create_log
+
+    lines = [
+        orjson.dumps({"id": "1", "user": {"id": "alice"}}),
+        b"{broken",
+        b"",
+        orjson.dumps({"id": "2", "device": {"ifa": "ifa-bob"}}),
+        b"not json at all",
+        orjson.dumps(["no", "user"]),
+    ]
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    result = CliRunner().invoke(cli, ["produce", "bids", str(source)], env=env_for(tmp_path))
+    assert result.exit_code == 1
+    assert "line 2: not JSON" in result.stderr and "line 5: not JSON" in result.stderr
+    assert '"produced": 3' in result.stderr
+
+    log = create_log(Settings(DATA_DIR=tmp_path, BIDS_PARTITIONS=3))
+    assert log.describe_topic("bids").partitions == 3
+    records = [r for batch in log.scan_compacted("bids") for r in batch]
+    assert sorted((r.key, r.value) for r in records if r.key) == [(b"alice", lines[0]), (b"ifa-bob", lines[3])]
+    assert len(records) == 3
+    log.close()
+
+
+def test_produce_creates_compacted_topics_and_keys_rule_changes(cli: click.Group, tmp_path: Path) -> None:
+    from rules_service.config import Settings
+    from workers.log.factory import create_log
+
+    change = orjson.dumps({"audience_id": "a1", "advertiser_id": "x", "version": 3, "query": {"match_all": {}}})
+    result = CliRunner().invoke(cli, ["produce", "audiences.rules"], input=change + b"\n", env=env_for(tmp_path))
+    assert result.exit_code == 0, result.output
+    log = create_log(Settings(DATA_DIR=tmp_path))
+    assert log.describe_topic("audiences.rules").cleanup_policy == "compact"
+    assert [r.key for batch in log.scan_compacted("audiences.rules") for r in batch] == [b"a1@v3"]
+    log.close()
+
+
+def test_generate_bids_is_deterministic_and_realistic(cli: click.Group, tmp_path: Path) -> None:
+    args = ["generate-bids", "--users", "50", "--bids", "300", "--seed", "9", "--end", "2026-11-20T00:00:00Z"]
+    first = CliRunner().invoke(cli, args, env=env_for(tmp_path))
+    second = CliRunner().invoke(cli, args, env=env_for(tmp_path))
+    assert first.exit_code == 0 and first.stdout_bytes == second.stdout_bytes
+    bids = [orjson.loads(line) for line in first.stdout_bytes.splitlines()]
+    assert len(bids) == 300
+    users = {user_key(b) for b in bids}
+    assert 10 < len(users) <= 50  # a population seen many times
+    for bid in bids:
+        assert bid["device"]["geo"]["country"] == "GBR" and bid["imp"][0]["banner"]["w"] > 0
+        received = bid["ext"]["received_at"]
+        if isinstance(received, int):
+            assert END_MS - 7 * 86_400_000 <= received < END_MS
+    other = CliRunner().invoke(cli, [*args[:-4], "--seed", "10"], env=env_for(tmp_path))
+    assert other.stdout_bytes != first.stdout_bytes
+    bad = CliRunner().invoke(cli, ["generate-bids", "--end", "yesterday"], env=env_for(tmp_path))
+    assert bad.exit_code == 2 and "--end" in bad.output
+
+
+def test_generator_profiles_are_stable_per_user() -> None:
+    generator = BidGenerator(seed=1, users=30, days=1)
+    seen: dict[bytes, tuple[object, ...]] = {}
+    for bid in generator.bids(500):
+        assert isinstance(bid, dict)
+        key = user_key(bid)
+        assert key is not None
+        profile = (bid["user"].get("yob"), bid["user"].get("gender"), bid["device"]["geo"]["city"],
+                   bid["device"]["model"], bid["device"]["carrier"])
+        assert seen.setdefault(key, profile) == profile
+    invalid = [b for b in BidGenerator(seed=1, users=30, invalid_rate=0.2).bids(500) if isinstance(b, bytes)]
+    assert 50 < len(invalid) < 150
+
+
+@pytest.mark.redis
+def test_worker_drain_prints_a_summary(cli: click.Group, tmp_path: Path, redis_url: str) -> None:
+    generator = BidGenerator(seed=3, users=100, days=1, invalid_rate=0.05)
+    lines = [value for _, value in generator.messages(400) if is_json(value)]
+    source = tmp_path / "bids.jsonl"
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    env = env_for(tmp_path, RULES_REDIS_URL=redis_url)
+    rule = orjson.dumps({"audience_id": "all", "advertiser_id": "x", "version": 1, "query": {"match_all": {}}})
+    assert CliRunner().invoke(cli, ["produce", "audiences.rules"], input=rule, env=env).exit_code == 0
+    assert CliRunner().invoke(cli, ["produce", "bids", str(source)], env=env).exit_code == 0
+    result = CliRunner().invoke(cli, ["worker", "--drain", "--batch-size", "64", "--loglevel", "WARNING"], env=env)
+    assert result.exit_code == 0, result.output
+    summary = orjson.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["processed"] == len(lines)
+    assert summary["dlq"] == sum(summary["dlq_reasons"].values()) > 0
+    assert summary["matched"] == len(lines) - summary["dlq"]
+    assert summary["bids_per_s"] > 0 and summary["batches"] >= len(lines) // 64
+    again = CliRunner().invoke(cli, ["worker", "--drain"], env=env)
+    assert orjson.loads(again.stdout.strip().splitlines()[-1])["processed"] == 0  # nothing left: resumes at the end
+    bad = CliRunner().invoke(cli, ["worker", "--drain", "--partitions", "x"], env=env)
+    assert bad.exit_code == 2
