@@ -12,7 +12,6 @@ from click.testing import CliRunner
 from workers.bidgen import BidGenerator, user_key
 from workers.cli import register
 
-
 END_MS = 1_795_132_800_000  # 2026-11-20T00:00:00Z
 
 
