@@ -36,6 +36,7 @@ DEFAULT_MAX_BATCH = 8192
 
 #: Above this many matching documents a rule's matches are scattered with C-level iterators.
 DENSE_SCATTER = 96
+
 _BITS_OF_BYTE = [bytes((byte >> bit) & 1 for bit in range(8)) for byte in range(256)]
 _append = list.append
 _drain: Callable[[Iterable[Any]], None] = deque(maxlen=0).extend
@@ -171,28 +172,15 @@ class EmbeddedPercolator(Percolator):
             if restrict is not None:
                 candidates = candidates & restrict
         rules = index.rules
-        lists = [out[slot] for slot in slots]
-        appenders = [target.append for target in lists]
-        selector_bytes = (batch.size + 7) // 8
         full = batch.all
+        matched: list[str] = []
+        masks: list[int] = []
         for rule_id in sorted(candidates):  # sorted: each document's list comes out sorted
             mask = rules[rule_id].evaluate(batch, full) & full
-            if not mask:
-                continue
-            if mask & (mask - 1) == 0:  # one document
-                appenders[mask.bit_length() - 1](rule_id)
-            elif mask.bit_count() > DENSE_SCATTER:
-                # many documents: one byte per document selects their lists, all in C
-                selectors = b"".join(map(_BITS_OF_BYTE.__getitem__, mask.to_bytes(selector_bytes, "little")))
-                _drain(map(_append, compress(lists, selectors), repeat(rule_id)))
-            else:
-                text = bin(mask)  # bit 0 is the last character: string index i is bit (top - i)
-                top = len(text) - 1
-                find = text.find
-                i = find("1", 2)
-                while i >= 0:
-                    appenders[top - i](rule_id)
-                    i = find("1", i + 1)
+            if mask:
+                matched.append(rule_id)
+                masks.append(mask)
+        scatter(matched, masks, [out[slot] for slot in slots])
 
     def _percolate_reference(
         self, docs: list[Any], slots: list[int], out: list[Any], restrict: set[str] | None, now_ms: int
@@ -216,3 +204,28 @@ class EmbeddedPercolator(Percolator):
 
         parsed = parse_rule("explain", query, self.mapping)
         return explain(parsed, document, self.mapping, now_millis(now))
+
+
+def scatter(matched: list[str], masks: list[int], lists: list[list[str]]) -> None:
+    """For each rule (in order), append its id to the lists of the documents in its mask.
+
+    (Transposing the rules x documents matrix instead was tried: the strided column reads it
+    needs are much slower than these appends.)"""
+    appenders = [target.append for target in lists]
+    selector_bytes = (len(lists) + 7) // 8
+    for rule_id, mask in zip(matched, masks, strict=True):
+        if mask & (mask - 1) == 0:  # one document
+            appenders[mask.bit_length() - 1](rule_id)
+        elif mask.bit_count() > DENSE_SCATTER:
+            # many documents: one byte per document selects their lists, all in C
+            selectors = b"".join(map(_BITS_OF_BYTE.__getitem__, mask.to_bytes(selector_bytes, "little")))
+            _drain(map(_append, compress(lists, selectors), repeat(rule_id)))
+        else:
+            text = bin(mask)  # bit 0 is the last character: string index i is bit (top - i)
+            top = len(text) - 1
+            find = text.find
+            i = find("1", 2)
+            while i >= 0:
+                appenders[top - i](rule_id)
+                i = find("1", i + 1)
+

@@ -155,3 +155,18 @@ def test_mask_helpers_round_trip(positions):
     mask = mask_of(positions)
     assert iter_bits(mask) == sorted(set(positions))
     assert list(itertools.compress(range(300), (mask >> i & 1 for i in range(300)))) == sorted(set(positions))
+
+
+def test_scatter_appends_each_rule_to_its_documents_in_order():
+    from percolators.embedded import scatter
+
+    rng = random.Random(8)
+    size = 300
+    matched = [f"r{i:03d}" for i in range(60)]
+    masks = []
+    for i in range(60):  # empty-ish, single-document, sparse and dense masks
+        density = (0.0, 0.003, 0.05, 0.6)[i % 4]
+        masks.append(sum(1 << d for d in range(size) if rng.random() < density) or 1 << (i % size))
+    lists: list[list[str]] = [[] for _ in range(size)]
+    scatter(matched, masks, lists)
+    assert lists == [[r for r, m in zip(matched, masks, strict=True) if m >> d & 1] for d in range(size)]
