@@ -65,6 +65,7 @@ def throughput(engine: EmbeddedPercolator, docs: list[dict], batch: int, rounds:
         matches = 0
         for start in range(0, len(docs), batch):
             for result in engine.percolate(docs[start : start + batch], now=WORKLOAD_NOW):
+                assert isinstance(result, list)
                 matches += len(result)
         best_wall = min(best_wall, time.perf_counter() - wall)
         best_cpu = min(best_cpu, time.process_time() - cpu)
