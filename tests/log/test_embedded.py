@@ -110,7 +110,9 @@ def test_acknowledged_batches_survive_kill_9(tmp_path: Path) -> None:
 
 
 def test_compaction_reclaims_space_while_a_reader_reads(tmp_path: Path) -> None:
-    log = EmbeddedLog(tmp_path / "log", tombstone_retention_ms=0)
+    # Tombstones stay readable for the default 24 h: a reader that saw a big value before the
+    # cleaner ran must still meet the tombstone that deletes it.
+    log = EmbeddedLog(tmp_path / "log", maintenance_interval_s=3600)
     log.create_topic(TopicSpec("users", partitions=1, cleanup_policy="compact"))
     producer = log.producer()
     big = b"x" * 2000
@@ -162,7 +164,36 @@ def test_compaction_reclaims_space_while_a_reader_reads(tmp_path: Path) -> None:
     assert slowest[0] < 2.0, f"a poll waited {slowest[0]:.2f}s during compaction"
     after = log.topic_size_bytes("users")
     assert after < full * 0.25, f"compaction left {after} of {full} bytes"
-    assert [r.value for r in read_everything(log, "users")] == [b"small"] * 1000  # tombstones cleaned
+    values = [r.value for r in read_everything(log, "users")]
+    assert values == [None] * 5000 + [b"small"] * 1000  # superseded big values gone, tombstones kept
+
+
+def test_old_tombstones_are_cleaned(tmp_path: Path) -> None:
+    log = EmbeddedLog(tmp_path / "log", tombstone_retention_ms=0)
+    log.create_topic(TopicSpec("users", cleanup_policy="compact"))
+    producer = log.producer()
+    producer.send_batch("users", [Message(b"v", key=b"a"), Message(b"v", key=b"b"), Message(None, key=b"a")])
+    log.compact("users")
+    assert [(r.offset, r.key, r.value) for r in read_everything(log, "users")] == [(1, b"b", b"v")]
+    producer.close()
+
+
+def test_a_consumer_at_the_head_sees_every_message_of_a_compacted_topic(tmp_path: Path) -> None:
+    log = EmbeddedLog(tmp_path / "log", maintenance_interval_s=0)  # a cleaner pass after every batch
+    log.create_topic(TopicSpec("rules", cleanup_policy="compact", min_cleanable_dirty_ratio=0.01))
+    producer = log.producer()
+    consumer = log.consumer("worker")
+    consumer.assign([TopicPartition("rules", 0)])
+    seen = []
+    for version in range(20):
+        producer.send_batch("rules", [Message(b"%d" % version, key=b"rule-1")])
+        seen.extend(r.value for r in consumer.poll())
+    assert seen == [b"%d" % v for v in range(20)]
+    time.sleep(0.2)  # let the last background pass finish
+    log.compact("rules")
+    assert [r.value for r in read_everything(log, "rules")] == [b"19"]
+    producer.close()
+    consumer.close()
     producer.close()
 
 
