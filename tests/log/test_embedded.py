@@ -184,7 +184,7 @@ def test_a_consumer_at_the_head_sees_every_message_of_a_compacted_topic(tmp_path
     producer = log.producer()
     consumer = log.consumer("worker")
     consumer.assign([TopicPartition("rules", 0)])
-    seen = []
+    seen: list[bytes | None] = []
     for version in range(20):
         producer.send_batch("rules", [Message(b"%d" % version, key=b"rule-1")])
         seen.extend(r.value for r in consumer.poll())

@@ -9,14 +9,23 @@ import uuid
 import pytest
 
 from rules_service.config import load_settings
+from tests.kafka_broker import KafkaBroker
 from workers.log.factory import create_log
 from workers.log.kafka import KafkaLog
-from workers.log.port import LogUnavailableError, Message, TopicExistsError, TopicPartition, TopicSpec, UnsupportedError
+from workers.log.port import (
+    LogUnavailableError,
+    Message,
+    Record,
+    TopicExistsError,
+    TopicPartition,
+    TopicSpec,
+    UnsupportedError,
+)
 
 pytestmark = pytest.mark.kafka
 
 
-def test_create_topic_on_kafka_0_9_explains_how_to_do_it(kafka_broker) -> None:  # type: ignore[no-untyped-def]
+def test_create_topic_on_kafka_0_9_explains_how_to_do_it(kafka_broker: KafkaBroker) -> None:
     log = KafkaLog(kafka_broker.bootstrap, api_version=(0, 9))
     name = f"t-{uuid.uuid4().hex[:10]}"
     with pytest.raises(UnsupportedError, match=r"kafka\.admin\.TopicCommand") as err:
@@ -30,7 +39,7 @@ def test_create_topic_on_kafka_0_9_explains_how_to_do_it(kafka_broker) -> None: 
     log.close()
 
 
-def test_version_negotiation_fails_clearly_on_0_9(kafka_broker) -> None:  # type: ignore[no-untyped-def]
+def test_version_negotiation_fails_clearly_on_0_9(kafka_broker: KafkaBroker) -> None:
     # kafka-python negotiates with ApiVersions, which 0.9 lacks: the error says what to configure.
     log = KafkaLog(kafka_broker.bootstrap, request_timeout_ms=3000)
     with pytest.raises(LogUnavailableError, match=r"api_version=0\.9"):
@@ -41,7 +50,7 @@ def test_version_negotiation_fails_clearly_on_0_9(kafka_broker) -> None:  # type
     assert kafka_broker.bootstrap in str(configured.bootstrap_servers)
 
 
-def test_factory_builds_a_working_kafka_log_from_the_url(kafka_broker) -> None:  # type: ignore[no-untyped-def]
+def test_factory_builds_a_working_kafka_log_from_the_url(kafka_broker: KafkaBroker) -> None:
     name = f"t-{uuid.uuid4().hex[:10]}"
     kafka_broker.create_topic(name, 2)
     log = create_log(load_settings({"LOG_URL": kafka_broker.url}, environ={}))
@@ -51,7 +60,7 @@ def test_factory_builds_a_working_kafka_log_from_the_url(kafka_broker) -> None: 
     consumer = log.consumer("factory-test")
     consumer.assign([TopicPartition(name, partition)])
     deadline = time.monotonic() + 20
-    records = []
+    records: list[Record] = []
     while not records and time.monotonic() < deadline:
         records = consumer.poll(timeout_ms=500)
     assert [(r.offset, r.key, r.value) for r in records] == [(offset, b"user-1", b"hello")]

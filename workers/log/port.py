@@ -232,11 +232,11 @@ class Log(abc.ABC):
         batches of records, partition after partition, offset order within a partition: the fast
         path for replays. Records produced after the call are not included.
 
-        Every live key's latest record is included. A backend that compacts lazily (Kafka, until
-        its cleaner has run) may also yield superseded records of a key and tombstones (value
-        None): apply records in order, a later record of a key replaces an earlier one and a
-        tombstone deletes the key. The embedded log yields only the latest record per key
-        (tombstones included until cleaned). Raises TopicNotFoundError, LogUnavailableError.
+        Every live key's latest record is included. Both backends compact lazily (a cleaner
+        pass), so superseded records of a key written since the last pass and tombstones (value
+        None) may also be yielded: apply records in order, a later record of a key replaces an
+        earlier one and a tombstone deletes the key. Raises TopicNotFoundError,
+        LogUnavailableError.
 
         This default reads through a group-less consumer; backends may override it."""
         consumer = self.consumer(None, auto_offset_reset="earliest")
