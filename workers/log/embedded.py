@@ -402,8 +402,9 @@ def _clean_compacted(conn: sqlite3.Connection, p: int, tombstone_cutoff: int, mi
                 raise
             position = upper
         conn.execute("DELETE FROM temp.dirty_keys")
-        conn.execute("UPDATE partitions SET cleaned_upto=?, clean_rows=max(0, ? - ?) WHERE partition=?",
-                     (end, clean_rows + dirty, removed, p))
+        # Two processes may clean at once (deletes are idempotent); never move the mark back.
+        conn.execute("UPDATE partitions SET cleaned_upto=max(cleaned_upto, ?), clean_rows=max(0, ? - ?) "
+                     "WHERE partition=?", (end, clean_rows + dirty, removed, p))
     # Tombstones in the cleaned range are the latest of their key there: drop the old ones.
     cleaned = conn.execute("SELECT cleaned_upto FROM partitions WHERE partition=?", (p,)).fetchone()[0]
     while True:
