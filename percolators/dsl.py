@@ -877,6 +877,10 @@ class _Parser:
             raise self.fail(
                 _join(path, "minimum_should_match"), f"invalid minimum_should_match [{msm_spec}]: {exc}"
             ) from None
+        if not any(parts.values()):
+            # BoolQueryBuilder.doToQuery returns MatchAllDocsQuery for a bool without clauses before it
+            # applies minimum_should_match, so {"bool": {"minimum_should_match": 1}} matches everything.
+            msm = 0
         adjust = body.get("adjust_pure_negative", True)
         if adjust is False and parts["must_not"] and not (parts["must"] or parts["filter"] or parts["should"]):
             return MatchNone(path=path)  # a pure negative Lucene query matches nothing

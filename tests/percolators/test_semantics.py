@@ -73,6 +73,11 @@ D = {"term": {"tags": "d"}}
     # An empty bool is MatchAllDocsQuery (BoolQueryBuilder.doToQuery).
     ("empty bool", {"age": 1}, {"bool": {}}, True),
     ("empty bool, empty doc", {}, {"bool": {}}, True),
+    # ... even with a minimum_should_match: the clause-less check comes first.
+    ("empty bool with msm", {"age": 1}, {"bool": {"minimum_should_match": 1}}, True),
+    # Queries.calculateMinShouldMatch returns max(result, 0) without clamping to the should count.
+    ("filter, no should, msm 1", {"age": 1},
+     {"bool": {"filter": [{"match_all": {}}], "minimum_should_match": 1}}, False),
     # must_not only: adjust_pure_negative adds a match_all.
     ("must_not only, excluded", {"gender": "M"}, {"bool": {"must_not": [M]}}, False),
     ("must_not only, kept", {"gender": "F"}, {"bool": {"must_not": [M]}}, True),
