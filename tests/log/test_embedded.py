@@ -288,3 +288,28 @@ def test_seek_to_time_with_out_of_order_timestamps(tmp_path: Path) -> None:
         consumer.seek_to_time(target)
         assert consumer.position(tp) == expected, target
     consumer.close()
+
+
+def test_cleaner_runs_while_other_processes_append(tmp_path: Path) -> None:
+    root = tmp_path / "log"
+    log = EmbeddedLog(root)
+    log.create_topic(TopicSpec("users", partitions=2, cleanup_policy="compact", min_cleanable_dirty_ratio=0.01))
+    writers = [child("produce", str(root), "users", f"w{n}", "3000", "20") for n in range(2)]
+    passes = 0
+    while any(proc.poll() is None for proc in writers):
+        log.compact("users")  # cleaning concurrently with the appends
+        passes += 1
+    latest: dict[str, tuple[int, int, str]] = {}
+    for proc in writers:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        for line in out.splitlines():
+            p, o, key, value = line.split()
+            if key not in latest or int(o) > latest[key][1]:
+                latest[key] = (int(p), int(o), value)
+    log.compact("users")
+    records = read_everything(log, "users")
+    got = {r.key.decode(): (r.partition, r.offset, r.value.decode().rstrip(".")) for r in records}  # type: ignore[union-attr]
+    assert len(records) == len(got) == 14  # one record per key, nothing superseded left
+    assert got == latest
+    assert passes >= 1
