@@ -102,7 +102,15 @@ def die_with_parent() -> None:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB (Linux ``ru_maxrss`` is in KB)."""
+    """Peak resident memory of this process in MB: ``VmHWM`` from /proc (``ru_maxrss`` would not
+    do: Linux carries it over ``execve``, so a spawned child would report its parent's peak)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
