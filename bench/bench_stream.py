@@ -95,7 +95,8 @@ def latency_phase(settings: Settings, log: Any, generator: BidGenerator, args: a
 
     total = int(args.rate * args.seconds)
     pairs = list(generator.messages(total, start_index=10_000_000))
-    supervisor = StreamSupervisor(settings, processes=args.processes, batch_size=args.latency_batch_size)
+    supervisor = StreamSupervisor(settings, processes=args.processes,
+                                  batch_size=args.latency_batch_size or args.batch_size)
     supervisor.start()
     client = redis.Redis.from_url(url)
     # wait until the consumers have caught up with everything produced so far
@@ -178,7 +179,8 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=2000)
-    parser.add_argument("--latency-batch-size", type=int, default=1000)
+    parser.add_argument("--latency-batch-size", type=int, default=None,
+                        help="max records per batch while streaming (default: --batch-size; batches adapt to load)")
     parser.add_argument("--rate", type=float, default=20_000, help="bids/s produced in the latency phase")
     parser.add_argument("--seconds", type=float, default=20, help="length of the latency phase (0: skip)")
     parser.add_argument("--days", type=float, default=None,
@@ -231,6 +233,7 @@ def main() -> None:
              bids_per_s=summary["bids_per_s"], elapsed_s=summary["elapsed_s"], processed=summary["processed"],
              matched=summary["matched"], matches_per_bid=round(summary["matched"] / max(1, summary["processed"]), 1),
              dlq=summary["dlq"], batch_ms_p50=summary["batch_ms_p50"], batch_ms_p99=summary["batch_ms_p99"],
+             stage_us_per_bid=summary["stage_us_per_bid"],
              consumer_rss_mb=summary.get("rss_mb"), redis_used_mb=round(info["used_memory"] / 2**20, 1),
              log_dir_mb=round(sum(f.stat().st_size for f in (workdir / "data").rglob("*") if f.is_file()) / 2**20, 1))
         if args.seconds > 0:

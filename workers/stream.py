@@ -133,6 +133,8 @@ class StreamStats:
     busy_seconds: float = 0.0
     started_at: float = field(default_factory=time.monotonic)
     dlq_reasons: dict[str, int] = field(default_factory=dict)
+    # wall-clock seconds per step of a batch (normalise, percolate, aggregate, produce, apply, commit)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     # bid entering the log (record timestamp) -> its counters readable (apply returned)
     end_to_end_ms: LatencyHistogram = field(default_factory=LatencyHistogram)
     batch_ms: LatencyHistogram = field(default_factory=LatencyHistogram)
@@ -154,6 +156,8 @@ class StreamStats:
             "batch_ms_p99": self.batch_ms.percentile(99),
             "e2e_ms_p50": self.end_to_end_ms.percentile(50),
             "e2e_ms_p99": self.end_to_end_ms.percentile(99),
+            "stage_us_per_bid": {stage: round(seconds / max(1, self.processed) * 1e6, 1)
+                                 for stage, seconds in self.stage_seconds.items()},
         }
 
 
@@ -349,6 +353,8 @@ class StreamConsumer:
                 continue
             sources.append(record)
 
+        clock = time.perf_counter
+        t_normalised = clock()
         matches: list[list[str]] = []
         kept: list[dict[str, Any]] = []
         if documents:
@@ -360,10 +366,12 @@ class StreamConsumer:
                     kept.append(document)
                     matches.append(result)
 
+        t_percolated = clock()
         batch = self.aggregate(kept, matches) if kept else CounterBatch()
         if dead:
             self._count_dead_letters(batch, dead)
 
+        t_aggregated = clock()
         # Produce before applying counters: a crash from here on re-reads and re-produces.
         if kept:
             self._producer.send_batch(LAST_SEEN_TOPIC, [
@@ -376,7 +384,9 @@ class StreamConsumer:
 
         if self.fault_hook is not None:
             self.fault_hook("after_produce")
+        t_produced = clock()
         applied = self.counters.apply(batch, self.group, next_offsets, start_offsets)
+        t_applied = clock()
         readable_ms = self.clock_ms()
         if self.fault_hook is not None:
             self.fault_hook("after_apply")
@@ -396,7 +406,12 @@ class StreamConsumer:
                 stats.dlq_reasons[letter.category] = stats.dlq_reasons.get(letter.category, 0) + 1
         for record in records:
             stats.end_to_end_ms.add(readable_ms - record.timestamp_ms)
-        elapsed = time.perf_counter() - began
+        elapsed = clock() - began
+        stages = stats.stage_seconds
+        for stage, seconds in (("normalise", t_normalised - began), ("percolate", t_percolated - t_normalised),
+                               ("aggregate", t_aggregated - t_percolated), ("produce", t_produced - t_aggregated),
+                               ("apply", t_applied - t_produced), ("commit", clock() - t_applied)):
+            stages[stage] = stages.get(stage, 0.0) + seconds
         stats.last_batch_seconds = elapsed
         stats.busy_seconds += elapsed
         stats.batch_ms.add(int(elapsed * 1000))

@@ -141,6 +141,11 @@ def merge_summaries(parts: Sequence[dict[str, Any]], elapsed_s: float) -> dict[s
         for bucket, n in part.get("batch_hist", {}).items():
             batch.add(int(bucket), n)
     total["dlq_reasons"] = dict(sorted(reasons.items()))
+    stages: dict[str, float] = {}
+    for part in parts:  # per-process microseconds per bid, weighted by the bids each processed
+        for stage, us in part.get("stage_us_per_bid", {}).items():
+            stages[stage] = stages.get(stage, 0.0) + us * int(part.get("processed", 0))
+    total["stage_us_per_bid"] = {k: round(v / max(1, total["processed"]), 1) for k, v in stages.items()}
     total["rss_mb"] = [part.get("rss_mb") for part in parts]  # peak RSS per consumer process
     total["processes"] = len(parts)
     total["elapsed_s"] = round(elapsed_s, 3)
