@@ -74,7 +74,8 @@ def bench_produce_consume(log: EmbeddedLog, messages: int, value_bytes: int, bat
           f"for {messages * (value_bytes + 16) / 1e6:,.0f} MB of keys+values")
 
 
-def bench_compacted_scan(log: EmbeddedLog, keys: int, value_bytes: int, overwrite_share: float, batch: int) -> None:
+def bench_compacted_scan(log: EmbeddedLog, keys: int, value_bytes: int, overwrite_share: float, batch: int,
+                         scan_repeats: int) -> None:
     topic = "bench-last-seen"
     log.create_topic(TopicSpec(topic, partitions=4, cleanup_policy="compact"))
     producer = log.producer()
@@ -112,14 +113,15 @@ def bench_compacted_scan(log: EmbeddedLog, keys: int, value_bytes: int, overwrit
     print(f"compacted topic file: {size / 1e6:,.0f} MB for {live / 1e6:,.0f} MB of live keys+values: "
           f"{size / live:.2f}x (target <= 2x)")
 
-    count = 0
-    started, cpu = time.perf_counter(), time.process_time()
-    for records in log.scan_compacted(topic):
-        count += len(records)
-    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
-    print(f"scan_compacted: {count:,} records in {elapsed:.1f} s = {_rate(count, elapsed, cpu)} "
-          "(target >= 500,000)")
-    assert count == keys, f"scan returned {count} records for {keys} keys"
+    for _ in range(scan_repeats):
+        count = 0
+        started, cpu = time.perf_counter(), time.process_time()
+        for records in log.scan_compacted(topic):
+            count += len(records)
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+        print(f"scan_compacted: {count:,} records in {elapsed:.1f} s = {_rate(count, elapsed, cpu)} "
+              "(target >= 500,000)")
+        assert count == keys, f"scan returned {count} records for {keys} keys"
 
 
 def main() -> None:
@@ -130,6 +132,7 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=1_000_000, help="keys in the compacted topic (0: skip)")
     parser.add_argument("--scan-value-bytes", type=int, default=500, help="value size in the compacted topic")
     parser.add_argument("--overwrite-share", type=float, default=0.2, help="share of keys written a second time")
+    parser.add_argument("--scan-repeats", type=int, default=1, help="full scans to time (figures vary run to run)")
     parser.add_argument("--dir", type=Path, default=None, help="data directory (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the data directory")
     args = parser.parse_args()
@@ -141,7 +144,8 @@ def main() -> None:
         if args.messages:
             bench_produce_consume(log, args.messages, args.value_bytes, args.batch)
         if args.keys:
-            bench_compacted_scan(log, args.keys, args.scan_value_bytes, args.overwrite_share, args.batch)
+            bench_compacted_scan(log, args.keys, args.scan_value_bytes, args.overwrite_share, args.batch,
+                                 args.scan_repeats)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
