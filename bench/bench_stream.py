@@ -108,6 +108,12 @@ def latency_phase(settings: Settings, log: Any, generator: BidGenerator, args: a
         raw = client.hgetall("o:stream")
         return {int(k.decode().rsplit(":", 1)[1]): int(v) for k, v in raw.items()}
 
+    # Warm-up bids: the consumers are ready only once they have applied these (loading 10k rules
+    # takes seconds; the throughput phase's offsets alone would say "caught up" too early).
+    warm = log.producer()
+    warm.send_batch(settings.BIDS_TOPIC, [Message(value=v, key=k)
+                                          for k, v in generator.messages(200, start_index=20_000_000)])
+    warm.close()
     ends = consumer.end_offsets(parts)
     deadline = time.monotonic() + 300
     while any(stored().get(tp.partition, 0) < end for tp, end in ends.items()):

@@ -248,6 +248,7 @@ def drain(settings: Settings, *, processes: int = 1, partitions: Sequence[int] |
 def _stream_child(settings: Settings, partitions: list[int], batch_size: int | None, group: str,
                   stop: multiprocessing.synchronize.Event) -> None:
     die_with_parent()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s stream[{partitions}] %(message)s")
     local_stop = threading.Event()
     _install_stop_signals(local_stop)
 
