@@ -218,3 +218,26 @@ def test_rule_changes_reach_a_running_consumer_between_batches(log: FakeLog) -> 
         drain(consumer)
     assert sum(counters.match_counts.values()) == 1
     assert consumer.stats.matched == 1
+
+
+def test_dead_letter_categories_are_few_and_name_the_field() -> None:
+    from percolators.errors import InvalidDocumentError
+    from rules_service.normalize import BadBidError, bid_to_document, parse_bid
+    from workers.stream import dead_letter_category
+
+    def category(raw: bytes) -> str:
+        try:
+            bid_to_document(parse_bid(raw), log_timestamp_ms=T0, now_ms=T0)
+        except BadBidError as exc:
+            return dead_letter_category(exc)[0]
+        raise AssertionError(f"{raw!r} was accepted")
+
+    assert category(b"{nope") == "not_json"
+    assert category(b"[1, 2]") == "not_an_object"
+    assert category(b'{"device": {"os": "iOS"}}') == "no_user_id"
+    assert category(b'{"user": {"id": "u", "yob": "1990"}}') == "invalid:user.yob"
+    assert category(b'{"user": {"id": "u", "yob": 1950}, "imp": [{"banner": {"w": "wide"}}]}').startswith("invalid:imp")
+    assert dead_letter_category(InvalidDocumentError("geo.location", "bad lat"))[0] == "invalid_document:geo.location"
+    reason_a = dead_letter_category(BadBidError("year of birth 1800 gives an age of 226", "user.yob"))
+    reason_b = dead_letter_category(BadBidError("year of birth 1700 gives an age of 326", "user.yob"))
+    assert reason_a[0] == reason_b[0] and reason_a[1] != reason_b[1]  # counted together, reported apart
