@@ -1,0 +1,293 @@
+"""A necessary condition on the raw JSON bytes of a document, derived from parsed rules.
+
+Lucene Monitor's presearcher idea applied one step earlier: before a document is even decoded,
+ask whether it *could* match any of the rules. For each rule a condition is derived from its
+query tree (:mod:`percolators.query`) in conjunctive normal form: a tuple of clauses, each a set
+of byte patterns, at least one of which must occur in the raw bytes of every matching document.
+
+* ``term`` on a keyword field -> ``b'"value"'`` (the JSON string token), ``terms`` -> any of them;
+* ``prefix`` (and a ``wildcard``'s literal prefix) on a keyword field -> ``b'"prefix'``;
+* ``bool``: the conditions of must/filter are ANDed; should clauses with ``minimum_should_match``
+  >= 1 contribute the union of one clause of each (only when every should clause has a condition);
+  ``must_not`` contributes nothing; a ``bool`` whose ``minimum_should_match`` exceeds its should
+  clauses, and ``match_none``, match nothing;
+* everything else (numbers, dates, geo, exists, ranges, text fields, ``case_insensitive``, keyword
+  fields with a ``null_value``, values that need escaping in JSON) gives no condition: the rule then
+  needs every document decoded, and so does any set of rules containing it.
+
+Why it is necessary (never rejects a matching document):
+
+* The check only applies to documents without a backslash byte. JSON without ``\\`` has no
+  escapes, so every string of the document appears literally, between quotes, in its UTF-8 bytes,
+  whatever encoder wrote it; documents with a backslash are passed through (decoded and
+  percolated as before). Patterns are only made from values with no character JSON must escape.
+* A keyword field indexes a string as is (no normaliser in this engine; ``ignore_above`` only
+  drops values), so a document matching ``term: v`` holds the JSON string ``"v"`` somewhere.
+  A keyword field also indexes numbers and booleans as their text (``keyword_text``): a value that
+  reads as a boolean gets the bare pattern ``true``/``false``, one that reads as an integer the bare
+  digits, and one that reads as another number (``1.5``, ``1e+16``: JSON may spell them
+  differently) gives no condition. A prefix that a number's or a boolean's text could start with
+  gives no condition either.
+* AND of necessary conditions is necessary; so is weakening an OR by replacing each disjunct's
+  condition with one of its clauses.
+
+``tests/percolators/test_raw_prefilter.py`` checks it against the real percolator with
+hypothesis and the workload generator.
+
+Usage::
+
+    prefilter = compile_prefilter(parsed_rules, sample=raw_values[:2000])
+    if prefilter is None: ...            # some rule has no condition: decode everything
+    survivors = [v for v in raw_values if prefilter(v)]
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import orjson
+
+from percolators.mapping import Mapping
+from percolators.query import (
+    Bool,
+    MatchAll,
+    MatchNone,
+    Node,
+    ParsedRule,
+    Prefix,
+    Term,
+    Terms,
+    Wildcard,
+)
+
+__all__ = ["RawPrefilter", "compile_prefilter", "rule_condition"]
+
+#: A condition in conjunctive normal form: every clause (a set of patterns) must have a pattern
+#: occurring in the bytes. ``()`` is "always true" (no condition); a clause that is empty can
+#: never be satisfied ("matches nothing").
+Condition = tuple[frozenset[bytes], ...]
+TRUE: Condition = ()
+FALSE: Condition = (frozenset(),)
+
+#: Up to this many distinct patterns, each rule is tested with ``in`` searches directly.
+DIRECT_MAX_PATTERNS = 8
+
+_INT = re.compile(r"-?[0-9]+")
+_TOKENS = re.compile(rb'"[^"]*"')  # every string token of a JSON text without backslashes
+
+
+def _needs_escape(text: str) -> bool:
+    return any(ch == '"' or ch == "\\" or ord(ch) < 0x20 for ch in text)
+
+
+def _is_number_text(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _keyword_value(value: object) -> frozenset[bytes] | None:
+    """The patterns one of which a document whose keyword field indexes ``value`` must contain."""
+    if not isinstance(value, str) or _needs_escape(value):
+        return None
+    if value in ("true", "false"):
+        return frozenset({value.encode()})  # the string "true" or the JSON boolean true
+    if _INT.fullmatch(value):
+        return frozenset({value.encode()})  # the string "12" or the JSON number 12
+    if _is_number_text(value):
+        return None  # 1.5, 1e+16, nan...: JSON may write the number another way
+    return frozenset({orjson.dumps(value)})
+
+
+def _keyword_prefix(prefix: str) -> frozenset[bytes] | None:
+    if not prefix or _needs_escape(prefix):
+        return None
+    if prefix[0] in "-0123456789.+" or "true".startswith(prefix) or "false".startswith(prefix):
+        return None  # a number's or boolean's text may start with it, unquoted
+    if prefix.lower() in ("i", "in", "inf", "n", "na", "nan"):
+        return None
+    return frozenset({orjson.dumps(prefix)[:-1]})
+
+
+def _and(conditions: Iterable[Condition]) -> Condition:
+    clauses: set[frozenset[bytes]] = set()
+    for condition in conditions:
+        clauses.update(condition)
+    if frozenset() in clauses:
+        return FALSE
+    return _simplify(clauses)
+
+
+def _simplify(clauses: Iterable[frozenset[bytes]]) -> Condition:
+    """Drop patterns that contain another pattern of their clause (the shorter one occurs whenever
+    the longer one does) and clauses implied by a smaller one."""
+    reduced = []
+    for clause in clauses:
+        reduced.append(frozenset(p for p in clause if not any(q != p and q in p for q in clause)))
+    reduced.sort(key=len)
+    kept: list[frozenset[bytes]] = []
+    for clause in reduced:
+        if not any(k <= clause for k in kept):
+            kept.append(clause)
+    return tuple(sorted(kept, key=lambda c: (len(c), sorted(c))))
+
+
+def _or(conditions: Sequence[Condition]) -> Condition:
+    live = [c for c in conditions if c != FALSE]
+    if not live:
+        return FALSE
+    if any(c == TRUE for c in live):
+        return TRUE
+    union: set[bytes] = set()
+    for condition in live:
+        union.update(condition[0])  # one clause of each disjunct (the smallest, see _simplify)
+    return _simplify([frozenset(union)])
+
+
+def _condition(node: Node, mapping: Mapping) -> Condition:
+    if isinstance(node, MatchNone):
+        return FALSE
+    if isinstance(node, MatchAll):
+        return TRUE
+    if isinstance(node, Term | Terms | Prefix | Wildcard):
+        spec = mapping.fields.get(node.field)
+        if spec is None or spec.type != "keyword" or spec.null_value is not None:
+            return TRUE
+        patterns: frozenset[bytes] | None
+        if isinstance(node, Term):
+            patterns = None if node.case_insensitive else _keyword_value(node.value)
+        elif isinstance(node, Terms):
+            if not node.values:
+                return FALSE
+            parts = [_keyword_value(v) for v in node.values]
+            patterns = None if any(p is None for p in parts) else frozenset().union(*parts)  # type: ignore[arg-type]
+        elif isinstance(node, Prefix):
+            patterns = None if node.case_insensitive else _keyword_prefix(node.prefix)
+        else:
+            patterns = None if node.case_insensitive else _keyword_prefix(node.literal_prefix)
+        return TRUE if patterns is None else _simplify([patterns])
+    if isinstance(node, Bool):
+        if node.minimum_should_match > len(node.should):
+            return FALSE
+        required = [_condition(child, mapping) for child in (*node.must, *node.filter)]
+        if node.minimum_should_match >= 1:
+            required.append(_or([_condition(child, mapping) for child in node.should]))
+        return _and(required)
+    return TRUE  # Range, Exists, Phrase, GeoDistance: nothing on the raw bytes
+
+
+def rule_condition(rule: ParsedRule | Node, mapping: Mapping) -> Condition:
+    """The CNF condition of one rule: ``()`` when it has none, ``(frozenset(),)`` when it can match
+    nothing."""
+    node = rule.query if isinstance(rule, ParsedRule) else rule
+    return _condition(node, mapping)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One rule: its first (most selective) clause, tested for every document, and the rest."""
+
+    first: frozenset[bytes]
+    rest: tuple[frozenset[bytes], ...]
+
+
+class RawPrefilter:
+    """``prefilter(raw) -> bool``: False only when no rule can match the document.
+
+    Per document: one search for ``\\``, then the string tokens of the document are collected
+    (one regex pass) and intersected with the set of every rule's first-clause patterns (a C-level
+    set operation); prefix and bare patterns are tested with ``in``. Only the rules whose first
+    clause is hit have their other clauses checked."""
+
+    def __init__(self, plans: Sequence[_Plan]) -> None:
+        self.plans = list(plans)
+        tokens: set[bytes] = set()
+        raw: set[bytes] = set()
+        all_tokens: set[bytes] = set()
+        all_raw: set[bytes] = set()
+        for plan in self.plans:
+            for clause_index, clause in enumerate((plan.first, *plan.rest)):
+                for p in clause:
+                    is_token = len(p) >= 2 and p[:1] == b'"' and p[-1:] == b'"'
+                    (all_tokens if is_token else all_raw).add(p)
+                    if clause_index == 0:
+                        (tokens if is_token else raw).add(p)
+        self.first_tokens = frozenset(tokens)
+        self.first_raw = tuple(sorted(raw))
+        self.all_tokens = frozenset(all_tokens)
+        self.all_raw = tuple(sorted(all_raw))
+        # pattern -> the rules whose first clause holds it
+        self.by_first: dict[bytes, list[int]] = {}
+        for i, plan in enumerate(self.plans):
+            for p in plan.first:
+                self.by_first.setdefault(p, []).append(i)
+        # few patterns: plain ``in`` searches beat collecting the document's tokens
+        self.direct = tuple(tuple(tuple(c) for c in (plan.first, *plan.rest)) for plan in self.plans) \
+            if self.patterns <= DIRECT_MAX_PATTERNS else None
+
+    @property
+    def patterns(self) -> int:
+        return len(self.all_tokens) + len(self.all_raw)
+
+    def __call__(self, value: bytes) -> bool:
+        if b"\\" in value:
+            return True
+        if self.direct is not None:
+            return any(all(any(p in value for p in clause) for clause in plan) for plan in self.direct)
+        doc_tokens = set(_TOKENS.findall(value))
+        hits = self.first_tokens.intersection(doc_tokens)
+        raw_hits = [p for p in self.first_raw if p in value]
+        if not hits and not raw_hits:
+            return False
+        present = doc_tokens.intersection(self.all_tokens)
+        present.update(p for p in self.all_raw if p in value)
+        by_first = self.by_first
+        plans = self.plans
+        seen: set[int] = set()
+        for p in (*hits, *raw_hits):
+            for i in by_first[p]:
+                if i in seen:
+                    continue
+                seen.add(i)
+                if all(not clause.isdisjoint(present) for clause in plans[i].rest):
+                    return True
+        return False
+
+
+def _order(condition: Condition, sample: Sequence[bytes]) -> Condition:
+    """Clauses sorted most selective first: by the fraction of ``sample`` they let through (ties
+    and no sample: fewer patterns first)."""
+    if not sample:
+        return condition
+
+    def passed(clause: frozenset[bytes]) -> int:
+        return sum(1 for v in sample if any(p in v for p in clause))
+
+    return tuple(sorted(condition, key=lambda c: (passed(c), len(c))))
+
+
+def compile_prefilter(rules: Iterable[ParsedRule], mapping: Mapping,
+                      sample: Sequence[bytes] = ()) -> RawPrefilter | Callable[[bytes], bool] | None:
+    """The combined prefilter of ``rules`` (a document passes when any rule's condition holds), or
+    None when some rule has no condition (every document must be decoded). ``sample``: raw
+    documents used to order each rule's clauses by selectivity (optional)."""
+    plans: list[_Plan] = []
+    for rule in rules:
+        condition = rule_condition(rule, mapping)
+        if condition == TRUE:
+            return None
+        if condition == FALSE:
+            continue  # matches nothing: no document needs it
+        ordered = _order(condition, sample)
+        plans.append(_Plan(first=ordered[0], rest=tuple(ordered[1:])))
+    if not plans:
+        return _never
+    return RawPrefilter(plans)
+
+
+def _never(value: bytes) -> bool:
+    return False

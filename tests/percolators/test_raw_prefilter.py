@@ -1,0 +1,168 @@
+"""The raw-bytes prefilter is a NECESSARY condition: every document the real percolator matches
+passes it (checked on the workload generator and with hypothesis), and it does filter."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from percolators.dsl import parse_rule
+from percolators.embedded import EmbeddedPercolator
+from percolators.mapping import Mapping
+from percolators.port import Rule
+from percolators.raw_prefilter import FALSE, TRUE, compile_prefilter, rule_condition
+from percolators.workload import WORKLOAD_NOW, generate_documents, generate_rules
+from rules_service.schema import USER_MAPPING
+
+MAPPING = Mapping.from_json(USER_MAPPING)
+
+
+def _condition(query: dict[str, Any]) -> tuple[frozenset[bytes], ...]:
+    return rule_condition(parse_rule("r", query, MAPPING), MAPPING)
+
+
+def test_conditions_of_the_query_shapes() -> None:
+    assert _condition({"term": {"occupation": "teacher"}}) == (frozenset({b'"teacher"'}),)
+    assert _condition({"terms": {"device.os": ["ios", "android"]}}) == (frozenset({b'"ios"', b'"android"'}),)
+    assert _condition({"prefix": {"geo.postcode": "SW19 "}}) == (frozenset({b'"SW19 '}),)
+    assert _condition({"bool": {"filter": [{"term": {"gender": "male"}}, {"range": {"age": {"gte": 30}}},
+                                           {"term": {"device.os": "ios"}}]}}) == (
+        frozenset({b'"ios"'}), frozenset({b'"male"'}))
+    assert _condition({"bool": {"should": [{"term": {"gender": "male"}}, {"term": {"occupation": "chef"}}]}}) == (
+        frozenset({b'"male"', b'"chef"'}),)
+    # no condition: numbers, geo, exists, must_not only, case_insensitive, a should with a range
+    query: dict[str, Any]
+    for query in ({"range": {"age": {"gte": 30}}}, {"exists": {"field": "gender"}},
+                  {"bool": {"must_not": [{"term": {"gender": "male"}}]}},
+                  {"term": {"gender": {"value": "MALE", "case_insensitive": True}}},
+                  {"bool": {"should": [{"term": {"gender": "male"}}, {"range": {"age": {"gte": 3}}}]}},
+                  {"geo_distance": {"distance": "5km", "geo.location": {"lat": 51.4, "lon": -0.2}}},
+                  {"match_all": {}}):
+        assert _condition(query) == TRUE, query
+    assert _condition({"match_none": {}}) == FALSE
+    assert _condition({"bool": {"should": [{"term": {"gender": "male"}}], "minimum_should_match": 2}}) == FALSE
+    # values a keyword field may get from a JSON number or boolean: bare patterns, or none
+    assert _condition({"term": {"occupation": "12"}}) == (frozenset({b"12"}),)
+    assert _condition({"term": {"occupation": "true"}}) == (frozenset({b"true"}),)
+    assert _condition({"term": {"occupation": "1.5"}}) == TRUE
+    assert _condition({"prefix": {"occupation": "1"}}) == TRUE
+    assert _condition({"term": {"occupation": 'say "hi"'}}) == TRUE  # needs escaping
+
+
+def _check_necessary(rules: list[dict[str, Any]], docs: list[dict[str, Any]], raws: list[bytes]) -> int:
+    """Every match of the real percolator passes the prefilter; returns how many documents pass."""
+    percolator = EmbeddedPercolator()
+    percolator.upsert([Rule(id=r["id"], query=r["query"]) for r in rules])
+    results = percolator.percolate(docs, now=WORKLOAD_NOW, on_error="skip")
+    passed = 0
+    for rule in rules:
+        parsed = parse_rule(rule["id"], rule["query"], MAPPING)
+        prefilter = compile_prefilter([parsed], MAPPING, sample=raws[:200])
+        if prefilter is None:
+            continue
+        for raw, result in zip(raws, results, strict=True):
+            ok = prefilter(raw)
+            if isinstance(result, list) and rule["id"] in result:
+                assert ok, (rule, raw)
+    combined = compile_prefilter([parse_rule(r["id"], r["query"], MAPPING) for r in rules], MAPPING, sample=raws)
+    for raw, result in zip(raws, results, strict=True):
+        ok = combined is None or combined(raw)
+        if isinstance(result, list) and result:
+            assert ok, (result, raw)
+        passed += ok
+    return passed
+
+
+def test_necessary_on_the_workload_and_selective() -> None:
+    rules = generate_rules(300, seed=7)
+    docs = generate_documents(2_000, seed=8)
+    raws = [orjson.dumps(d) for d in docs]
+    _check_necessary(rules, docs, raws)
+    # every rule alone with a condition filters: on average far fewer documents pass than all
+    with_condition = 0
+    passed = 0
+    for rule in rules:
+        parsed = parse_rule(rule["id"], rule["query"], MAPPING)
+        prefilter = compile_prefilter([parsed], MAPPING, sample=raws[:200])
+        if prefilter is not None:
+            with_condition += 1
+            passed += sum(1 for raw in raws if prefilter(raw))
+    assert with_condition > 0.8 * len(rules)
+    assert passed / (with_condition * len(raws)) < 0.3
+
+
+def test_documents_with_escapes_or_other_encoders_pass() -> None:
+    rules = [{"id": "a", "query": {"bool": {"filter": [{"term": {"occupation": "chef"}},
+                                                         {"prefix": {"geo.postcode": "SW19 "}}]}}},
+             {"id": "b", "query": {"term": {"language": "fr"}}},
+             {"id": "c", "query": {"bool": {"filter": [{"term": {"occupation": "12"}},
+                                                        {"term": {"interests": "true"}}]}}}]
+    docs: list[dict[str, Any]] = [{"user_id": "x\"y", "occupation": "chef", "geo": {"postcode": "SW19 1AA"}},
+            {"user_id": "z", "occupation": "chef", "geo": {"postcode": "SW19 1AA"}, "language": "fr"},
+            {"user_id": "e", "occupation": 12, "language": ["de", "fr"], "interests": [True]}]
+    raws = [orjson.dumps(docs[0]), json.dumps(docs[1], indent=2).encode(), json.dumps(docs[2]).encode()]
+    assert _check_necessary(rules, docs, raws) == 3
+
+
+_VALUES = st.sampled_from(["male", "female", "chef", "12", "true", "SW19 1AA", "SW1", "ios", "Ios", "é", "a b"])
+_SCALARS = st.one_of(_VALUES, st.integers(-20, 20), st.booleans(), st.none(), st.floats(-3, 3, allow_nan=False))
+_FIELDS = st.sampled_from(["gender", "occupation", "geo.postcode", "device.os", "interests"])
+
+
+def _put(doc: dict[str, Any], path: str, value: Any) -> None:
+    head, _, rest = path.partition(".")
+    if rest:
+        _put(doc.setdefault(head, {}), rest, value)
+    else:
+        doc[head] = value
+
+
+@st.composite
+def _documents(draw: st.DrawFn) -> dict[str, Any]:
+    doc: dict[str, Any] = {"user_id": draw(st.sampled_from(["u1", "chef", "u\"2"]))}
+    for path in draw(st.lists(_FIELDS, max_size=4, unique=True)):
+        _put(doc, path, draw(st.one_of(_SCALARS, st.lists(_SCALARS, max_size=3))))
+    if draw(st.booleans()):
+        doc["age"] = draw(st.integers(0, 90))
+    return doc
+
+
+_LEAVES = st.one_of(
+    st.builds(lambda f, v: {"term": {f: v}}, _FIELDS, _VALUES),
+    st.builds(lambda f, v: {"terms": {f: v}}, _FIELDS, st.lists(_VALUES, min_size=1, max_size=3)),
+    st.builds(lambda f, v: {"prefix": {f: v}}, _FIELDS, st.sampled_from(["S", "SW1", "ch", "1", "t", "é"])),
+    st.builds(lambda f, v: {"wildcard": {f: v}}, _FIELDS, st.sampled_from(["SW*", "c?ef", "*x", "1*"])),
+    st.builds(lambda f, v: {"term": {f: {"value": v, "case_insensitive": True}}}, _FIELDS, _VALUES),
+    st.builds(lambda lo: {"range": {"age": {"gte": lo}}}, st.integers(0, 90)),
+    st.builds(lambda f: {"exists": {"field": f}}, _FIELDS),
+)
+_QUERIES = st.recursive(_LEAVES, lambda inner: st.builds(
+    lambda must, flt, should, must_not, msm: {"bool": {
+        "must": must, "filter": flt, "should": should, "must_not": must_not,
+        **({"minimum_should_match": msm} if msm is not None else {})}},
+    st.lists(inner, max_size=2), st.lists(inner, max_size=2), st.lists(inner, max_size=3),
+    st.lists(inner, max_size=1), st.one_of(st.none(), st.integers(0, 3))), max_leaves=8)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(queries=st.lists(_QUERIES, min_size=1, max_size=3), docs=st.lists(_documents(), min_size=1, max_size=8),
+       pretty=st.booleans())
+def test_necessary_hypothesis(queries: list[dict[str, Any]], docs: list[dict[str, Any]], pretty: bool) -> None:
+    rules = [{"id": f"r{i}", "query": q} for i, q in enumerate(queries)]
+    raws = [json.dumps(d, indent=1, ensure_ascii=False).encode() if pretty else orjson.dumps(d) for d in docs]
+    _check_necessary(rules, docs, raws)
+
+
+@pytest.mark.parametrize("direct", [0, 1000])
+def test_direct_and_token_paths_agree(direct: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import percolators.raw_prefilter as module
+
+    monkeypatch.setattr(module, "DIRECT_MAX_PATTERNS", direct)
+    rules = generate_rules(40, seed=9)
+    docs = generate_documents(500, seed=10)
+    _check_necessary(rules, docs, [orjson.dumps(d) for d in docs])
