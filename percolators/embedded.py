@@ -15,31 +15,25 @@ what the equivalence tests and the benchmark compare against.
 from __future__ import annotations
 
 import gc
-from collections import deque
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from itertools import compress, repeat
 from typing import Any
 
 from percolators.batch import BatchIndex
+from percolators.document import IndexedDoc
 from percolators.errors import InvalidDocumentError, InvalidRuleError
 from percolators.fast_index import FastIndexer
 from percolators.mapping import Mapping as DocMapping
 from percolators.port import Explanation, Percolator, Rule, RuleReport
 from percolators.rule_index import RuleIndex, StoredRule
+from percolators.scatter import scatter as scatter_lists
+from percolators.scatter import scatter_python
 from rules_service.schema import USER_MAPPING
 
 #: Documents percolated together in one batch index (bigger batches amortise per-rule work; the
 #: masks grow linearly, so beyond a few thousand the gain flattens).
 DEFAULT_MAX_BATCH = 8192
-
-
-#: Above this many matching documents a rule's matches are scattered with C-level iterators.
-DENSE_SCATTER = 96
-
-_BITS_OF_BYTE = [bytes((byte >> bit) & 1 for bit in range(8)) for byte in range(256)]
-_append = list.append
-_drain: Callable[[Iterable[Any]], None] = deque(maxlen=0).extend
 
 
 def now_millis(now: datetime | None) -> int:
@@ -163,6 +157,14 @@ class EmbeddedPercolator(Percolator):
     def _percolate_batch(
         self, docs: list[Any], slots: list[int], out: list[Any], restrict: set[str] | None, now_ms: int
     ) -> None:
+        matched, masks = self._evaluate_batch(docs, restrict, now_ms)
+        for slot, ids in zip(slots, scatter_lists(matched, masks, len(docs)), strict=True):
+            out[slot] = ids
+
+    def _evaluate_batch(
+        self, docs: list[Any], restrict: set[str] | None, now_ms: int
+    ) -> tuple[list[str], list[int]]:
+        """The rules (sorted ids) matching at least one of ``docs`` and their document masks."""
         index = self.index
         batch = BatchIndex(docs, now_ms, index.fields, self._geo_fields)
         if restrict is not None and len(restrict) <= 64:
@@ -180,7 +182,73 @@ class EmbeddedPercolator(Percolator):
             if mask:
                 matched.append(rule_id)
                 masks.append(mask)
-        scatter(matched, masks, [out[slot] for slot in slots])
+        return matched, masks
+
+    # ----- percolation to masks -------------------------------------------------------------
+    def percolate_masks(
+        self,
+        documents: Sequence[Mapping[str, Any]],
+        *,
+        rule_ids: Collection[str] | None = None,
+        now: datetime | None = None,
+    ) -> BatchMatches:
+        """Like :meth:`percolate` with ``on_error="skip"``, but without building per-document
+        lists: for each rule matching at least one document, a Python int whose bit ``i`` is set
+        when ``documents[i]`` matches it. For consumers that aggregate per rule (counting matches
+        is ``mask.bit_count()``), this skips the per-document output work entirely."""
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._percolate_masks(documents, rule_ids, now_millis(now))
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _percolate_masks(
+        self, documents: Sequence[Mapping[str, Any]], rule_ids: Collection[str] | None, now_ms: int
+    ) -> BatchMatches:
+        size = len(documents)
+        if self.reference:
+            lists = self._percolate(documents, rule_ids, now_ms, "skip")
+            return BatchMatches.from_lists(lists)
+        errors: dict[int, Exception] = {}
+        indexed: list[Any] = []
+        index_document = self._indexer.index
+        for slot, document in enumerate(documents):
+            try:
+                if not isinstance(document, Mapping):
+                    raise InvalidDocumentError("", f"a document must be a JSON object, not {type(document).__name__}")
+                indexed.append(index_document(document))
+            except InvalidDocumentError as exc:
+                errors[slot] = exc
+                indexed.append(_NO_DOCUMENT)  # keeps positions; its bits are cleared below
+        restrict = None if rule_ids is None else {r for r in rule_ids if r in self.index.rules}
+        if len(errors) == size or not self.index.rules or (restrict is not None and not restrict):
+            return BatchMatches(size, [], [], errors)
+        valid = (1 << size) - 1
+        for slot in errors:
+            valid &= ~(1 << slot)
+        step = self.max_batch
+        if size <= step:
+            matched, masks = self._evaluate_batch(indexed, restrict, now_ms)
+            if errors:
+                pairs = [(rule_id, mask & valid) for rule_id, mask in zip(matched, masks, strict=True)]
+                matched = [rule_id for rule_id, mask in pairs if mask]
+                masks = [mask for _, mask in pairs if mask]
+            return BatchMatches(size, matched, masks, errors)
+        merged: dict[str, int] = {}
+        for start in range(0, size, step):
+            part_ids, part_masks = self._evaluate_batch(indexed[start : start + step], restrict, now_ms)
+            for rule_id, mask in zip(part_ids, part_masks, strict=True):
+                merged[rule_id] = merged.get(rule_id, 0) | (mask << start)
+        matched = []
+        masks = []
+        for rule_id in sorted(merged):
+            mask = merged[rule_id] & valid
+            if mask:
+                matched.append(rule_id)
+                masks.append(mask)
+        return BatchMatches(size, matched, masks, errors)
 
     def _percolate_reference(
         self, docs: list[Any], slots: list[int], out: list[Any], restrict: set[str] | None, now_ms: int
@@ -206,26 +274,52 @@ class EmbeddedPercolator(Percolator):
         return explain(parsed, document, self.mapping, now_millis(now))
 
 
+#: Stands in for a document that could not be indexed (percolate_masks keeps positions).
+_NO_DOCUMENT = IndexedDoc({}, {}, frozenset())
+
+
+@dataclass(frozen=True)
+class BatchMatches:
+    """What :meth:`EmbeddedPercolator.percolate_masks` returns.
+
+    * ``size``: how many documents were given;
+    * ``rule_ids``: the ids (sorted) of the rules matching at least one document;
+    * ``masks``: for each of ``rule_ids``, bit ``i`` set when document ``i`` matches it;
+    * ``errors``: document position -> the error of a document that could not be indexed (its
+      bit is clear in every mask).
+    """
+
+    size: int
+    rule_ids: list[str]
+    masks: list[int]
+    errors: dict[int, Exception]
+
+    def counts(self) -> dict[str, int]:
+        """Rule id -> number of matching documents."""
+        return {rule_id: mask.bit_count() for rule_id, mask in zip(self.rule_ids, self.masks, strict=True)}
+
+    def to_lists(self) -> list[list[str] | Exception]:
+        """The same as ``percolate(..., on_error="skip")`` would return."""
+        out: list[list[str] | Exception] = list(scatter_lists(self.rule_ids, self.masks, self.size))
+        for slot, exc in self.errors.items():
+            out[slot] = exc
+        return out
+
+    @classmethod
+    def from_lists(cls, results: Sequence[list[str] | Exception]) -> BatchMatches:
+        errors: dict[int, Exception] = {}
+        masks: dict[str, int] = {}
+        for slot, result in enumerate(results):
+            if isinstance(result, Exception):
+                errors[slot] = result
+                continue
+            for rule_id in result:
+                masks[rule_id] = masks.get(rule_id, 0) | (1 << slot)
+        ordered = sorted(masks)
+        return cls(len(results), ordered, [masks[r] for r in ordered], errors)
+
+
 def scatter(matched: list[str], masks: list[int], lists: list[list[str]]) -> None:
-    """For each rule (in order), append its id to the lists of the documents in its mask.
-
-    (Transposing the rules x documents matrix instead was tried: the strided column reads it
-    needs are much slower than these appends.)"""
-    appenders = [target.append for target in lists]
-    selector_bytes = (len(lists) + 7) // 8
-    for rule_id, mask in zip(matched, masks, strict=True):
-        if mask & (mask - 1) == 0:  # one document
-            appenders[mask.bit_length() - 1](rule_id)
-        elif mask.bit_count() > DENSE_SCATTER:
-            # many documents: one byte per document selects their lists, all in C
-            selectors = b"".join(map(_BITS_OF_BYTE.__getitem__, mask.to_bytes(selector_bytes, "little")))
-            _drain(map(_append, compress(lists, selectors), repeat(rule_id)))
-        else:
-            text = bin(mask)  # bit 0 is the last character: string index i is bit (top - i)
-            top = len(text) - 1
-            find = text.find
-            i = find("1", 2)
-            while i >= 0:
-                appenders[top - i](rule_id)
-                i = find("1", i + 1)
-
+    """For each rule (in order), append its id to the lists of the documents in its mask (the
+    pure-Python scatter, in place; ``percolators.scatter`` has the numpy one)."""
+    scatter_python(matched, masks, lists)

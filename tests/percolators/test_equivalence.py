@@ -230,3 +230,100 @@ def test_flat_earth_band_bounds_the_error():
         exact = distance(node, p_lat, p_lon)
         if exact <= metres * 1.5:
             assert abs(flat - exact) <= band * metres * 0.5 + 1e-6, (c_lat, metres, flat, exact, band)
+
+
+# ----- fast output paths: numpy scatter and percolate_masks ------------------------------------
+@settings(max_examples=150, deadline=None)
+@given(size=st.integers(min_value=1, max_value=200), seed=st.integers(min_value=0, max_value=10**6),
+       rules=st.integers(min_value=0, max_value=40))
+def test_numpy_scatter_equals_python_scatter(size, seed, rules):
+    import random
+
+    from percolators.scatter import scatter, scatter_numpy, scatter_python
+
+    rng = random.Random(seed)
+    matched = sorted(f"r{rng.randrange(10**6):06d}-{i}" for i in range(rules))
+    masks = []
+    for i in range(rules):  # empty, single-document, sparse, dense and full masks
+        density = (0.0, 0.01, 0.1, 0.7, 1.0)[i % 5]
+        masks.append(sum(1 << d for d in range(size) if rng.random() < density) or (1 << rng.randrange(size)))
+    expected: list[list[str]] = [[] for _ in range(size)]
+    scatter_python(matched, masks, expected)
+    assert expected == [[r for r, m in zip(matched, masks, strict=True) if m >> d & 1] for d in range(size)]
+    assert scatter_numpy(matched, masks, size) == expected
+    assert scatter(matched, masks, size) == expected
+
+
+def _many_matches_workload(count: int) -> tuple[list[Rule], list[Any]]:
+    """Rules matching a large share of the documents (like 100,000 rules: ~900 matches per
+    document), plus documents that cannot be indexed."""
+    rules = [Rule(r["id"], r["query"]) for r in generate_rules(count, seed=21)]
+    broad = [
+        {"match_all": {}},
+        {"bool": {"must_not": [{"term": {"gender": "f"}}]}},
+        {"exists": {"field": "age"}},
+        {"range": {"age": {"gte": 18}}},
+        {"bool": {"should": [{"term": {"gender": "m"}}, {"term": {"gender": "f"}}]}},
+    ]
+    rules += [Rule(f"broad-{i:03d}", broad[i % len(broad)]) for i in range(60)]
+    docs: list[Any] = list(generate_documents(700, seed=22))
+    docs[5] = "not an object"
+    docs[300] = {"age": "not a number"}
+    docs[699] = ["still", "not"]
+    return rules, docs
+
+
+def test_many_matches_and_errors_match_like_the_reference():
+    rules, docs = _many_matches_workload(600)
+    fast = EmbeddedPercolator(max_batch=256)
+    got = _compare_engines(fast, EmbeddedPercolator(presearcher="match_all"), rules, docs, WORKLOAD_NOW)
+    assert sum(len(r) for r in got if isinstance(r, list)) > 30 * len(docs)  # the numpy scatter ran
+    assert isinstance(got[5], Exception) and isinstance(got[300], Exception)
+
+
+def test_percolate_masks_equals_percolate():
+    from percolators.embedded import BatchMatches
+
+    rules, docs = _many_matches_workload(400)
+    restrict = {rule.id for rule in rules[::3]} | {"no-such-rule"}
+    for max_batch in (4096, 200, 7):
+        engine = EmbeddedPercolator(max_batch=max_batch)
+        engine.upsert(rules)
+        for rule_ids in (None, restrict, {"broad-001"}, set()):
+            expected = engine.percolate(docs, now=WORKLOAD_NOW, on_error="skip", rule_ids=rule_ids)
+            got = engine.percolate_masks(docs, now=WORKLOAD_NOW, rule_ids=rule_ids)
+            assert isinstance(got, BatchMatches) and got.size == len(docs)
+            assert got.rule_ids == sorted(got.rule_ids) and all(got.masks)
+            assert sorted(got.errors) == [i for i, r in enumerate(expected) if isinstance(r, Exception)]
+            assert [_plain(r) for r in got.to_lists()] == [_plain(r) for r in expected]
+            counts: dict[str, int] = {}
+            for result in expected:
+                for rule_id in result if isinstance(result, list) else ():
+                    counts[rule_id] = counts.get(rule_id, 0) + 1
+            assert got.counts() == counts
+    reference = EmbeddedPercolator(presearcher="match_all")
+    reference.upsert(rules[:50])
+    sample = docs[:40]
+    sample[3] = 42
+    got = reference.percolate_masks(sample, now=WORKLOAD_NOW)
+    expected = BatchMatches.from_lists(reference.percolate(sample, now=WORKLOAD_NOW, on_error="skip"))
+    assert (got.size, got.rule_ids, got.masks) == (expected.size, expected.rule_ids, expected.masks)
+    assert {k: str(v) for k, v in got.errors.items()} == {k: str(v) for k, v in expected.errors.items()} != {}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(queries=st.lists(query, min_size=1, max_size=8), docs=st.lists(document, min_size=1, max_size=10),
+       max_batch=st.sampled_from([1, 3, 4096]))
+def test_random_percolate_masks_equal_percolate(queries, docs, max_batch):
+    fast = EmbeddedPercolator(MAPPING, max_batch=max_batch)
+    accepted = []
+    for i, q in enumerate(queries):
+        rule = Rule(f"r{i:02d}", q)
+        try:
+            fast.validate(rule)
+        except InvalidRuleError:
+            continue
+        accepted.append(rule)
+    fast.upsert(accepted)
+    expected = fast.percolate(docs, now=NOW, on_error="skip")
+    assert [_plain(r) for r in fast.percolate_masks(docs, now=NOW).to_lists()] == [_plain(r) for r in expected]
