@@ -9,7 +9,9 @@ the *same* percolator and counters code as the live stream over it:
 2. keep the users whose ``last_seen`` lies in a replayed request's window (see below); the
    timestamp is read from the tail of the raw JSON (the stream writes ``last_seen`` last), so the
    users outside every window are skipped without decoding their document;
-3. percolate the kept documents against ONLY the replayed rule ids (``rule_ids=...``);
+3. drop the kept documents that cannot match any replayed rule, on their raw bytes
+   (:mod:`percolators.raw_prefilter`: a necessary condition such as "contains ``"teacher"``"),
+   decode the survivors and percolate them against ONLY the replayed rule ids (``rule_ids=...``);
 4. aggregate with :func:`rules_service.counters.aggregate.aggregate` (bucket = the user's
    ``last_seen``, so one match and the user's latest dimension values are added per user);
 5. ``Counters.apply`` the batch with consumer ``replay:<scan id>`` and the scanned offsets as the
@@ -45,7 +47,11 @@ from typing import Any
 
 import orjson
 
+from percolators.dsl import parse_rule
+from percolators.errors import InvalidRuleError
+from percolators.mapping import Mapping as DocMapping
 from percolators.port import Percolator
+from percolators.raw_prefilter import compile_prefilter
 from rules_service.counters.aggregate import aggregate
 from rules_service.counters.port import CounterBatch, Counters
 from rules_service.domain import LAST_SEEN_TOPIC
@@ -67,6 +73,8 @@ __all__ = [
 LIVE_GRACE_MS = 60_000
 DAY_MS = 86_400_000
 DEFAULT_BATCH_SIZE = 20_000
+#: A raw prefilter passing more than this share of a sample is not used (its cost buys nothing).
+PREFILTER_MAX_PASS_RATE = 0.6
 
 _TAIL = b'"last_seen":"'  # the stream writes the user document with last_seen as its last field
 _TAIL_LEN = len(_TAIL) + 24 + 2  # "last_seen":"2026-11-22T10:00:00.000Z"}
@@ -139,7 +147,8 @@ class ScanProgress:
     total: int
     scanned: int = 0
     records: int = 0
-    kept: int = 0  # records inside some window (percolated)
+    in_window: int = 0  # records inside some window
+    kept: int = 0  # of which passed the raw prefilter (decoded and percolated)
     matched: dict[str, int] = field(default_factory=dict)  # replay id -> users matched
     batches: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -231,6 +240,20 @@ def _partition_batches(log: Log, topic: str, partition: int, start: int, begin: 
         consumer.close()
 
 
+def _percolator_mapping(percolator: Percolator) -> DocMapping | None:
+    """The document mapping the percolator validates rules against, when it exposes one (the raw
+    prefilter needs the field types; without them every kept document is decoded)."""
+    mapping = getattr(percolator, "mapping", None)
+    if isinstance(mapping, DocMapping):
+        return mapping
+    if isinstance(mapping, dict) and "properties" in mapping:  # the Elasticsearch adapter keeps the JSON
+        try:
+            return DocMapping.from_json(mapping)
+        except ValueError:
+            return None
+    return None
+
+
 #: ``on_batch(progress)`` after each applied batch; may raise (a test's simulated crash).
 BatchHook = Callable[[ScanProgress], None]
 #: ``cancelled()`` -> the replay ids cancelled so far (checked between batches).
@@ -248,7 +271,8 @@ class ReplayScan:
                  scan_id: str, plan: ScanPlan, dimensions: Sequence[str] = (),
                  batch_size: int = DEFAULT_BATCH_SIZE, resume_offsets: Mapping[tuple[str, int], int] | None = None,
                  on_batch: BatchHook | None = None, cancelled: CancelCheck | None = None,
-                 now: datetime | None = None) -> None:
+                 now: datetime | None = None, mapping: DocMapping | None = None,
+                 prefilter: bool = True) -> None:
         if not requests:
             raise ValueError("a scan needs at least one replay request")
         self.log = log
@@ -264,11 +288,15 @@ class ReplayScan:
         self.on_batch = on_batch
         self.cancelled = cancelled
         self.now = now or datetime.now(UTC)
+        self.use_prefilter = prefilter
         self._positions = {p: min(max(self.resume.get(p, b), b), plan.ends.get(p, b))
                            for p, b in plan.begins.items()}
         done = self._scanned()
         self.progress = ScanProgress(total=plan.total, scanned=done, scanned_at_start=done)
         self.progress.matched = {r.replay_id: 0 for r in self.requests}
+        self.mapping = mapping if mapping is not None else _percolator_mapping(percolator)
+        self._prefilters: dict[tuple[str, ...], Callable[[bytes], bool] | None] = {}
+        self.prefilter_info: dict[str, Any] = {}
 
     def load_rules(self) -> None:
         """Store the requested rules in the percolator (an upsert: idempotent)."""
@@ -322,7 +350,7 @@ class ReplayScan:
         if active:
             lo = min(r.since for r in active)
             hi = max(r.until for r in active)
-            loads = orjson.loads
+            window: list[tuple[bytes, bytes]] = []
             for record in records_iter:
                 value = record.value
                 if value is None:
@@ -330,6 +358,13 @@ class ReplayScan:
                 stamp = last_seen_bytes(value)
                 if stamp is None or stamp < lo or stamp >= hi:
                     continue
+                window.append((value, stamp))
+            progress.in_window += len(window)
+            prefilter = self._prefilter(active, window)
+            if prefilter is not None:
+                window = [pair for pair in window if prefilter(pair[0])]
+            loads = orjson.loads
+            for value, stamp in window:
                 try:
                     doc = loads(value)
                 except orjson.JSONDecodeError:
@@ -352,6 +387,35 @@ class ReplayScan:
                           count_matches=True)
         key = (self.plan.topic, partition)
         self.counters.apply(batch, self.consumer, {key: records[-1].offset + 1}, {key: records[0].offset})
+
+    def _prefilter(self, active: Sequence[ReplayRequest],
+                   window: Sequence[tuple[bytes, bytes]]) -> Callable[[bytes], bool] | None:
+        """The raw prefilter of the active rules (compiled once per set of rules, its clauses
+        ordered by selectivity on this first batch), or None: disabled, unknown mapping, a rule
+        without a condition, or one letting most documents through (then it only costs time)."""
+        if not self.use_prefilter or self.mapping is None:
+            return None
+        key = tuple(sorted(r.rule_id for r in active))
+        if key in self._prefilters:
+            return self._prefilters[key]
+        sample = [value for value, _ in window[:: max(1, len(window) // 2000)]]
+        compiled: Callable[[bytes], bool] | None
+        try:
+            parsed = [parse_rule(r.rule_id, r.query, self.mapping) for r in active]
+        except InvalidRuleError:
+            compiled = None
+        else:
+            compiled = compile_prefilter(parsed, self.mapping, sample=sample)
+            with_condition = sum(compile_prefilter([p], self.mapping) is not None for p in parsed)
+            self.prefilter_info = {"rules": len(parsed), "with_condition": with_condition}
+        if compiled is not None and sample:
+            rate = sum(1 for v in sample if compiled(v)) / len(sample)
+            self.prefilter_info["sample_pass_rate"] = round(rate, 4)
+            if rate > PREFILTER_MAX_PASS_RATE:
+                compiled = None
+        self.prefilter_info["active"] = compiled is not None
+        self._prefilters[key] = compiled
+        return compiled
 
     def _percolate(self, docs: list[dict[str, Any]], stamps: list[bytes],
                    active: Sequence[ReplayRequest]) -> list[list[str]]:
