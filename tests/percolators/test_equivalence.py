@@ -258,7 +258,7 @@ def _many_matches_workload(count: int) -> tuple[list[Rule], list[Any]]:
     """Rules matching a large share of the documents (like 100,000 rules: ~900 matches per
     document), plus documents that cannot be indexed."""
     rules = [Rule(r["id"], r["query"]) for r in generate_rules(count, seed=21)]
-    broad = [
+    broad: list[dict[str, Any]] = [
         {"match_all": {}},
         {"bool": {"must_not": [{"term": {"gender": "f"}}]}},
         {"exists": {"field": "age"}},
@@ -305,10 +305,10 @@ def test_percolate_masks_equals_percolate():
     reference.upsert(rules[:50])
     sample = docs[:40]
     sample[3] = 42
-    got = reference.percolate_masks(sample, now=WORKLOAD_NOW)
-    expected = BatchMatches.from_lists(reference.percolate(sample, now=WORKLOAD_NOW, on_error="skip"))
-    assert (got.size, got.rule_ids, got.masks) == (expected.size, expected.rule_ids, expected.masks)
-    assert {k: str(v) for k, v in got.errors.items()} == {k: str(v) for k, v in expected.errors.items()} != {}
+    masks_got = reference.percolate_masks(sample, now=WORKLOAD_NOW)
+    wanted = BatchMatches.from_lists(reference.percolate(sample, now=WORKLOAD_NOW, on_error="skip"))
+    assert (masks_got.size, masks_got.rule_ids, masks_got.masks) == (wanted.size, wanted.rule_ids, wanted.masks)
+    assert {k: str(v) for k, v in masks_got.errors.items()} == {k: str(v) for k, v in wanted.errors.items()} != {}
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
