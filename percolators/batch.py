@@ -72,6 +72,7 @@ class BatchIndex:
     __slots__ = (
         "_by_field",
         "_cache",
+        "_field_masks",
         "_geo",
         "_geo_grid",
         "_geo_pos",
@@ -92,37 +93,34 @@ class BatchIndex:
         now_ms: int,
         fields: Collection[str] | None = None,
         geo_fields: Collection[str] = (),
+        *,
+        postings: dict[str, dict[Any, list[int]]] | None = None,
+        geo: dict[str, list[tuple[int, float, float]]] | None = None,
     ) -> None:
+        """Index ``docs``; or, when ``postings`` (field -> value -> document positions) and
+        ``geo`` (field -> (position, lat, lon) points) were already built from them (see
+        ``percolators.fast_index.FastIndexer.index_batch``), use those."""
         self.docs = docs
         self.size = len(docs)
         self.all = (1 << self.size) - 1
         self.now_ms = now_ms
-        acc: dict[tuple[str, Any], list[int]] = {}
-        geo: dict[str, list[tuple[int, float, float]]] = {}
-        geo_fields = frozenset(geo_fields)
-        for pos, doc in enumerate(docs):
-            for name, values in doc.values.items():
-                if fields is not None and name not in fields:
-                    continue
-                if name in geo_fields:
-                    points = geo.setdefault(name, [])
-                    for lat, lon in values:
-                        points.append((pos, lat, lon))
-                    continue
-                for value in values:
-                    key = (name, value)
-                    got = acc.get(key)
-                    if got is None:
-                        acc[key] = [pos]
-                    else:
-                        got.append(pos)
+        if postings is None or geo is None:
+            postings, geo = collect_postings(docs, fields, geo_fields)
         terms: dict[tuple[str, Any], int] = {}
-        for key, positions in acc.items():
-            terms[key] = (1 << positions[0]) if len(positions) == 1 else mask_of(positions)
+        field_masks: dict[str, dict[Any, int]] = {}
+        for name, by_value in postings.items():
+            masks_of: dict[Any, int] = {}
+            for value, positions in by_value.items():
+                mask = (1 << positions[0]) if len(positions) == 1 else mask_of(positions)
+                masks_of[value] = mask
+                terms[(name, value)] = mask
+            if masks_of:
+                field_masks[name] = masks_of
         self.terms = terms
+        self._field_masks = field_masks
         self._geo = geo
         self._geo_grid: dict[tuple[str, float], dict[tuple[int, int], int]] = {}
-        self._by_field: dict[str, tuple[list[Any], list[int]]] | None = None
+        self._by_field: dict[str, tuple[list[Any], list[int]]] = {}
         self._lower: dict[str, dict[str, int]] = {}
         self._present: dict[str, int] | None = None
         self._cache: dict[Any, int] = {}
@@ -133,19 +131,15 @@ class BatchIndex:
     # ----- per-field views, built on first use ---------------------------------------------
     def field_values(self, name: str) -> tuple[list[Any], list[int]]:
         """The field's distinct values in the batch, sorted, and the mask of each."""
-        if self._by_field is None:
-            grouped: dict[str, list[tuple[Any, int]]] = {}
-            for (fname, value), mask in self.terms.items():
-                grouped.setdefault(fname, []).append((value, mask))
-            by_field: dict[str, tuple[list[Any], list[int]]] = {}
-            for fname, pairs in grouped.items():
-                try:
-                    pairs.sort(key=_first)
-                except TypeError:  # mixed types cannot happen with a typed mapping; stay safe
-                    pairs.sort(key=lambda pair: repr(pair[0]))
-                by_field[fname] = ([p[0] for p in pairs], [p[1] for p in pairs])
-            self._by_field = by_field
-        return self._by_field.get(name, ([], []))
+        got = self._by_field.get(name)
+        if got is None:
+            pairs = list(self._field_masks.get(name, {}).items())
+            try:
+                pairs.sort(key=_first)
+            except TypeError:  # mixed types cannot happen with a typed mapping; stay safe
+                pairs.sort(key=lambda pair: repr(pair[0]))
+            got = self._by_field[name] = ([p[0] for p in pairs], [p[1] for p in pairs])
+        return got
 
     def lower_terms(self, name: str) -> dict[str, int]:
         """Lower-cased string value -> mask, for case-insensitive term/prefix/wildcard."""
@@ -304,6 +298,46 @@ class BatchIndex:
         if got is None:
             got = self._cache[key] = compute()
         return got
+
+
+def collect_postings(
+    docs: Sequence[Any], fields: Collection[str] | None, geo_fields: Collection[str]
+) -> tuple[dict[str, dict[Any, list[int]]], dict[str, list[tuple[int, float, float]]]]:
+    """Field -> value -> positions, and geo field -> points, of indexed documents."""
+    postings: dict[str, dict[Any, list[int]]] = {}
+    geo: dict[str, list[tuple[int, float, float]]] = {}
+    geo_fields = frozenset(geo_fields)
+    for pos, doc in enumerate(docs):
+        add_postings(pos, doc, fields, geo_fields, postings, geo)
+    return postings, geo
+
+
+def add_postings(
+    pos: int,
+    doc: Any,
+    fields: Collection[str] | None,
+    geo_fields: Collection[str],
+    postings: dict[str, dict[Any, list[int]]],
+    geo: dict[str, list[tuple[int, float, float]]],
+) -> None:
+    """Add one indexed document (at batch position ``pos``) to ``postings`` and ``geo``."""
+    for name, values in doc.values.items():
+        if fields is not None and name not in fields:
+            continue
+        if name in geo_fields:
+            points = geo.setdefault(name, [])
+            for lat, lon in values:
+                points.append((pos, lat, lon))
+            continue
+        by_value = postings.get(name)
+        if by_value is None:
+            by_value = postings[name] = {}
+        for value in values:
+            got = by_value.get(value)
+            if got is None:
+                by_value[value] = [pos]
+            else:
+                got.append(pos)
 
 
 def _first(pair: tuple[Any, int]) -> Any:
