@@ -23,7 +23,7 @@ from typing import Any
 from percolators.batch import BatchIndex
 from percolators.document import IndexedDoc
 from percolators.errors import InvalidDocumentError, InvalidRuleError
-from percolators.fast_index import FastIndexer
+from percolators.fast_index import BatchBuild, FastIndexer
 from percolators.mapping import Mapping as DocMapping
 from percolators.port import Explanation, Percolator, Rule, RuleReport
 from percolators.rule_index import RuleIndex, StoredRule
@@ -126,47 +126,35 @@ class EmbeddedPercolator(Percolator):
     def _percolate(
         self, documents: Sequence[Mapping[str, Any]], rule_ids: Collection[str] | None, now_ms: int, on_error: str
     ) -> list[list[str] | Exception]:
-        out: list[list[str] | Exception] = [[] for _ in documents]
-        valid: list[int] = []
-        indexed: list[Any] = []
-        index_document = self._indexer.index
-        for slot, document in enumerate(documents):
-            try:
-                if not isinstance(document, Mapping):
-                    raise InvalidDocumentError("", f"a document must be a JSON object, not {type(document).__name__}")
-                indexed.append(index_document(document))
-            except InvalidDocumentError as exc:
-                if on_error == "raise":
-                    raise
-                out[slot] = exc
-                continue
-            valid.append(slot)
-        if not indexed or not self.index.rules:
-            return out
-        restrict = None if rule_ids is None else {r for r in rule_ids if r in self.index.rules}
-        if restrict is not None and not restrict:
-            return out
         if self.reference:
-            self._percolate_reference(indexed, valid, out, restrict, now_ms)
-            return out
-        step = self.max_batch
-        for start in range(0, len(indexed), step):
-            self._percolate_batch(indexed[start : start + step], valid[start : start + step], out, restrict, now_ms)
+            return self._percolate_reference(documents, rule_ids, now_ms, on_error)
+        out: list[list[str] | Exception] = [[] for _ in documents]
+        restrict = None if rule_ids is None else {r for r in rule_ids if r in self.index.rules}
+        idle = not self.index.rules or (restrict is not None and not restrict)
+        fields, index_batch, step = self.index.fields, self._indexer.index_batch, self.max_batch
+        for start in range(0, len(documents), step):
+            # documents are indexed straight into the batch postings (errors: see index_batch)
+            build = index_batch(documents[start : start + step], fields, self._geo_fields, on_error)
+            for slot, exc in build.errors.items():
+                out[start + slot] = exc
+            if idle or not build.docs:
+                continue
+            matched, masks = self._evaluate_batch(build.docs, restrict, now_ms, build)
+            lists = scatter_lists(matched, masks, len(build.docs))
+            for slot, ids in zip(build.slots, lists, strict=True):
+                out[start + slot] = ids
         return out
 
-    def _percolate_batch(
-        self, docs: list[Any], slots: list[int], out: list[Any], restrict: set[str] | None, now_ms: int
-    ) -> None:
-        matched, masks = self._evaluate_batch(docs, restrict, now_ms)
-        for slot, ids in zip(slots, scatter_lists(matched, masks, len(docs)), strict=True):
-            out[slot] = ids
-
     def _evaluate_batch(
-        self, docs: list[Any], restrict: set[str] | None, now_ms: int
+        self, docs: list[Any], restrict: set[str] | None, now_ms: int, build: BatchBuild | None = None
     ) -> tuple[list[str], list[int]]:
-        """The rules (sorted ids) matching at least one of ``docs`` and their document masks."""
+        """The rules (sorted ids) matching at least one of ``docs`` and their document masks
+        (``build``: the batch postings of ``docs`` when already collected)."""
         index = self.index
-        batch = BatchIndex(docs, now_ms, index.fields, self._geo_fields)
+        if build is None:
+            batch = BatchIndex(docs, now_ms, index.fields, self._geo_fields)
+        else:
+            batch = BatchIndex(docs, now_ms, index.fields, self._geo_fields, postings=build.postings, geo=build.geo)
         if restrict is not None and len(restrict) <= 64:
             candidates: Collection[str] = restrict
         else:
@@ -209,59 +197,69 @@ class EmbeddedPercolator(Percolator):
     ) -> BatchMatches:
         size = len(documents)
         if self.reference:
-            lists = self._percolate(documents, rule_ids, now_ms, "skip")
-            return BatchMatches.from_lists(lists)
+            return BatchMatches.from_lists(self._percolate(documents, rule_ids, now_ms, "skip"))
         errors: dict[int, Exception] = {}
-        indexed: list[Any] = []
+        restrict = None if rule_ids is None else {r for r in rule_ids if r in self.index.rules}
+        idle = not self.index.rules or (restrict is not None and not restrict)
+        parts: list[tuple[int, list[str], list[int]]] = []
+        fields, index_batch, step = self.index.fields, self._indexer.index_batch, self.max_batch
+        for start in range(0, size, step):
+            chunk = documents[start : start + step]
+            build = index_batch(chunk, fields, self._geo_fields, "skip")
+            for slot, exc in build.errors.items():
+                errors[start + slot] = exc
+            if idle or not build.docs:
+                continue
+            if not build.errors:
+                matched, masks = self._evaluate_batch(build.docs, restrict, now_ms, build)
+            else:  # keep input positions: a stand-in at each error, its bits cleared afterwards
+                docs: list[Any] = [_NO_DOCUMENT] * len(chunk)
+                valid = 0
+                for doc, slot in zip(build.docs, build.slots, strict=True):
+                    docs[slot] = doc
+                    valid |= 1 << slot
+                matched, masks = [], []
+                for rule_id, mask in zip(*self._evaluate_batch(docs, restrict, now_ms), strict=True):
+                    if mask & valid:
+                        matched.append(rule_id)
+                        masks.append(mask & valid)
+            parts.append((start, matched, masks))
+        if not parts:
+            return BatchMatches(size, [], [], errors)
+        if len(parts) == 1:
+            return BatchMatches(size, parts[0][1], parts[0][2], errors)
+        merged: dict[str, int] = {}
+        for start, part_ids, part_masks in parts:
+            for rule_id, mask in zip(part_ids, part_masks, strict=True):
+                merged[rule_id] = merged.get(rule_id, 0) | (mask << start)
+        ordered = sorted(merged)
+        return BatchMatches(size, ordered, [merged[rule_id] for rule_id in ordered], errors)
+
+    def _percolate_reference(
+        self, documents: Sequence[Mapping[str, Any]], rule_ids: Collection[str] | None, now_ms: int, on_error: str
+    ) -> list[list[str] | Exception]:
+        from percolators.reference import matches
+
+        out: list[list[str] | Exception] = [[] for _ in documents]
+        indexed: list[tuple[int, Any]] = []
         index_document = self._indexer.index
         for slot, document in enumerate(documents):
             try:
                 if not isinstance(document, Mapping):
                     raise InvalidDocumentError("", f"a document must be a JSON object, not {type(document).__name__}")
-                indexed.append(index_document(document))
+                indexed.append((slot, index_document(document)))
             except InvalidDocumentError as exc:
-                errors[slot] = exc
-                indexed.append(_NO_DOCUMENT)  # keeps positions; its bits are cleared below
-        restrict = None if rule_ids is None else {r for r in rule_ids if r in self.index.rules}
-        if len(errors) == size or not self.index.rules or (restrict is not None and not restrict):
-            return BatchMatches(size, [], [], errors)
-        valid = (1 << size) - 1
-        for slot in errors:
-            valid &= ~(1 << slot)
-        step = self.max_batch
-        if size <= step:
-            matched, masks = self._evaluate_batch(indexed, restrict, now_ms)
-            if errors:
-                pairs = [(rule_id, mask & valid) for rule_id, mask in zip(matched, masks, strict=True)]
-                matched = [rule_id for rule_id, mask in pairs if mask]
-                masks = [mask for _, mask in pairs if mask]
-            return BatchMatches(size, matched, masks, errors)
-        merged: dict[str, int] = {}
-        for start in range(0, size, step):
-            part_ids, part_masks = self._evaluate_batch(indexed[start : start + step], restrict, now_ms)
-            for rule_id, mask in zip(part_ids, part_masks, strict=True):
-                merged[rule_id] = merged.get(rule_id, 0) | (mask << start)
-        matched = []
-        masks = []
-        for rule_id in sorted(merged):
-            mask = merged[rule_id] & valid
-            if mask:
-                matched.append(rule_id)
-                masks.append(mask)
-        return BatchMatches(size, matched, masks, errors)
-
-    def _percolate_reference(
-        self, docs: list[Any], slots: list[int], out: list[Any], restrict: set[str] | None, now_ms: int
-    ) -> None:
-        from percolators.reference import matches
-
+                if on_error == "raise":
+                    raise
+                out[slot] = exc
         rules = sorted(
             (rule_id, stored.parsed.query)
             for rule_id, stored in self.index.rules.items()
-            if restrict is None or rule_id in restrict
+            if rule_ids is None or rule_id in rule_ids
         )
-        for slot, doc in zip(slots, docs, strict=True):
+        for slot, doc in indexed:
             out[slot] = [rule_id for rule_id, node in rules if matches(node, doc, now_ms)]
+        return out
 
     # ----- explain --------------------------------------------------------------------------
     def explain(

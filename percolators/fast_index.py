@@ -13,11 +13,14 @@ produce the same indexed documents.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Sequence
 from collections.abc import Mapping as AbcMapping
 from datetime import UTC, datetime
 from typing import Any
 
+from percolators.batch import add_postings
 from percolators.document import IndexedDoc, index_document
+from percolators.errors import InvalidDocumentError
 from percolators.geo import quantize
 from percolators.mapping import DEFAULT_DATE_FORMAT, INTEGER_TYPES, Mapping
 
@@ -103,6 +106,127 @@ class FastIndexer:
             else:
                 values[entry[1]] = (self._scalar(kind, entry, value),)
 
+    # ----- a whole batch, straight into postings -----------------------------------------------
+    def index_batch(
+        self,
+        documents: Sequence[Any],
+        fields: Collection[str],
+        geo_fields: Collection[str],
+        on_error: str,
+    ) -> BatchBuild:
+        """Index ``documents`` and, in the same walk, collect the batch postings of ``fields``
+        (what ``percolators.batch.collect_postings`` would collect from the indexed documents).
+
+        A document that is not a mapping, or that ``index_document`` rejects, is an error: raised
+        when ``on_error`` is "raise", else recorded by its position in ``documents`` and left out
+        of the batch (batch positions count the indexed documents only)."""
+        geo_fields = frozenset(geo_fields)
+        postings: dict[str, dict[Any, list[int]]] = {}
+        geo: dict[str, list[tuple[int, float, float]]] = {}
+        posts: dict[str, Any] = {}
+        for name in fields:
+            if name in geo_fields:
+                posts[name] = geo[name] = []
+            else:
+                posts[name] = postings[name] = {}
+        plan = self._batch_plan(self.plan, posts)
+        build = BatchBuild(postings, geo)
+        docs, slots, errors = build.docs, build.slots, build.errors
+        walk = self._walk_post
+        for slot, document in enumerate(documents):
+            pos = len(docs)
+            if type(document) is dict:
+                values: dict[str, tuple[Any, ...]] = {}
+                try:
+                    walk(document, plan, values, pos)
+                except _Slow:
+                    _undo(values, posts, pos)
+                else:
+                    docs.append(IndexedDoc(values, {}, frozenset(values)))
+                    slots.append(slot)
+                    continue
+            try:
+                if not isinstance(document, AbcMapping):
+                    raise InvalidDocumentError("", f"a document must be a JSON object, not {type(document).__name__}")
+                indexed = index_document(document, self.mapping)
+            except InvalidDocumentError as exc:
+                if on_error == "raise":
+                    raise
+                errors[slot] = exc
+                continue
+            add_postings(pos, indexed, fields, geo_fields, postings, geo)
+            docs.append(indexed)
+            slots.append(slot)
+        return build
+
+    def _batch_plan(self, plan: dict[str, Any], posts: dict[str, Any]) -> dict[str, Any]:
+        """The plan with each leaf's postings (None: not indexed in this batch)."""
+        out: dict[str, Any] = {}
+        for key, entry in plan.items():
+            if entry[0] == _OBJECT:
+                out[key] = (_OBJECT, "", self._batch_plan(entry[2], posts))
+            else:
+                out[key] = (*entry, posts.get(entry[1]))
+        return out
+
+    def _walk_post(
+        self, obj: dict[str, Any], plan: dict[str, Any], values: dict[str, tuple[Any, ...]], pos: int
+    ) -> None:
+        """``_walk`` that also appends ``pos`` to the postings of each value it indexes (for a
+        geo field, the point). On ``_Slow``, ``values`` holds exactly what was posted."""
+        for key, value in obj.items():
+            entry = plan.get(key)
+            if entry is None:
+                if "." in key:
+                    raise _Slow
+                continue  # unmapped: ignored
+            kind = entry[0]
+            vtype = type(value)
+            if vtype is str and kind == _KEYWORD:
+                values[entry[1]] = (value,)
+                post = entry[3]
+                if post is not None:
+                    got = post.get(value)
+                    if got is None:
+                        post[value] = [pos]
+                    else:
+                        got.append(pos)
+                continue
+            if kind == _OBJECT:
+                if vtype is not dict:
+                    raise _Slow
+                self._walk_post(value, entry[2], values, pos)
+                continue
+            if vtype is list:
+                if not value:
+                    continue
+                if kind == _KEYWORD:
+                    for item in value:
+                        if type(item) is not str:
+                            raise _Slow
+                    items = tuple(dict.fromkeys(value)) if len(value) > 1 else (value[0],)
+                else:
+                    scalars = [self._scalar(kind, entry, item) for item in value]
+                    items = tuple(dict.fromkeys(scalars)) if len(scalars) > 1 else (scalars[0],)
+            elif vtype is int and kind == _INTEGER and entry[2][0] <= value <= entry[2][1]:
+                items = (value,)
+            else:
+                items = (self._scalar(kind, entry, value),)
+            values[entry[1]] = items
+            post = entry[3]
+            if post is None:
+                continue
+            if kind == _GEO:
+                for lat, lon in items:
+                    post.append((pos, lat, lon))
+                continue
+            for item in items:
+                got = post.get(item)
+                if got is None:
+                    post[item] = [pos]
+                else:
+                    got.append(pos)
+
     def _scalar(self, kind: int | None, entry: Any, value: Any) -> Any:
         if kind == _KEYWORD:
             if type(value) is str:
@@ -146,6 +270,39 @@ class FastIndexer:
             raise _Slow
         millis = int(match[7]) if match[7] else 0
         return day_ms + ((hour * 60 + minute) * 60 + second) * 1000 + millis
+
+
+class BatchBuild:
+    """What :meth:`FastIndexer.index_batch` returns: the indexed documents (``docs``), the
+    position in the input of each (``slots``), the input positions that failed (``errors``), and
+    the batch postings (``postings``: field -> value -> batch positions; ``geo``: geo field ->
+    (batch position, lat, lon) points) for ``percolators.batch.BatchIndex``."""
+
+    __slots__ = ("docs", "errors", "geo", "postings", "slots")
+
+    def __init__(self, postings: dict[str, dict[Any, list[int]]], geo: dict[str, list[tuple[int, float, float]]]):
+        self.docs: list[IndexedDoc] = []
+        self.slots: list[int] = []
+        self.errors: dict[int, InvalidDocumentError] = {}
+        self.postings = postings
+        self.geo = geo
+
+
+def _undo(values: dict[str, tuple[Any, ...]], posts: dict[str, Any], pos: int) -> None:
+    """Take back what ``_walk_post`` posted for the document at ``pos`` before it gave up."""
+    for name, items in values.items():
+        post = posts.get(name)
+        if post is None:
+            continue
+        if isinstance(post, list):  # geo points
+            while post and post[-1][0] == pos:
+                post.pop()
+            continue
+        for item in items:
+            got = post[item]
+            got.pop()
+            if not got:
+                del post[item]
 
 
 _ONE_MS = datetime(1970, 1, 1, 0, 0, 0, 1000, tzinfo=UTC) - _EPOCH

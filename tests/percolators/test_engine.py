@@ -156,3 +156,50 @@ def test_fast_indexer_agrees_with_the_full_indexer():
             continue
         got = fast.index(doc)
         assert (got.values, got.present, got.phrases) == (expected.values, expected.present, expected.phrases), doc
+
+
+def _partly_plain_documents() -> list:
+    # plain values first, then something the fast walk gives up on: what it posted must be undone
+    return [
+        {"gender": "female", "interests": ["golf", "yoga"], "geo": {"location": {"lat": 51.5, "lon": -0.1},
+                                                                     "city": None}},
+        {"age": 30, "interests": ["golf", 3], "device": {"os": "ios"}},
+        {"gender": "male", "geo": {"location": [{"lat": 51.5, "lon": -0.12}, {"lat": 51.6, "lon": -0.1}],
+                                   "postcode": "SW1 1AA", "country": 826}},
+        {"age": "41", "gender": "male", "last_seen": "2026-01-10T00:00:00+01:00"},
+        {"age": 2**40, "gender": "other"},
+        {"interests": ["golf"], "geo.city": "London"},
+    ]
+
+
+@pytest.mark.parametrize("fields", ["all", "some"])
+def test_index_batch_indexes_and_posts_like_the_full_indexer(fields):
+    from percolators.batch import collect_postings
+
+    mapping = Mapping.from_json(USER_MAPPING)
+    fast = FastIndexer(mapping)
+    geo_fields = {"geo.location"}
+    wanted = set(mapping.fields) if fields == "all" else {"gender", "interests", "geo.location", "age", "last_seen"}
+    docs: list = []
+    for plain, odd in zip(generate_documents(200, seed=4, now=WORKLOAD_NOW), _edge_documents() * 6, strict=False):
+        docs += [plain, odd]
+    docs += [*_partly_plain_documents(), "not a document", 7, None, *generate_documents(20, seed=5)]
+    build = fast.index_batch(docs, wanted, geo_fields, "skip")
+    expected_docs, expected_slots, expected_errors = [], [], {}
+    for slot, doc in enumerate(docs):
+        try:
+            if not isinstance(doc, dict):
+                raise InvalidDocumentError("", f"a document must be a JSON object, not {type(doc).__name__}")
+            expected_docs.append(index_document(doc, mapping))
+            expected_slots.append(slot)
+        except InvalidDocumentError as exc:
+            expected_errors[slot] = str(exc)
+    assert {slot: str(exc) for slot, exc in build.errors.items()} == expected_errors
+    assert build.slots == expected_slots
+    assert [(d.values, d.present, d.phrases) for d in build.docs] == [
+        (d.values, d.present, d.phrases) for d in expected_docs]
+    postings, geo = collect_postings(expected_docs, wanted, geo_fields)
+    assert {k: v for k, v in build.postings.items() if v} == postings
+    assert {k: v for k, v in build.geo.items() if v} == geo
+    with pytest.raises(InvalidDocumentError):
+        fast.index_batch(docs, wanted, geo_fields, "raise")
