@@ -71,11 +71,7 @@ Condition = tuple[frozenset[bytes], ...]
 TRUE: Condition = ()
 FALSE: Condition = (frozenset(),)
 
-#: Up to this many distinct patterns, each rule is tested with ``in`` searches directly.
-DIRECT_MAX_PATTERNS = 8
-
 _INT = re.compile(r"-?[0-9]+")
-_TOKENS = re.compile(rb'"[^"]*"')  # every string token of a JSON text without backslashes
 
 
 def _needs_escape(text: str) -> bool:
@@ -198,63 +194,37 @@ class _Plan:
 class RawPrefilter:
     """``prefilter(raw) -> bool``: False only when no rule can match the document.
 
-    Per document: one search for ``\\``, then the string tokens of the document are collected
-    (one regex pass) and intersected with the set of every rule's first-clause patterns (a C-level
-    set operation); prefix and bare patterns are tested with ``in``. Only the rules whose first
-    clause is hit have their other clauses checked."""
+    Per document: one search for ``\\``, then ONE regular-expression search for the alternation of
+    every rule's first (most selective) clause patterns (the C regex engine tests all of them in a
+    single pass: measured ~1 us for 4 patterns and ~3 us for 116 on 500-byte documents, against
+    ~23 us for 116 separate ``in`` searches and ~4-5 us for collecting the document's string tokens
+    into a set). Only the documents it finds something in have the rules' full conditions checked
+    with ``in`` searches."""
 
     def __init__(self, plans: Sequence[_Plan]) -> None:
         self.plans = list(plans)
-        tokens: set[bytes] = set()
-        raw: set[bytes] = set()
-        all_tokens: set[bytes] = set()
-        all_raw: set[bytes] = set()
-        for plan in self.plans:
-            for clause_index, clause in enumerate((plan.first, *plan.rest)):
-                for p in clause:
-                    is_token = len(p) >= 2 and p[:1] == b'"' and p[-1:] == b'"'
-                    (all_tokens if is_token else all_raw).add(p)
-                    if clause_index == 0:
-                        (tokens if is_token else raw).add(p)
-        self.first_tokens = frozenset(tokens)
-        self.first_raw = tuple(sorted(raw))
-        self.all_tokens = frozenset(all_tokens)
-        self.all_raw = tuple(sorted(all_raw))
-        # pattern -> the rules whose first clause holds it
-        self.by_first: dict[bytes, list[int]] = {}
-        for i, plan in enumerate(self.plans):
-            for p in plan.first:
-                self.by_first.setdefault(p, []).append(i)
-        # few patterns: plain ``in`` searches beat collecting the document's tokens
-        self.direct = tuple(tuple(tuple(c) for c in (plan.first, *plan.rest)) for plan in self.plans) \
-            if self.patterns <= DIRECT_MAX_PATTERNS else None
+        first = sorted({p for plan in self.plans for p in plan.first}, key=lambda p: (-len(p), p))
+        self.first_rx = re.compile(b"|".join(re.escape(p) for p in first))
+        self.rules = tuple(tuple(tuple(c) for c in (plan.first, *plan.rest)) for plan in self.plans)
 
     @property
     def patterns(self) -> int:
-        return len(self.all_tokens) + len(self.all_raw)
+        return len({p for plan in self.plans for c in (plan.first, *plan.rest) for p in c})
 
     def __call__(self, value: bytes) -> bool:
         if b"\\" in value:
             return True
-        if self.direct is not None:
-            return any(all(any(p in value for p in clause) for clause in plan) for plan in self.direct)
-        doc_tokens = set(_TOKENS.findall(value))
-        hits = self.first_tokens.intersection(doc_tokens)
-        raw_hits = [p for p in self.first_raw if p in value]
-        if not hits and not raw_hits:
+        if self.first_rx.search(value) is None:
             return False
-        present = doc_tokens.intersection(self.all_tokens)
-        present.update(p for p in self.all_raw if p in value)
-        by_first = self.by_first
-        plans = self.plans
-        seen: set[int] = set()
-        for p in (*hits, *raw_hits):
-            for i in by_first[p]:
-                if i in seen:
-                    continue
-                seen.add(i)
-                if all(not clause.isdisjoint(present) for clause in plans[i].rest):
-                    return True
+        for rule in self.rules:
+            for clause in rule:
+                for p in clause:
+                    if p in value:
+                        break
+                else:
+                    break  # this clause has no pattern: the rule cannot match
+            else:
+                return True
         return False
 
 
