@@ -46,6 +46,21 @@ from workers.log.port import Consumer, Log, Message, Producer, Record, TopicPart
 
 logger = logging.getLogger(__name__)
 
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from percolators.errors import PercolatorUnavailableError
+    from workers.log.port import LogUnavailableError
+
+    return (RedisConnectionError, RedisTimeoutError, PercolatorUnavailableError, LogUnavailableError,
+            ConnectionError, TimeoutError)
+
+
+#: Errors after which a batch is retried (a backend is down for a while), not fatal.
+TRANSIENT_ERRORS = _transient_errors()
+
 #: Pseudo rule id under which dead letters are counted (day buckets, dimension ``category``).
 DLQ_COUNTER_ID = "_dlq"
 DLQ_DIMENSION = "category"
@@ -128,6 +143,7 @@ class StreamStats:
     dlq: int = 0
     batches: int = 0
     skipped_batches: int = 0  # batches the counters had already applied (a re-read after a crash)
+    retries: int = 0  # batches retried after a backend was unavailable
     lag: int = 0
     last_batch_seconds: float = 0.0
     busy_seconds: float = 0.0
@@ -149,6 +165,7 @@ class StreamStats:
             "dlq_reasons": dict(sorted(self.dlq_reasons.items())),
             "batches": self.batches,
             "skipped_batches": self.skipped_batches,
+            "retries": self.retries,
             "lag": self.lag,
             "elapsed_s": round(elapsed, 3),
             "bids_per_s": round(self.processed / elapsed, 1),
@@ -276,6 +293,18 @@ class StreamConsumer:
             self.assigned = [TopicPartition(self.topic, p) for p in self._wanted]
         consumer = self.log.consumer(self.group, auto_offset_reset="earliest")
         consumer.assign(self.assigned)
+        self._consumer = consumer
+        self.rewind()
+        self._producer = self.log.producer()
+        logger.info("stream consumer %s on %s: starting at %s", self.group,
+                    [tp.partition for tp in self.assigned],
+                    {tp.partition: consumer.position(tp) for tp in self.assigned})
+
+    def rewind(self) -> None:
+        """Seek every assigned partition to the offset stored with the counters, else the log's
+        committed offset, else the beginning (after a failed batch: its records are read again)."""
+        assert self._consumer is not None, "start() first"
+        consumer = self._consumer
         stored = self.counters.stored_offsets(self.group)
         for tp in self.assigned:
             offset = stored.get((tp.topic, tp.partition))
@@ -285,11 +314,6 @@ class StreamConsumer:
                 consumer.seek_to_beginning([tp])
             else:
                 consumer.seek(tp, offset)
-        self._consumer = consumer
-        self._producer = self.log.producer()
-        logger.info("stream consumer %s on %s: starting at %s", self.group,
-                    [tp.partition for tp in self.assigned],
-                    {tp.partition: consumer.position(tp) for tp in self.assigned})
 
     def close(self) -> None:
         if self._consumer is not None:
@@ -428,18 +452,35 @@ class StreamConsumer:
         self.stats.lag = sum(max(0, ends[tp] - self._consumer.position(tp)) for tp in self.assigned)
         return self.stats.lag
 
-    def run(self, stop: threading.Event, *, drain: bool = False, report_every_s: float = 30.0) -> StreamStats:
+    def run(self, stop: threading.Event, *, drain: bool = False, report_every_s: float = 30.0,
+            max_backoff_s: float = 10.0) -> StreamStats:
         """Process batches until ``stop`` is set, or (``drain``) until every partition reaches the
-        end offset observed when this call began."""
+        end offset observed when this call began.
+
+        A batch that fails because a backend is unavailable (Redis, the log, the percolator) is
+        retried with exponential backoff: the consumer rewinds to the stored offsets, so the
+        batch is read again and counted once. Any other error propagates (the process restarts)."""
         assert self._consumer is not None, "start() first"
         targets = self.end_offsets() if drain else None
         last_report = time.monotonic()
+        backoff = 0.0
         while not stop.is_set():
-            if targets is not None:
-                positions = self.positions()
-                if all(positions[tp] >= end for tp, end in targets.items()):
-                    break
-            self.run_once()
+            try:
+                if backoff:  # the failed batch's records must be read again before anything else
+                    self.rewind()
+                if targets is not None:
+                    positions = self.positions()
+                    if all(positions[tp] >= end for tp, end in targets.items()):
+                        break
+                self.run_once()
+                backoff = 0.0
+            except TRANSIENT_ERRORS as exc:
+                backoff = min(max_backoff_s, backoff * 2 or 0.5)
+                self.stats.retries += 1
+                logger.error("stream %s: batch failed (%s: %s); retrying in %.1f s", self.group,
+                             type(exc).__name__, exc, backoff)
+                stop.wait(backoff)
+                continue
             if time.monotonic() - last_report >= report_every_s:
                 last_report = time.monotonic()
                 self.update_lag()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
 
 import orjson
 import pytest
@@ -241,3 +242,35 @@ def test_dead_letter_categories_are_few_and_name_the_field() -> None:
     reason_a = dead_letter_category(BadBidError("year of birth 1800 gives an age of 226", "user.yob"))
     reason_b = dead_letter_category(BadBidError("year of birth 1700 gives an age of 326", "user.yob"))
     assert reason_a[0] == reason_b[0] and reason_a[1] != reason_b[1]  # counted together, reported apart
+
+
+def test_run_retries_a_batch_when_a_backend_is_down_and_counts_it_once(log: FakeLog) -> None:
+    log.producer().send_batch(RULES_TOPIC, [change("all", {"match_all": {}})])
+    produce_bids(log, [bid(f"u{i}") for i in range(10)])
+    counters = FakeCounters()
+    counters.fail_next_apply = True  # Redis "goes away" for the first batch
+    log.fail_sends_to.add("users.last_seen")
+    consumer = make(log, FakePercolator(), counters, batch_size=4)
+    consumer.start()
+    stop = threading.Event()
+    outcome: list[object] = []
+    worker = threading.Thread(target=lambda: outcome.append(consumer.run(stop, drain=True, max_backoff_s=0.05)))
+    worker.start()
+    time.sleep(0.3)
+    assert sum(counters.match_counts.values()) == 0 and consumer.stats.retries >= 2
+    log.fail_sends_to.clear()  # the log is back; the apply then fails once more, then Redis is back too
+    worker.join(timeout=10)
+    consumer.close()
+    assert outcome and sum(counters.match_counts.values()) == 10
+    assert counters.stored_offsets("stream") == {(tp.topic, tp.partition): len(log.data[tp])
+                                                  for tp in log.partitions("bids")}
+
+
+def test_drain_does_not_stop_before_a_failed_last_batch_is_redone(log: FakeLog) -> None:
+    log.producer().send_batch(RULES_TOPIC, [change("all", {"match_all": {}})])
+    produce_bids(log, [bid(f"u{i}") for i in range(6)])
+    counters = FakeCounters()
+    counters.fail_next_apply = True
+    with make(log, FakePercolator(), counters, batch_size=100) as consumer:  # one batch holds everything
+        consumer.run(threading.Event(), drain=True, max_backoff_s=0.01)
+    assert sum(counters.match_counts.values()) == 6 and consumer.stats.retries == 1
