@@ -350,19 +350,28 @@ class ReplayScan:
         if active:
             lo = min(r.since for r in active)
             hi = max(r.until for r in active)
+            prefilter = self._prefilter(active, records_iter)
+            tail, tail_len = _TAIL, _TAIL_LEN
+            in_window = 0
             window: list[tuple[bytes, bytes]] = []
             for record in records_iter:
                 value = record.value
                 if value is None:
                     continue  # tombstone: the user was deleted
-                stamp = last_seen_bytes(value)
-                if stamp is None or stamp < lo or stamp >= hi:
+                if value[-tail_len:-26] == tail and value[-2:] == b'"}':  # last_seen_bytes' fast path, inlined
+                    stamp = value[-26:-2]
+                else:
+                    maybe = last_seen_bytes(value)
+                    if maybe is None:
+                        continue
+                    stamp = maybe
+                if stamp < lo or stamp >= hi:
                     continue
+                in_window += 1
+                if prefilter is not None and not prefilter(value):
+                    continue  # cannot match any replayed rule: never decoded
                 window.append((value, stamp))
-            progress.in_window += len(window)
-            prefilter = self._prefilter(active, window)
-            if prefilter is not None:
-                window = [pair for pair in window if prefilter(pair[0])]
+            progress.in_window += in_window
             loads = orjson.loads
             for value, stamp in window:
                 try:
@@ -388,8 +397,7 @@ class ReplayScan:
         key = (self.plan.topic, partition)
         self.counters.apply(batch, self.consumer, {key: records[-1].offset + 1}, {key: records[0].offset})
 
-    def _prefilter(self, active: Sequence[ReplayRequest],
-                   window: Sequence[tuple[bytes, bytes]]) -> Callable[[bytes], bool] | None:
+    def _prefilter(self, active: Sequence[ReplayRequest], records: Sequence[Record]) -> Callable[[bytes], bool] | None:
         """The raw prefilter of the active rules (compiled once per set of rules, its clauses
         ordered by selectivity on this first batch), or None: disabled, unknown mapping, a rule
         without a condition, or one letting most documents through (then it only costs time)."""
@@ -398,7 +406,7 @@ class ReplayScan:
         key = tuple(sorted(r.rule_id for r in active))
         if key in self._prefilters:
             return self._prefilters[key]
-        sample = [value for value, _ in window[:: max(1, len(window) // 2000)]]
+        sample = [r.value for r in records[:: max(1, len(records) // 2000)] if r.value is not None]
         compiled: Callable[[bytes], bool] | None
         try:
             parsed = [parse_rule(r.rule_id, r.query, self.mapping) for r in active]
