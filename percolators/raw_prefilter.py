@@ -36,7 +36,7 @@ hypothesis and the workload generator.
 
 Usage::
 
-    prefilter = compile_prefilter(parsed_rules, sample=raw_values[:2000])
+    prefilter = compile_prefilter(parsed_rules, mapping, sample=raw_values[:2000])
     if prefilter is None: ...            # some rule has no condition: decode everything
     survivors = [v for v in raw_values if prefilter(v)]
 """
