@@ -20,6 +20,11 @@ from typing import Any
 
 from percolators.query import ResolvedRange
 
+try:
+    import numpy as np
+except ImportError:  # pragma: no cover - numpy is a core dependency
+    np = None  # type: ignore[assignment]
+
 #: Grid sizes (degrees) of the geo cells used by the presearcher (coarse: few probes per point)
 #: and by the geo evaluator (fine: most cells of a circle lie wholly inside or outside it).
 GEO_LEVELS: tuple[float, ...] = (0.05, 0.2, 1.0, 5.0)
@@ -76,6 +81,7 @@ class BatchIndex:
         "_geo",
         "_geo_grid",
         "_geo_pos",
+        "_geo_sorted",
         "_lower",
         "_pairs",
         "_present",
@@ -126,6 +132,7 @@ class BatchIndex:
         self._cache: dict[Any, int] = {}
         self._pairs: dict[Any, tuple[int, int]] = {}
         self._geo_pos: dict[str, list[list[tuple[float, float]]]] = {}
+        self._geo_sorted: dict[str, tuple[Any, Any, Any]] = {}
         self._resolved: dict[Any, ResolvedRange] = {}
 
     # ----- per-field views, built on first use ---------------------------------------------
@@ -186,6 +193,29 @@ class BatchIndex:
                 got[pos].append((lat, lon))
             self._geo_pos[name] = got
         return got
+
+    def geo_sorted(self, name: str) -> tuple[Any, Any, Any]:
+        """The geo field's points as numpy arrays (lat, lon, batch position), sorted by lat."""
+        got = self._geo_sorted.get(name)
+        if got is None:
+            points = self._geo.get(name, ())
+            lats = np.fromiter((p[1] for p in points), dtype=np.float64, count=len(points))
+            lons = np.fromiter((p[2] for p in points), dtype=np.float64, count=len(points))
+            positions = np.fromiter((p[0] for p in points), dtype=np.int64, count=len(points))
+            order = np.argsort(lats, kind="stable")
+            got = self._geo_sorted[name] = (lats[order], lons[order], positions[order])
+        return got
+
+    def mask_of_positions(self, positions: Any) -> int:
+        """The mask of a numpy array of batch positions (duplicates allowed)."""
+        if len(positions) < 24:
+            mask = 0
+            for pos in positions.tolist():
+                mask |= 1 << pos
+            return mask
+        bits = np.zeros(self.size, dtype=np.bool_)
+        bits[positions] = True
+        return int.from_bytes(np.packbits(bits, bitorder="little").tobytes(), "little")
 
     def geo_mask(self, name: str) -> int:
         """Documents with at least one point in the geo field."""

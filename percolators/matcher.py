@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from percolators.batch import EVAL_GEO_LEVELS, METRES_PER_DEGREE, BatchIndex, geo_bbox, iter_bits
+from percolators.batch import EVAL_GEO_LEVELS, METRES_PER_DEGREE, BatchIndex, geo_bbox, iter_bits, np
 from percolators.query import (
     Bool,
     Exists,
@@ -251,6 +251,8 @@ def _geo(node: GeoDistance) -> Evaluator:
     level, inside, edge = _geo_cells(box, clat, clon, cos_c, inner2)
     key = ("geo", name, clat, clon, limit, node.distance_type)
     exact_key = (*key, "exact")
+    if np is not None:
+        return _geo_numpy(node, key, box, inner2, outer2, cos_c)
 
     def cover(batch: BatchIndex) -> tuple[int, int]:
         if box is None:
@@ -289,6 +291,58 @@ def _geo(node: GeoDistance) -> Evaluator:
             found |= check(batch, todo)
             batch.memo_pair_set(exact_key, (checked | todo, found))
         return inside_mask | found
+
+    return geo
+
+
+def _geo_numpy(
+    node: GeoDistance,
+    key: tuple[Any, ...],
+    box: tuple[float, float, float, float] | None,
+    inner2: float,
+    outer2: float,
+    cos_c: float,
+) -> Evaluator:
+    """The circle for the whole batch at once, once per batch for all the rules using it: the
+    batch's points sorted by latitude, the box's band by binary search, its longitudes filtered,
+    then the same flat-earth distance as the per-point check (numpy's elementwise ``-``, ``*``
+    and ``+`` round exactly like Python's floats) settles the clear cases and the reference's
+    exact distance decides the points near the edge."""
+    from percolators.reference import distance
+
+    name, limit, clat, clon = node.field, node.distance_m, node.lat, node.lon
+    if box is None:  # across the date line or near a pole the flat distance means nothing
+        inner2, outer2 = -1.0, math.inf
+
+    def circle(batch: BatchIndex) -> int:
+        lats, lons, positions = batch.geo_sorted(name)
+        if box is not None:
+            lat_min, lat_max, lon_min, lon_max = box
+            start, stop = lats.searchsorted(lat_min, "left"), lats.searchsorted(lat_max, "right")
+            lats, lons, positions = lats[start:stop], lons[start:stop], positions[start:stop]
+            keep = (lons >= lon_min) & (lons <= lon_max)
+            lats, lons, positions = lats[keep], lons[keep], positions[keep]
+        if not len(positions):
+            return 0
+        dy = lats - clat
+        dx = (lons - clon) * cos_c
+        d2 = dx * dx + dy * dy
+        sure = d2 < inner2
+        found = positions[sure]
+        maybe = np.flatnonzero(~sure & (d2 <= outer2))
+        if len(maybe):
+            close = [
+                pos
+                for lat, lon, pos in zip(lats[maybe].tolist(), lons[maybe].tolist(), positions[maybe].tolist(),
+                                         strict=True)
+                if distance(node, lat, lon) <= limit
+            ]
+            if close:
+                found = np.concatenate((found, np.array(close, dtype=np.int64)))
+        return batch.mask_of_positions(found)
+
+    def geo(batch: BatchIndex, pre: int) -> int:
+        return batch.memo(key, lambda: circle(batch))
 
     return geo
 

@@ -327,3 +327,18 @@ def test_random_percolate_masks_equal_percolate(queries, docs, max_batch):
     fast.upsert(accepted)
     expected = fast.percolate(docs, now=NOW, on_error="skip")
     assert [_plain(r) for r in fast.percolate_masks(docs, now=NOW).to_lists()] == [_plain(r) for r in expected]
+
+
+def test_geo_circles_across_the_date_line_and_near_the_poles():
+    docs = [{"loc": {"lat": a, "lon": o}} for a, o in (
+        (10.0, 179.995), (10.0, -179.995), (10.0, -179.9), (10.001, 180.0), (89.5, 10.0), (89.5, -170.0),
+        (-89.9, 0.0), (-89.9, 179.0), (0.0, 0.0))]
+    rules = [
+        Rule("east", {"geo_distance": {"distance": "3km", "loc": {"lat": 10.0, "lon": 179.99}}}),
+        Rule("west", {"geo_distance": {"distance": "3km", "loc": {"lat": 10.0, "lon": -179.99}}}),
+        Rule("north", {"geo_distance": {"distance": "200km", "loc": {"lat": 89.6, "lon": 100.0}}}),
+        Rule("south", {"geo_distance": {"distance": "50km", "loc": {"lat": -89.95, "lon": 0.0}}}),
+    ]
+    got = _compare_engines(EmbeddedPercolator(MAPPING), EmbeddedPercolator(MAPPING, presearcher="match_all"),
+                           rules, docs, NOW)
+    assert got[1] == ["east", "west"] and got[0] == ["east", "west"]
