@@ -236,7 +236,8 @@ def main() -> None:
         summary = drain(settings, processes=args.processes, batch_size=args.batch_size)
         info = redis.Redis.from_url(url).info("memory")
         emit(phase="throughput", processes=args.processes, batch_size=args.batch_size,
-             bids_per_s=summary["bids_per_s"], elapsed_s=summary["elapsed_s"], processed=summary["processed"],
+             bids_per_s=summary["bids_per_s"], streaming_bids_per_s=summary["streaming_bids_per_s"],
+             elapsed_s=summary["elapsed_s"], processed=summary["processed"],
              matched=summary["matched"], matches_per_bid=round(summary["matched"] / max(1, summary["processed"]), 1),
              dlq=summary["dlq"], batch_ms_p50=summary["batch_ms_p50"], batch_ms_p99=summary["batch_ms_p99"],
              stage_us_per_bid=summary["stage_us_per_bid"],
