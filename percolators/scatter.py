@@ -5,7 +5,7 @@ document ``i``). Callers want the transpose: for each document, the sorted ids o
 ~90 matches per document at 10,000 rules (~900 at 100,000) this is most of the output work.
 
 :func:`scatter_lists` does it with numpy, column by column: the masks become a rules x bytes
-matrix, viewed as 32-document words and transposed so that each word column is contiguous; for
+matrix, viewed as 16-document words and transposed so that each word column is contiguous; for
 each column, the rules with any bit set are unpacked into a documents x rules 0/1 block whose
 non-zero entries come out document-major with rules in ascending order, so each document's list
 is one slice of an object array of rule ids, already sorted when the rules were given sorted.
@@ -29,9 +29,10 @@ except ImportError:  # pragma: no cover - numpy is a core dependency; stay usabl
 DENSE_SCATTER = 96
 #: Below this many (rule, document) matches the pure-Python scatter is as fast as numpy's.
 NUMPY_MIN_MATCHES = 2048
-#: Bytes per column word (32 documents): a good balance between per-column Python overhead and
+#: Bytes per column word (16 documents): a good balance between per-column Python overhead and
 #: the zero padding unpacked for rules matching few of a column's documents.
-_WORD = 4
+_WORD = 2
+_WORD_TYPES = {1: "u1", 2: "<u2", 4: "<u4", 8: "<u8"}
 
 _BITS_OF_BYTE = [bytes((byte >> bit) & 1 for bit in range(8)) for byte in range(256)]
 _append = list.append
@@ -62,8 +63,8 @@ def scatter_numpy(matched: Sequence[str], masks: Sequence[int], size: int) -> li
     if not count:
         return [[] for _ in range(size)]
     packed = np.frombuffer(b"".join([mask.to_bytes(nbytes, "little") for mask in masks]), dtype=np.uint8)
-    # (words, rules): each row is one column of 32 documents over all rules, contiguous
-    columns = np.ascontiguousarray(packed.reshape(count, nbytes).view(np.uint32).T)
+    # (words, rules): each row is one column of 16 documents over all rules, contiguous
+    columns = np.ascontiguousarray(packed.reshape(count, nbytes).view(_WORD_TYPES[word]).T)
     ids = np.empty(count, dtype=object)
     ids[:] = matched
     flatnonzero, unpackbits, count_nonzero = np.flatnonzero, np.unpackbits, np.count_nonzero
