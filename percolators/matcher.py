@@ -305,14 +305,26 @@ def _geo_numpy(
 ) -> Evaluator:
     """The circle for the whole batch at once, once per batch for all the rules using it: the
     batch's points sorted by latitude, the box's band by binary search, its longitudes filtered,
-    then the same flat-earth distance as the per-point check (numpy's elementwise ``-``, ``*``
-    and ``+`` round exactly like Python's floats) settles the clear cases and the reference's
-    exact distance decides the points near the edge."""
+    then the reference's distance formula vectorised. numpy's trigonometry may differ from the C
+    library's in the last bits, so a point whose distance is within a hair (1e-7 relative) of the
+    limit is decided by the reference's own scalar computation."""
+    from percolators.geo import EARTH_MEAN_RADIUS_M
     from percolators.reference import distance
 
     name, limit, clat, clon = node.field, node.distance_m, node.lat, node.lon
-    if box is None:  # across the date line or near a pole the flat distance means nothing
-        inner2, outer2 = -1.0, math.inf
+    tolerance = limit * 1e-7 + 1e-6
+    plane = node.distance_type == "plane"
+    rlat1 = math.radians(clat)
+    cos1 = math.cos(rlat1)
+
+    def distances(lats: Any, lons: Any) -> Any:
+        if plane:
+            x = np.radians(lons - clon) * np.cos(np.radians((lats + clat) / 2.0))
+            y = np.radians(lats - clat)
+            return np.sqrt(x * x + y * y) * EARTH_MEAN_RADIUS_M
+        rlat2 = np.radians(lats)
+        h = np.sin((rlat2 - rlat1) / 2) ** 2 + cos1 * np.cos(rlat2) * np.sin(np.radians(lons - clon) / 2) ** 2
+        return 2 * EARTH_MEAN_RADIUS_M * np.arcsin(np.minimum(1.0, np.sqrt(h)))
 
     def circle(batch: BatchIndex) -> int:
         lats, lons, positions = batch.geo_sorted(name)
@@ -324,12 +336,9 @@ def _geo_numpy(
             lats, lons, positions = lats[keep], lons[keep], positions[keep]
         if not len(positions):
             return 0
-        dy = lats - clat
-        dx = (lons - clon) * cos_c
-        d2 = dx * dx + dy * dy
-        sure = d2 < inner2
-        found = positions[sure]
-        maybe = np.flatnonzero(~sure & (d2 <= outer2))
+        gap = distances(lats, lons) - limit
+        found = positions[gap < -tolerance]
+        maybe = np.flatnonzero(~(np.abs(gap) > tolerance))  # (a NaN would go to the scalar formula)
         if len(maybe):
             close = [
                 pos

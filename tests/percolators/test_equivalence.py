@@ -202,11 +202,13 @@ def test_random_rules_and_documents_match_like_the_reference(queries, docs, max_
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(lat, lon), min_size=1, max_size=40), lat, lon,
-       st.sampled_from([300.0, 1000.0, 2500.0, 8000.0, 15000.0, 40000.0]))
-def test_geo_circle_edges_match_exactly(points, centre_lat, centre_lon, metres):
-    # many points straddling the circle's edge: the flat-earth shortcut must never decide wrongly
+       st.sampled_from([300.0, 1000.0, 2500.0, 8000.0, 15000.0, 40000.0]), st.sampled_from(["arc", "plane"]))
+def test_geo_circle_edges_match_exactly(points, centre_lat, centre_lon, metres, kind):
+    # many points straddling the circle's edge: no shortcut (flat earth, vectorised trigonometry)
+    # may ever decide differently from the reference's distance
     docs = [{"loc": {"lat": a, "lon": o}} for a, o in points]
-    rules = [Rule("g", {"geo_distance": {"distance": f"{metres}m", "loc": [centre_lon, centre_lat]}})]
+    rules = [Rule("g", {"geo_distance": {"distance": f"{metres}m", "loc": [centre_lon, centre_lat],
+                                         "distance_type": kind}})]
     _compare_engines(EmbeddedPercolator(MAPPING), EmbeddedPercolator(MAPPING, presearcher="match_all"), rules,
                      docs, NOW)
 
@@ -342,3 +344,21 @@ def test_geo_circles_across_the_date_line_and_near_the_poles():
     got = _compare_engines(EmbeddedPercolator(MAPPING), EmbeddedPercolator(MAPPING, presearcher="match_all"),
                            rules, docs, NOW)
     assert got[1] == ["east", "west"] and got[0] == ["east", "west"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(lat, lon), min_size=2, max_size=30), st.sampled_from(["arc", "plane"]))
+def test_geo_points_exactly_on_the_circle_match_like_the_reference(points, kind):
+    # the radius is the reference's own distance to one of the points: that point is on the edge
+    from percolators.geo import quantize
+
+    centre, edge = points[0], quantize(*points[1])
+    node = GeoDistance("loc", centre[0], centre[1], 1.0, kind)
+    metres = distance(node, *edge)
+    docs = [{"loc": {"lat": a, "lon": o}} for a, o in points[1:]]
+    rules = [Rule("g", {"geo_distance": {"distance": f"{metres!r}m", "loc": {"lat": centre[0], "lon": centre[1]},
+                                         "distance_type": kind}})]
+    got = _compare_engines(EmbeddedPercolator(MAPPING), EmbeddedPercolator(MAPPING, presearcher="match_all"), rules,
+                           docs, NOW)
+    if metres > 0:
+        assert got[0] == ["g"]
