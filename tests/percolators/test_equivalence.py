@@ -349,7 +349,7 @@ def test_geo_circles_across_the_date_line_and_near_the_poles():
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(lat, lon), min_size=2, max_size=30), st.sampled_from(["arc", "plane"]))
 def test_geo_points_exactly_on_the_circle_match_like_the_reference(points, kind):
-    # the radius is the reference's own distance to one of the points: that point is on the edge
+    # the radius is the reference's own distance to one of the points
     from percolators.geo import quantize
 
     centre, edge = points[0], quantize(*points[1])
@@ -358,7 +358,7 @@ def test_geo_points_exactly_on_the_circle_match_like_the_reference(points, kind)
     docs = [{"loc": {"lat": a, "lon": o}} for a, o in points[1:]]
     rules = [Rule("g", {"geo_distance": {"distance": f"{metres!r}m", "loc": {"lat": centre[0], "lon": centre[1]},
                                          "distance_type": kind}})]
-    got = _compare_engines(EmbeddedPercolator(MAPPING), EmbeddedPercolator(MAPPING, presearcher="match_all"), rules,
-                           docs, NOW)
-    if metres > 0:
-        assert got[0] == ["g"]
+    # (the parsed rule's radius and centre may differ from these in the last bits: the point is
+    # on the edge or a hair away, on either side; both engines must agree all the same)
+    _compare_engines(EmbeddedPercolator(MAPPING), EmbeddedPercolator(MAPPING, presearcher="match_all"), rules,
+                     docs, NOW)
