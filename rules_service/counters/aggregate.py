@@ -32,7 +32,7 @@ from typing import Any
 from rules_service.counters.keys import DAY
 from rules_service.counters.port import CounterBatch
 
-__all__ = ["aggregate", "dimension_value", "hour_of_last_seen"]
+__all__ = ["aggregate", "aggregate_masks", "dimension_value", "hour_of_last_seen"]
 
 _HOUR_CACHE: dict[str, int] = {}
 
@@ -186,3 +186,183 @@ def _add_users(users: dict[tuple[str, str, int], set[str]], key: tuple[str, str,
         users[key] = set(picked)
     else:
         found.update(picked)
+
+
+# ------------------------------------------------------------------ per-rule masks (the stream)
+
+#: Bits of the rule x document matrix expanded at once (bounds the temporary memory: ~8 bytes each
+#: for the word matrix and its nonzero scan).
+_WORDS_PER_CHUNK = 1 << 21
+#: Cells of the rule x (dimension, value) count matrix per bincount.
+_CELLS_PER_CHUNK = 1 << 22
+
+
+def aggregate_masks(
+    docs: Sequence[Mapping[str, Any]],
+    rule_ids: Sequence[str],
+    masks: Sequence[int],
+    dimensions: Sequence[str] = (),
+    *,
+    batch: CounterBatch | None = None,
+    count_matches: bool = True,
+) -> CounterBatch:
+    """The same counter updates as :func:`aggregate`, from per-rule document masks (bit ``i`` of
+    ``masks[k]`` set when ``docs[i]`` matched ``rule_ids[k]``, as returned by
+    ``EmbeddedPercolator.percolate_masks``) instead of per-document lists.
+
+    Documents whose bit is clear in every mask are ignored (they may be stand-ins for documents
+    the percolator rejected). Raises ValueError for a matched document without a usable
+    ``user_id`` or ``last_seen``.
+
+    How: the masks become a rule x 64-document word matrix (numpy); the nonzero words are
+    unpacked into (rule, document) pairs sorted by rule, per event hour. Matches per (rule, hour)
+    are run lengths, users per (rule, hour) are slices of the pairs' user ids, and dimension
+    counts are one ``bincount`` of rule x (dimension, value) codes per day. Only the output
+    (sets and dicts of the CounterBatch) is built in Python."""
+    import numpy as np
+
+    if len(rule_ids) != len(masks):
+        raise ValueError(f"{len(rule_ids)} rule ids but {len(masks)} masks")
+    out = CounterBatch() if batch is None else batch
+    size = len(docs)
+    live = [(rid, mask) for rid, mask in zip(rule_ids, masks, strict=True) if mask]
+    if not live or not size:
+        return out
+    union = 0
+    for _, mask in live:
+        union |= mask
+    if union >> size:
+        raise ValueError(f"a mask has bits beyond the {size} documents")
+
+    user_ids: list[str] = []
+    hours: list[int] = []
+    for i, doc in enumerate(docs):
+        uid = doc.get("user_id") if isinstance(doc, Mapping) else None
+        last_seen = doc.get("last_seen") if isinstance(doc, Mapping) else None
+        if type(uid) is not str or not uid or type(last_seen) is not str:
+            if not (union >> i) & 1:  # not matched by any rule: ignored
+                user_ids.append("")
+                hours.append(-1)
+                continue
+            if type(uid) is not str or not uid:
+                raise ValueError(f"document without a user_id: {doc!r:.200}")
+            raise ValueError(f"document of user {uid!r} without a last_seen time")
+        user_ids.append(uid)
+        hours.append(hour_of_last_seen(last_seen))
+    distinct_hours = sorted(set(hours) - {-1})
+    hour_code = {h: k for k, h in enumerate(distinct_hours)}
+    codes_of_hour = np.fromiter((hour_code.get(h, -1) for h in hours), dtype=np.int64, count=size)
+
+    # per document, its (dimension, value) codes: a padded matrix, code ``n_codes`` = nothing
+    want_dims = count_matches and bool(dimensions)
+    pair_of_code: list[tuple[str, str]] = []
+    doc_codes = None
+    if want_dims:
+        code_of_pair: dict[tuple[str, str], int] = {}
+        rows: list[list[int]] = []
+        widest = 0
+        for i, doc in enumerate(docs):
+            if hours[i] == -1:
+                rows.append([])
+                continue
+            row = []
+            for pair in _dimension_pairs(doc, dimensions):
+                code = code_of_pair.get(pair)
+                if code is None:
+                    code = code_of_pair[pair] = len(pair_of_code)
+                    pair_of_code.append(pair)
+                row.append(code)
+            rows.append(row)
+            widest = max(widest, len(row))
+        n_codes = len(pair_of_code)
+        if n_codes and widest:
+            doc_codes = np.full((size, widest), n_codes, dtype=np.int64)
+            for i, row in enumerate(rows):
+                if row:
+                    doc_codes[i, : len(row)] = row
+
+    # the rule x word matrix of the masks (64 documents per little-endian word), in rule chunks
+    n_words = (size + 63) // 64
+    width = n_words * 8
+    uid_array = np.array(user_ids, dtype=object)
+    rules_per_chunk = max(1, _WORDS_PER_CHUNK // n_words)
+    hour_words = None
+    if len(distinct_hours) > 1:
+        hour_words = []
+        for h in range(len(distinct_hours)):
+            bits = np.zeros(n_words * 64, dtype=np.uint8)
+            bits[:size] = codes_of_hour == h
+            hour_words.append(np.packbits(bits, bitorder="little").view("<u8"))
+    for first in range(0, len(live), rules_per_chunk):
+        chunk = live[first : first + rules_per_chunk]
+        words = np.frombuffer(b"".join(m.to_bytes(width, "little") for _, m in chunk), dtype="<u8")
+        words = words.reshape(len(chunk), n_words)
+        for h, hour in enumerate(distinct_hours):
+            picked = words if hour_words is None else words & hour_words[h]
+            rows_, cols = np.nonzero(picked)
+            if not len(rows_):
+                continue
+            bits = np.unpackbits(picked[rows_, cols].view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
+            k, j = np.nonzero(bits)
+            pair_rule = rows_[k]
+            pair_doc = cols[k] * 64 + j
+            _emit(out, chunk, hour, pair_rule, pair_doc, uid_array, doc_codes, pair_of_code, count_matches)
+    return out
+
+
+def _emit(out: CounterBatch, chunk: Sequence[tuple[str, int]], hour: int, pair_rule: Any, pair_doc: Any,
+          uid_array: Any, doc_codes: Any, pair_of_code: Sequence[tuple[str, str]], count_matches: bool) -> None:
+    """Add the (rule, document) pairs of one hour (sorted by rule, then document) to ``out``."""
+    import numpy as np
+
+    n = len(pair_rule)
+    starts = np.flatnonzero(np.concatenate(([True], pair_rule[1:] != pair_rule[:-1])))
+    ends = np.append(starts[1:], n)
+    rule_rows = pair_rule[starts].tolist()
+    bounds = list(zip(starts.tolist(), ends.tolist(), strict=True))
+    day = hour - hour % DAY
+    uids = uid_array[pair_doc].tolist()
+    users, matches = out.users, out.matches
+    for row, (a, b) in zip(rule_rows, bounds, strict=True):
+        rid = chunk[row][0]
+        picked = set(uids[a:b])
+        key = (rid, "hour", hour)
+        found = users.get(key)
+        if found is None:
+            users[key] = picked
+        else:
+            found.update(picked)
+        key = (rid, "day", day)
+        found = users.get(key)
+        if found is None:
+            users[key] = set(picked)
+        else:
+            found.update(picked)
+        if count_matches:
+            count = b - a
+            key = (rid, "hour", hour)
+            matches[key] = matches.get(key, 0) + count
+            key = (rid, "day", day)
+            matches[key] = matches.get(key, 0) + count
+    if not count_matches or doc_codes is None:
+        return
+    # dimension counts: one bincount of (rule slot, code) per chunk of rules
+    width = len(pair_of_code) + 1  # the last code is "no value"
+    slot_of_pair = np.repeat(np.arange(len(rule_rows), dtype=np.int64), ends - starts)
+    per_chunk = max(1, _CELLS_PER_CHUNK // width)
+    dims = out.dimensions
+    for lo in range(0, len(rule_rows), per_chunk):
+        hi = min(len(rule_rows), lo + per_chunk)
+        a, b = int(starts[lo]), int(ends[hi - 1])
+        cells = (slot_of_pair[a:b, None] - lo) * width + doc_codes[pair_doc[a:b]]
+        counts = np.bincount(cells.ravel(), minlength=(hi - lo) * width).reshape(hi - lo, width)[:, :-1]
+        slots, codes = np.nonzero(counts)
+        values = counts[slots, codes].tolist()
+        for slot, code, count in zip(slots.tolist(), codes.tolist(), values, strict=True):
+            dimension, value = pair_of_code[code]
+            dkey = (chunk[rule_rows[lo + slot]][0], day, dimension)
+            target = dims.get(dkey)
+            if target is None:
+                dims[dkey] = {value: count}
+            else:
+                target[value] = target.get(value, 0) + count
