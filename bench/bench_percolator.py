@@ -9,6 +9,7 @@ Prints, on one core (pinned with sched_setaffinity unless --cpu -1):
 
     python bench/bench_percolator.py                       # full run (10k and 100k rules)
     python bench/bench_percolator.py --rules 2000 --docs 4000 --large-rules 0 --ref-docs 20   # quick
+    python bench/bench_percolator.py --masks     # also percolate_masks (no per-document lists)
 """
 
 from __future__ import annotations
@@ -72,6 +73,19 @@ def throughput(engine: EmbeddedPercolator, docs: list[dict], batch: int, rounds:
     return len(docs) / best_wall, len(docs) / best_cpu, matches / len(docs)
 
 
+def throughput_masks(engine: EmbeddedPercolator, docs: list[dict], batch: int, rounds: int) -> tuple[float, float]:
+    """(wall docs/s, cpu docs/s) of ``percolate_masks`` (per-rule masks, no per-document lists)."""
+    best_wall = best_cpu = float("inf")
+    for _ in range(rounds):
+        wall, cpu = time.perf_counter(), time.process_time()
+        for start in range(0, len(docs), batch):
+            result = engine.percolate_masks(docs[start : start + batch], now=WORKLOAD_NOW)
+            assert not result.errors
+        best_wall = min(best_wall, time.perf_counter() - wall)
+        best_cpu = min(best_cpu, time.process_time() - cpu)
+    return len(docs) / best_wall, len(docs) / best_cpu
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rules", type=int, default=10_000)
@@ -82,6 +96,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--cpu", type=int, default=0, help="pin to this CPU (-1: do not pin)")
     parser.add_argument("--tracemalloc", action="store_true", help="also trace allocations while loading (slow)")
+    parser.add_argument("--masks", action="store_true",
+                        help="also measure percolate_masks (per-rule document masks instead of per-document lists)")
     args = parser.parse_args()
     if args.cpu >= 0 and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {args.cpu})
@@ -93,6 +109,9 @@ def main() -> int:
           + (f", {traced:.0f} MB traced" if traced is not None else ""))
     wall, cpu, per_doc = throughput(engine, docs, args.batch, args.rounds)
     print(f"{args.rules} rules: {wall:,.0f} docs/s wall, {cpu:,.0f} docs/s cpu, {per_doc:.1f} matches/doc")
+    if args.masks:
+        wall_m, cpu_m = throughput_masks(engine, docs, args.batch, args.rounds)
+        print(f"{args.rules} rules, percolate_masks: {wall_m:,.0f} docs/s wall, {cpu_m:,.0f} docs/s cpu")
 
     sample = docs[: args.ref_docs]
     reference = EmbeddedPercolator(presearcher="match_all")
@@ -112,6 +131,9 @@ def main() -> int:
               + (f", {traced:.0f} MB traced" if traced is not None else ""))
         wall, cpu, per_doc = throughput(engine, docs, args.batch, args.rounds)
         print(f"{args.large_rules} rules: {wall:,.0f} docs/s wall, {cpu:,.0f} docs/s cpu, {per_doc:.1f} matches/doc")
+        if args.masks:
+            wall_m, cpu_m = throughput_masks(engine, docs, args.batch, args.rounds)
+            print(f"{args.large_rules} rules, percolate_masks: {wall_m:,.0f} docs/s wall, {cpu_m:,.0f} docs/s cpu")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     return 0 if identical else 1
 

@@ -40,6 +40,10 @@ def mask_of(positions: list[int]) -> int:
         for pos in positions:
             mask |= 1 << pos
         return mask
+    if len(positions) >= 256 and np is not None:
+        bits = np.zeros(max(positions) + 1, dtype=np.bool_)
+        bits[positions] = True
+        return int.from_bytes(np.packbits(bits, bitorder="little").tobytes(), "little")
     buf = bytearray((max(positions) >> 3) + 1)
     for pos in positions:
         buf[pos >> 3] |= 1 << (pos & 7)
