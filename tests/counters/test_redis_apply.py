@@ -1,0 +1,81 @@
+"""The packed write path of RedisCounters.apply: native PFADDs + the counts script, one round trip."""
+
+from __future__ import annotations
+
+import calendar
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from rules_service.counters import keys
+from rules_service.counters.port import CounterBatch
+from rules_service.counters.redis_store import RedisCounters
+
+pytestmark = pytest.mark.redis
+
+H10 = calendar.timegm((2026, 11, 22, 10, 0, 0, 0, 0, 0))
+DAY = H10 - H10 % 86400
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(redis_url)
+    c.flushdb()
+    yield c
+    c.close()
+
+
+def batch_of(users: list[str], rule: str = "a@v1") -> CounterBatch:
+    return CounterBatch(
+        users={(rule, "hour", H10): set(users), (rule, "day", DAY): set(users)},
+        matches={(rule, "hour", H10): len(users), (rule, "day", DAY): len(users)},
+        dimensions={(rule, DAY, "geo.city"): {"a=b": 2, "Zürich": 1, "": 3}},
+    )
+
+
+def test_members_fields_and_counts_round_trip(client: redis.Redis) -> None:
+    counters = RedisCounters(client)
+    users = ["u1", "ü-2", "with\r\nnewline", "x" * 300, "$3", "*"]
+    assert counters.apply(batch_of(users), "s", {("bids", 0): 6}, {("bids", 0): 0})
+    assert client.pfcount(keys.hour_users("a@v1", H10)) == len(users)
+    assert client.pfcount(keys.day_users("a@v1", DAY)) == len(users)
+    key, fld = keys.hour_matches("a@v1", H10)
+    assert client.hget(key, fld) == b"6"
+    assert client.hgetall(keys.dimensions("a@v1", DAY)) == {
+        b"geo.city=a=b": b"2", "geo.city=Zürich".encode(): b"1", b"geo.city=": b"3"}
+    assert counters.stored_offsets("s") == {("bids", 0): 6}
+
+
+def test_a_resent_batch_adds_users_again_but_counts_once_and_sketches_get_deadlines(client: redis.Redis) -> None:
+    counters = RedisCounters(client)
+    batch = batch_of(["u1", "u2"])
+    assert counters.apply(batch, "s", {("bids", 0): 2}, {("bids", 0): 0})
+    # a crash after the PFADDs of a round trip reached Redis but before its script: a sketch
+    # exists without a deadline; the re-sent (already applied) batch still gives it one
+    client.persist(keys.hour_users("a@v1", H10))
+    assert client.ttl(keys.hour_users("a@v1", H10)) == -1
+    assert not counters.apply(batch, "s", {("bids", 0): 2}, {("bids", 0): 0})
+    assert client.ttl(keys.hour_users("a@v1", H10)) > 0
+    key, fld = keys.hour_matches("a@v1", H10)
+    assert client.hget(key, fld) == b"2"
+    assert client.pfcount(keys.hour_users("a@v1", H10)) == 2
+
+
+def test_a_failing_pfadd_raises_and_the_client_stays_usable(client: redis.Redis) -> None:
+    counters = RedisCounters(client)
+    client.set(keys.hour_users("bad@v1", H10), "not a sketch")
+    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+        counters.apply(batch_of(["u1"], rule="bad@v1"), "s", {("bids", 0): 1}, {("bids", 0): 0})
+    assert counters.apply(batch_of(["u1"]), "s", {("bids", 0): 2}, {("bids", 0): 1})
+    assert client.pfcount(keys.day_users("a@v1", DAY)) == 1
+
+
+def test_script_flush_between_batches(client: redis.Redis) -> None:
+    counters = RedisCounters(client)
+    assert counters.apply(batch_of(["u1"]), "s", {("bids", 0): 1}, {("bids", 0): 0})
+    client.script_flush()
+    assert counters.apply(batch_of(["u2"]), "s", {("bids", 0): 2}, {("bids", 0): 1})
+    assert client.pfcount(keys.day_users("a@v1", DAY)) == 2
+    key, fld = keys.day_matches("a@v1", DAY)
+    assert client.hget(key, fld) == b"2"
