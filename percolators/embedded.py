@@ -161,12 +161,22 @@ class EmbeddedPercolator(Percolator):
             candidates = index.presearcher.candidates(batch, index.rules)
             if restrict is not None:
                 candidates = candidates & restrict
-        rules = index.rules
         full = batch.all
         matched: list[str] = []
         masks: list[int] = []
-        for rule_id in sorted(candidates):  # sorted: each document's list comes out sorted
-            mask = rules[rule_id].evaluate(batch, full) & full
+        # in rule id order, so that each document's list comes out sorted
+        if len(candidates) * 4 >= len(index.rules):  # most rules: filter the cached sorted list
+            ids, evaluators = index.sorted_evaluators()
+            if len(candidates) == len(ids):
+                selected: Iterable[tuple[str, Any]] = zip(ids, evaluators, strict=True)
+            else:
+                keep = candidates.__contains__
+                selected = ((rule_id, f) for rule_id, f in zip(ids, evaluators, strict=True) if keep(rule_id))
+        else:
+            rules = index.rules
+            selected = ((rule_id, rules[rule_id].evaluate) for rule_id in sorted(candidates))
+        for rule_id, evaluate in selected:
+            mask = evaluate(batch, full) & full
             if mask:
                 matched.append(rule_id)
                 masks.append(mask)

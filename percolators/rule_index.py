@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 from percolators.matcher import Evaluator, compile_node
 from percolators.presearcher import IndexedPresearcher, MatchAllPresearcher
@@ -62,6 +63,14 @@ class RuleIndex:
         self._field_refs: dict[str, int] = {}
         self._fields: frozenset[str] | None = frozenset()
         self._field_sets: dict[frozenset[str], frozenset[str]] = {}
+        self._sorted: tuple[list[str], list[Any]] | None = None
+
+    def sorted_evaluators(self) -> tuple[list[str], list[Any]]:
+        """Every stored rule id, sorted, and its evaluator (cached until the rules change)."""
+        if self._sorted is None:
+            ids = sorted(self.rules)
+            self._sorted = (ids, [self.rules[rule_id].evaluate for rule_id in ids])
+        return self._sorted
 
     def __len__(self) -> int:
         return len(self.rules)
@@ -92,6 +101,7 @@ class RuleIndex:
         if warnings != stored.warnings:
             stored = StoredRule(stored.parsed, stored.evaluate, stored.fields, warnings)
         self.rules[rule_id] = stored
+        self._sorted = None
         for name in stored.fields:
             self._field_refs[name] = self._field_refs.get(name, 0) + 1
         self._fields = None
@@ -102,6 +112,7 @@ class RuleIndex:
         if stored is None:
             return
         self.presearcher.remove(rule_id)
+        self._sorted = None
         for name in stored.fields:
             left = self._field_refs[name] - 1
             if left:

@@ -203,3 +203,17 @@ def test_index_batch_indexes_and_posts_like_the_full_indexer(fields):
     assert {k: v for k, v in build.geo.items() if v} == geo
     with pytest.raises(InvalidDocumentError):
         fast.index_batch(docs, wanted, geo_fields, "raise")
+
+
+def test_rules_changed_between_batches_are_seen():
+    # the engine caches the sorted rules between batches: every change must show in the next one
+    engine = EmbeddedPercolator()
+    engine.upsert([Rule(f"all-{i}", {"match_all": {}}) for i in range(5)])
+    docs = [{"gender": "female"}, {"gender": "male"}]
+    assert engine.percolate(docs) == [[f"all-{i}" for i in range(5)]] * 2
+    engine.upsert([Rule("all-0", {"term": {"gender": "male"}}), Rule("b-new", {"match_all": {}})])
+    assert engine.percolate(docs) == [["all-1", "all-2", "all-3", "all-4", "b-new"],
+                                      ["all-0", "all-1", "all-2", "all-3", "all-4", "b-new"]]
+    engine.delete(["all-1", "b-new"])
+    assert engine.percolate(docs) == [["all-2", "all-3", "all-4"], ["all-0", "all-2", "all-3", "all-4"]]
+    assert engine.percolate_masks(docs).counts() == {"all-0": 1, "all-2": 2, "all-3": 2, "all-4": 2}
