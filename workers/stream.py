@@ -8,7 +8,9 @@ log port has no group rebalancing, so processes split partitions explicitly, see
    record goes to ``bids.dlq`` with the reason, its original bytes and where it came from;
 2. percolates the batch (``on_error="skip"``: a document the percolator rejects is a dead letter
    too);
-3. aggregates the counter updates in memory (``rules_service.counters.aggregate``);
+3. aggregates the counter updates in memory (``rules_service.counters.aggregate``: from per-rule
+   document masks with ``aggregate_masks`` when the percolator offers ``percolate_masks``, the
+   embedded engine; from per-document match lists otherwise, e.g. Elasticsearch);
 4. produces each good bid's user document to the compacted ``users.last_seen`` topic (key user id)
    and the dead letters to ``bids.dlq``: *before* the counters, so a crash can lose neither; a
    re-read after a crash produces them again, which is harmless (compaction keeps the latest per
@@ -71,6 +73,9 @@ DEFAULT_GROUP = "stream"
 Normaliser = Callable[[bytes, int, int], dict[str, Any]]
 #: ``aggregate(documents, matches) -> CounterBatch``.
 Aggregator = Callable[[Sequence[Mapping[str, Any]], Sequence[Sequence[str]]], CounterBatch]
+#: ``aggregate_masks(documents, rule_ids, masks) -> CounterBatch`` (bit ``i`` of ``masks[k]``:
+#: ``documents[i]`` matched ``rule_ids[k]``; documents in no mask are ignored).
+MaskAggregator = Callable[[Sequence[Mapping[str, Any]], Sequence[str], Sequence[int]], CounterBatch]
 
 
 class RuleSource(Protocol):
@@ -93,6 +98,15 @@ def default_aggregator(dimensions: Sequence[str]) -> Aggregator:
 
     def run(documents: Sequence[Mapping[str, Any]], matches: Sequence[Sequence[str]]) -> CounterBatch:
         return aggregate(documents, matches, dimensions=dimensions)
+
+    return run
+
+
+def default_mask_aggregator(dimensions: Sequence[str]) -> MaskAggregator:
+    from rules_service.counters.aggregate import aggregate_masks
+
+    def run(documents: Sequence[Mapping[str, Any]], rule_ids: Sequence[str], masks: Sequence[int]) -> CounterBatch:
+        return aggregate_masks(documents, rule_ids, masks, dimensions=dimensions)
 
     return run
 
@@ -254,6 +268,7 @@ class StreamConsumer:
         rules: RuleSource | None = None,
         normalise: Normaliser | None = None,
         aggregate: Aggregator | None = None,
+        aggregate_masks: MaskAggregator | None = None,
         dimensions: Sequence[str] = (),
         poll_timeout_ms: int = 100,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
@@ -268,6 +283,12 @@ class StreamConsumer:
         self.rules = rules
         self.normalise = normalise or default_normaliser()
         self.aggregate = aggregate or default_aggregator(dimensions)
+        # Per-rule masks when the percolator offers them (the embedded engine) and the aggregation
+        # is not a custom per-document one: no per-document match lists are built at all.
+        percolate_masks = getattr(percolator, "percolate_masks", None)
+        self._percolate_masks = percolate_masks if callable(percolate_masks) and (
+            aggregate is None or aggregate_masks is not None) else None
+        self.aggregate_masks = aggregate_masks or default_mask_aggregator(dimensions)
         self.poll_timeout_ms = poll_timeout_ms
         self.clock_ms = clock_ms
         # Called at "after_produce" and "after_apply": the fault test kills the process there.
@@ -379,19 +400,40 @@ class StreamConsumer:
 
         clock = time.perf_counter
         t_normalised = clock()
-        matches: list[list[str]] = []
         kept: list[dict[str, Any]] = []
-        if documents:
-            results = self.percolator.percolate(documents, on_error="skip")
-            for document, record, result in zip(documents, sources, results, strict=True):
-                if isinstance(result, Exception):
-                    dead.append(DeadLetter(record, *dead_letter_category(result)))
-                else:
-                    kept.append(document)
-                    matches.append(result)
-
-        t_percolated = clock()
-        batch = self.aggregate(kept, matches) if kept else CounterBatch()
+        kept_records: list[Record] = []
+        matched_pairs = matched_bids = 0
+        if documents and self._percolate_masks is not None:
+            found = self._percolate_masks(documents)
+            if found.errors:
+                for slot in sorted(found.errors):
+                    dead.append(DeadLetter(sources[slot], *dead_letter_category(found.errors[slot])))
+                kept = [d for i, d in enumerate(documents) if i not in found.errors]
+                kept_records = [r for i, r in enumerate(sources) if i not in found.errors]
+            else:
+                kept, kept_records = documents, sources
+            t_percolated = clock()
+            union = 0
+            for mask in found.masks:
+                union |= mask
+                matched_pairs += mask.bit_count()
+            matched_bids = union.bit_count()
+            batch = self.aggregate_masks(documents, found.rule_ids, found.masks) if union else CounterBatch()
+        else:
+            matches: list[list[str]] = []
+            if documents:
+                results = self.percolator.percolate(documents, on_error="skip")
+                for document, record, result in zip(documents, sources, results, strict=True):
+                    if isinstance(result, Exception):
+                        dead.append(DeadLetter(record, *dead_letter_category(result)))
+                    else:
+                        kept.append(document)
+                        kept_records.append(record)
+                        matches.append(result)
+            t_percolated = clock()
+            matched_pairs = sum(len(m) for m in matches)
+            matched_bids = sum(1 for m in matches if m)
+            batch = self.aggregate(kept, matches) if kept else CounterBatch()
         if dead:
             self._count_dead_letters(batch, dead)
 
@@ -401,7 +443,7 @@ class StreamConsumer:
             self._producer.send_batch(LAST_SEEN_TOPIC, [
                 Message(value=orjson.dumps(document), key=str(document["user_id"]).encode(),
                         timestamp_ms=record.timestamp_ms)
-                for document, record in zip(kept, _good_records(sources, documents, kept), strict=True)
+                for document, record in zip(kept, kept_records, strict=True)
             ])
         if dead:
             self._producer.send_batch(dlq_topic(self.topic), [letter.to_message() for letter in dead])
@@ -423,8 +465,8 @@ class StreamConsumer:
             stats.skipped_batches += 1
             logger.warning("batch %s was already applied (a re-read after a crash): skipped", start_offsets)
         else:
-            stats.matched += sum(len(m) for m in matches)
-            stats.matched_bids += sum(1 for m in matches if m)
+            stats.matched += matched_pairs
+            stats.matched_bids += matched_bids
             stats.dlq += len(dead)
             for letter in dead:
                 stats.dlq_reasons[letter.category] = stats.dlq_reasons.get(letter.category, 0) + 1
@@ -488,10 +530,3 @@ class StreamConsumer:
         self.update_lag()
         return self.stats
 
-
-def _good_records(sources: Sequence[Record], documents: Sequence[Any], kept: Sequence[Any]) -> list[Record]:
-    """The records of the kept documents (those the percolator accepted), in order."""
-    if len(kept) == len(documents):
-        return list(sources)
-    kept_ids = {id(document) for document in kept}
-    return [record for record, document in zip(sources, documents, strict=True) if id(document) in kept_ids]
