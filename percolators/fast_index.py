@@ -164,7 +164,7 @@ class FastIndexer:
         out: dict[str, Any] = {}
         for key, entry in plan.items():
             if entry[0] == _OBJECT:
-                out[key] = (_OBJECT, "", self._batch_plan(entry[2], posts))
+                out[key] = (_OBJECT, "", self._batch_plan(entry[2], posts), None)
             else:
                 out[key] = (*entry, posts.get(entry[1]))
         return out
@@ -180,11 +180,10 @@ class FastIndexer:
                 if "." in key:
                     raise _Slow
                 continue  # unmapped: ignored
-            kind = entry[0]
+            kind, path, extra, post = entry
             vtype = type(value)
             if vtype is str and kind == _KEYWORD:
-                values[entry[1]] = (value,)
-                post = entry[3]
+                values[path] = (value,)
                 if post is not None:
                     got = post.get(value)
                     if got is None:
@@ -195,7 +194,7 @@ class FastIndexer:
             if kind == _OBJECT:
                 if vtype is not dict:
                     raise _Slow
-                self._walk_post(value, entry[2], values, pos)
+                self._walk_post(value, extra, values, pos)
                 continue
             if vtype is list:
                 if not value:
@@ -208,12 +207,13 @@ class FastIndexer:
                 else:
                     scalars = [self._scalar(kind, entry, item) for item in value]
                     items = tuple(dict.fromkeys(scalars)) if len(scalars) > 1 else (scalars[0],)
-            elif vtype is int and kind == _INTEGER and entry[2][0] <= value <= entry[2][1]:
+            elif vtype is int and kind == _INTEGER and extra[0] <= value <= extra[1]:
                 items = (value,)
+            elif vtype is str and kind == _DATE:
+                items = (self._date(value),)
             else:
                 items = (self._scalar(kind, entry, value),)
-            values[entry[1]] = items
-            post = entry[3]
+            values[path] = items
             if post is None:
                 continue
             if kind == _GEO:
