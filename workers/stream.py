@@ -36,6 +36,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -193,6 +194,24 @@ class StreamStats:
 
 
 @dataclass
+class _PendingBatch:
+    """A batch between its counters being aggregated and being written (see ``overlap_apply``)."""
+
+    batch: CounterBatch
+    start_offsets: dict[tuple[str, int], int]
+    next_offsets: dict[tuple[str, int], int]
+    size: int
+    timestamps: list[int]
+    matched_pairs: int
+    matched_bids: int
+    dead: list[str]
+    busy: float  # seconds of this batch before its write
+    applied: bool = False
+    readable_ms: int = 0
+    apply_seconds: float = 0.0
+
+
+@dataclass
 class DeadLetter:
     record: Record
     category: str  # counted by this, see dead_letter_category
@@ -273,6 +292,7 @@ class StreamConsumer:
         poll_timeout_ms: int = 100,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         fault_hook: Callable[[str], None] | None = None,
+        overlap_apply: bool = False,
     ) -> None:
         self.log = log
         self.percolator = percolator
@@ -294,6 +314,10 @@ class StreamConsumer:
         # Called at "after_produce" and "after_apply": the fault test kills the process there.
         self.fault_hook = fault_hook
         self.stats = StreamStats()
+        # overlap_apply: write a batch's counters (a Redis round trip, mostly waiting) in a thread
+        # while the next batch is read, normalised and percolated; flush() waits for it.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="counters") if overlap_apply else None
+        self._inflight: tuple[_PendingBatch, Future[None]] | None = None
         self._wanted = None if partitions is None else sorted(set(partitions))
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
@@ -337,6 +361,10 @@ class StreamConsumer:
                 consumer.seek(tp, offset)
 
     def close(self) -> None:
+        if self._consumer is not None:
+            self.abandon()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
@@ -451,36 +479,84 @@ class StreamConsumer:
         if self.fault_hook is not None:
             self.fault_hook("after_produce")
         t_produced = clock()
-        applied = self.counters.apply(batch, self.group, next_offsets, start_offsets)
-        t_applied = clock()
-        readable_ms = self.clock_ms()
+        stages = self.stats.stage_seconds
+        for stage, seconds in (("normalise", t_normalised - began), ("percolate", t_percolated - t_normalised),
+                               ("aggregate", t_aggregated - t_percolated), ("produce", t_produced - t_aggregated)):
+            stages[stage] = stages.get(stage, 0.0) + seconds
+        pending = _PendingBatch(
+            batch=batch, start_offsets=start_offsets, next_offsets=next_offsets, size=len(records),
+            timestamps=[record.timestamp_ms for record in records], matched_pairs=matched_pairs,
+            matched_bids=matched_bids, dead=[letter.category for letter in dead], busy=t_produced - began)
+        if self._executor is None:
+            self._apply(pending)
+            self._finish(pending)
+            return
+        # Overlap: this batch's round trip runs while the next batch is read and percolated. The
+        # previous one is finished first, so batches reach Redis in order, one at a time.
+        self.flush()
+        self._inflight = (pending, self._executor.submit(self._apply, pending))
+
+    def _apply(self, pending: _PendingBatch) -> None:
+        began = time.perf_counter()
+        pending.applied = self.counters.apply(pending.batch, self.group, pending.next_offsets, pending.start_offsets)
+        pending.readable_ms = self.clock_ms()
+        pending.apply_seconds = time.perf_counter() - began
+
+    def flush(self) -> None:
+        """Wait for the batch whose counters are being written (``overlap_apply``) and finish it:
+        its errors are raised here."""
+        if self._inflight is None:
+            return
+        pending, future = self._inflight
+        self._inflight = None
+        began = time.perf_counter()
+        try:
+            future.result()
+        finally:
+            waited = time.perf_counter() - began
+            stages = self.stats.stage_seconds
+            stages["apply_wait"] = stages.get("apply_wait", 0.0) + waited
+            self.stats.busy_seconds += waited
+        self._finish(pending)
+
+    def _finish(self, pending: _PendingBatch) -> None:
+        """After the counters were written: the fault hook, the log commit and the statistics."""
+        assert self._consumer is not None, "start() first"
         if self.fault_hook is not None:
             self.fault_hook("after_apply")
-        self._consumer.commit({TopicPartition(t, p): o for (t, p), o in next_offsets.items()})
-
+        began = time.perf_counter()
+        self._consumer.commit({TopicPartition(t, p): o for (t, p), o in pending.next_offsets.items()})
         stats = self.stats
         stats.batches += 1
-        stats.processed += len(records)
-        if not applied:
+        stats.processed += pending.size
+        if not pending.applied:
             stats.skipped_batches += 1
-            logger.warning("batch %s was already applied (a re-read after a crash): skipped", start_offsets)
+            logger.warning("batch %s was already applied (a re-read after a crash): skipped", pending.start_offsets)
         else:
-            stats.matched += matched_pairs
-            stats.matched_bids += matched_bids
-            stats.dlq += len(dead)
-            for letter in dead:
-                stats.dlq_reasons[letter.category] = stats.dlq_reasons.get(letter.category, 0) + 1
-        for record in records:
-            stats.end_to_end_ms.add(readable_ms - record.timestamp_ms)
-        elapsed = clock() - began
+            stats.matched += pending.matched_pairs
+            stats.matched_bids += pending.matched_bids
+            stats.dlq += len(pending.dead)
+            for category in pending.dead:
+                stats.dlq_reasons[category] = stats.dlq_reasons.get(category, 0) + 1
+        histogram, readable_ms = stats.end_to_end_ms, pending.readable_ms
+        for timestamp_ms in pending.timestamps:
+            histogram.add(readable_ms - timestamp_ms)
         stages = stats.stage_seconds
-        for stage, seconds in (("normalise", t_normalised - began), ("percolate", t_percolated - t_normalised),
-                               ("aggregate", t_aggregated - t_percolated), ("produce", t_produced - t_aggregated),
-                               ("apply", t_applied - t_produced), ("commit", clock() - t_applied)):
-            stages[stage] = stages.get(stage, 0.0) + seconds
+        commit = time.perf_counter() - began
+        stages["apply"] = stages.get("apply", 0.0) + pending.apply_seconds
+        stages["commit"] = stages.get("commit", 0.0) + commit
+        elapsed = pending.busy + pending.apply_seconds + commit
         stats.last_batch_seconds = elapsed
-        stats.busy_seconds += elapsed
+        stats.busy_seconds += pending.busy + commit + (0.0 if self._executor is not None else pending.apply_seconds)
         stats.batch_ms.add(int(elapsed * 1000))
+
+    def abandon(self) -> None:
+        """After a failed batch: wait for the write in flight; finish it if it went through, forget
+        it otherwise (the caller rewinds to the stored offsets)."""
+        try:
+            self.flush()
+        except Exception as exc:  # reported by the caller's retry
+            logger.warning("stream %s: the batch being written failed too (%s)", self.group, exc)
 
     def _count_dead_letters(self, batch: CounterBatch, dead: Sequence[DeadLetter]) -> None:
         for letter in dead:
@@ -513,10 +589,13 @@ class StreamConsumer:
                 if targets is not None:
                     positions = self.positions()
                     if all(positions[tp] >= end for tp, end in targets.items()):
+                        self.flush()
                         break
-                self.run_once()
+                if not self.run_once():
+                    self.flush()  # idle: nothing to overlap the write with
                 backoff = 0.0
             except TRANSIENT_ERRORS as exc:
+                self.abandon()
                 backoff = min(max_backoff_s, backoff * 2 or 0.5)
                 self.stats.retries += 1
                 logger.error("stream %s: batch failed (%s: %s); retrying in %.1f s", self.group,
@@ -527,6 +606,7 @@ class StreamConsumer:
                 last_report = time.monotonic()
                 self.update_lag()
                 logger.info("stream %s: %s", self.group, self.stats.summary())
+        self.flush()
         self.update_lag()
         return self.stats
 

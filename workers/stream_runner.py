@@ -65,7 +65,7 @@ def build_consumer(settings: Settings, *, partitions: Sequence[int] | None = Non
         consumer = StreamConsumer(
             log, percolator, counters, topic=settings.BIDS_TOPIC, group=group, partitions=partitions,
             batch_size=batch_size or settings.BATCH_SIZE, rules=rules, dimensions=settings.DIMENSIONS,
-            fault_hook=self_kill_hook(os.environ.get(SELF_KILL_ENV, "")),
+            fault_hook=self_kill_hook(os.environ.get(SELF_KILL_ENV, "")), overlap_apply=True,
         )
         consumer.start()
         yield consumer

@@ -71,3 +71,47 @@ def test_mask_path_equals_list_path() -> None:
     for letter in dlq_m + dlq_l:  # the fake log stamps records with the wall clock
         del letter["source"]["timestamp_ms"]
     assert dlq_m == dlq_l
+
+
+class FailingCounters(FakeCounters):
+    """Fails the apply calls whose numbers (1-based) are in ``failures``."""
+
+    def __init__(self, failures: set[int]) -> None:
+        super().__init__()
+        self.failures = failures
+        self.calls = 0
+
+    def apply(self, batch: Any, consumer: str, offsets: Any, start_offsets: Any = None) -> bool:
+        self.calls += 1
+        if self.calls in self.failures:
+            raise ConnectionError("redis went away")
+        return super().apply(batch, consumer, offsets, start_offsets)
+
+
+def test_overlapped_writes_count_like_synchronous_ones_even_when_a_write_fails() -> None:
+    def drain(overlap: bool, failures: set[int]) -> tuple[FakeCounters, dict[str, Any]]:
+        log = FakeLog()
+        ensure_topics(log, SETTINGS)
+        rc = RuleChange(audience_id="all", advertiser_id="adv", version=1, query={"match_all": {}})
+        log.producer().send_batch(RULES_TOPIC, [Message(value=rc.to_json(), key=rc.rule_id.encode())])
+        gen = BidGenerator(seed=9, users=100, days=0.1, end=datetime(2026, 11, 22, 12, tzinfo=UTC))
+        log.producer().send_batch("bids", [Message(value=v, key=k) for k, v in gen.messages(500)])
+        percolator = EmbeddedPercolator(dict(USER_MAPPING))
+        rules = RulesSync(log, percolator, interval_s=0)
+        rules.load()
+        counters = FailingCounters(failures)
+        consumer = StreamConsumer(log, percolator, counters, rules=rules, dimensions=DIMS, batch_size=60,
+                                  overlap_apply=overlap)
+        with consumer:
+            stats = consumer.run(threading.Event(), drain=True, max_backoff_s=0.01)
+        assert counters.offsets["stream"] == {(tp.topic, tp.partition): len(log.data[tp])
+                                              for tp in log.partitions("bids")}
+        return counters, {k: stats.summary()[k] for k in ("matched", "matched_bids", "dlq")}
+
+    sync, sync_figures = drain(False, set())
+    for failures in (set(), {1}, {3, 4}, {9}):
+        overlapped, figures = drain(True, failures)
+        assert overlapped.match_counts == sync.match_counts and overlapped.users == sync.users
+        assert overlapped.dims == sync.dims
+        if not failures:
+            assert figures == sync_figures
