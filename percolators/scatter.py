@@ -62,9 +62,15 @@ def scatter_numpy(matched: Sequence[str], masks: Sequence[int], size: int) -> li
     out: list[list[str]] = []
     if not count:
         return [[] for _ in range(size)]
-    packed = np.frombuffer(b"".join([mask.to_bytes(nbytes, "little") for mask in masks]), dtype=np.uint8)
+    buffer = bytearray(count * nbytes)  # filled in place: no list of 100,000 bytes objects to join
+    offset = 0
+    for mask in masks:
+        buffer[offset : offset + nbytes] = mask.to_bytes(nbytes, "little")
+        offset += nbytes
+    packed = np.frombuffer(buffer, dtype=np.uint8)
     # (words, rules): each row is one column of 16 documents over all rules, contiguous
     columns = np.ascontiguousarray(packed.reshape(count, nbytes).view(_WORD_TYPES[word]).T)
+    del packed, buffer
     ids = np.empty(count, dtype=object)
     ids[:] = matched
     flatnonzero, unpackbits, count_nonzero = np.flatnonzero, np.unpackbits, np.count_nonzero
