@@ -32,6 +32,8 @@ NUMPY_MIN_MATCHES = 2048
 #: Bytes per column word (16 documents): a good balance between per-column Python overhead and
 #: the zero padding unpacked for rules matching few of a column's documents.
 _WORD = 2
+#: Rules per block of the transposition (a block of rows stays in the CPU caches).
+_TRANSPOSE_BLOCK = 1024
 _WORD_TYPES = {1: "u1", 2: "<u2", 4: "<u4", 8: "<u8"}
 
 _BITS_OF_BYTE = [bytes((byte >> bit) & 1 for bit in range(8)) for byte in range(256)]
@@ -69,8 +71,11 @@ def scatter_numpy(matched: Sequence[str], masks: Sequence[int], size: int) -> li
         offset += nbytes
     packed = np.frombuffer(buffer, dtype=np.uint8)
     # (words, rules): each row is one column of 16 documents over all rules, contiguous
-    columns = np.ascontiguousarray(packed.reshape(count, nbytes).view(_WORD_TYPES[word]).T)
-    del packed, buffer
+    matrix = packed.reshape(count, nbytes).view(_WORD_TYPES[word])
+    columns = np.empty((matrix.shape[1], count), dtype=matrix.dtype)
+    for start in range(0, count, _TRANSPOSE_BLOCK):  # blocked: several times faster than at once
+        columns[:, start : start + _TRANSPOSE_BLOCK] = matrix[start : start + _TRANSPOSE_BLOCK].T
+    del matrix, packed, buffer
     ids = np.empty(count, dtype=object)
     ids[:] = matched
     flatnonzero, unpackbits, count_nonzero = np.flatnonzero, np.unpackbits, np.count_nonzero

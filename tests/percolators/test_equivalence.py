@@ -362,3 +362,18 @@ def test_geo_points_exactly_on_the_circle_match_like_the_reference(points, kind)
     # on the edge or a hair away, on either side; both engines must agree all the same)
     _compare_engines(EmbeddedPercolator(MAPPING), EmbeddedPercolator(MAPPING, presearcher="match_all"), rules,
                      docs, NOW)
+
+
+def test_numpy_scatter_with_thousands_of_rules():
+    # more rules than one transposition block, documents not a multiple of a column word
+    import random
+
+    from percolators.scatter import _TRANSPOSE_BLOCK, scatter_numpy, scatter_python
+
+    rng = random.Random(5)
+    size, count = 1000, 2 * _TRANSPOSE_BLOCK + 37
+    matched = [f"r{i:05d}" for i in range(count)]
+    masks = [rng.getrandbits(size) & rng.getrandbits(size) & rng.getrandbits(size) or 1 for _ in range(count)]
+    expected: list[list[str]] = [[] for _ in range(size)]
+    scatter_python(matched, masks, expected)
+    assert scatter_numpy(matched, masks, size) == expected
