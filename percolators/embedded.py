@@ -3,9 +3,13 @@
 * ``percolators.dsl`` parses and validates a rule against the mapping;
 * ``percolators.rule_index`` stores it with its compiled evaluator (``percolators.matcher``) and
   its anchor in the presearcher (``percolators.presearcher``);
-* :meth:`EmbeddedPercolator.percolate` indexes a batch of documents into a bitmask index
-  (``percolators.batch``), selects the candidate rules from the batch's keys and evaluates each
-  candidate once for the whole batch.
+* :meth:`EmbeddedPercolator.percolate` indexes a batch of documents straight into the postings of
+  a bitmask index (``percolators.fast_index.FastIndexer.index_batch``, ``percolators.batch``),
+  selects the candidate rules from the batch's keys, evaluates each candidate once for the whole
+  batch and turns the per-rule masks into per-document lists with numpy
+  (``percolators.scatter``);
+* :meth:`EmbeddedPercolator.percolate_masks` stops before that last step: per-rule document masks
+  for consumers that aggregate per rule (counts are ``mask.bit_count()``).
 
 ``presearcher="match_all"`` is the reference engine: every rule is checked against every document
 with the per-document reference matcher (``percolators.reference``). It is slow on purpose and is
