@@ -16,6 +16,11 @@ script is atomic on a Redis server and, with AOF, persisted as one transaction: 
 never disagree, so a worker killed at any moment resumes from the stored offsets and counts every
 bid exactly once (its users may have been added already: harmless).
 
+Sketch members are not the user ids themselves but the 8-byte BLAKE2b digest of each id: the
+sketch only needs a stable identity per user (PFADD hashes it again), and 8 bytes instead of a
+36-character id cut the bytes sent, parsed and hashed per (user, rule) pair by ~3x. Collisions are
+negligible (~n^2 / 2^65). Every sketch is written through this class, so all of them agree.
+
 Encoding: the commands are packed here as RESP (no per-argument work in redis-py); a member's
 bulk string is cached per client, so a user matched by 50 rules is encoded once. The script's
 arguments are flat ``ARGV`` strings (no JSON to build or decode: measured cheaper than one
@@ -41,6 +46,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from hashlib import blake2b
 from typing import Any
 
 import redis
@@ -126,6 +132,17 @@ class _Bulks(dict[str, bytes]):
         return bulk
 
 
+class _SketchMembers(dict[str, bytes]):
+    """user id -> the RESP bulk string of its sketch member: the 8-byte BLAKE2b digest of the id
+    (see the module docstring), computed on first use."""
+
+    def __missing__(self, user_id: str) -> bytes:
+        if len(self) >= 500_000:
+            self.clear()
+        bulk = self[user_id] = b"$8\r\n" + blake2b(user_id.encode(), digest_size=8).digest() + b"\r\n"
+        return bulk
+
+
 @dataclass
 class EncodedBatch:
     """One batch as the commands of its round trip: ``pfadds`` (packed PFADD commands) and the
@@ -184,6 +201,7 @@ class RedisCounters(Counters):
         self.clock = clock
         self._shas: dict[str, str] = {}
         self._bulks = _Bulks()
+        self._sketch_members = _SketchMembers()
 
     @classmethod
     def from_settings(cls, client: redis.Redis, settings: Any) -> RedisCounters:
@@ -216,6 +234,7 @@ class RedisCounters(Counters):
                     raise ValueError(f"start offset for {topic}:{partition} without a next offset")
 
         member_bulk = self._bulks.__getitem__
+        sketch_member = self._sketch_members.__getitem__
         join = b"".join
         pfadds: list[bytes] = []
         sketches: list[bytes] = []
@@ -229,7 +248,8 @@ class RedisCounters(Counters):
             else:
                 raise ValueError(f"unknown granularity {granularity!r}")
             key_bulk = _bulk(key)
-            pfadds.append(b"*%d\r\n$5\r\nPFADD\r\n%s%s" % (len(members) + 2, key_bulk, join(map(member_bulk, members))))
+            body = join(map(sketch_member, members))
+            pfadds.append(b"*%d\r\n$5\r\nPFADD\r\n%s%s" % (len(members) + 2, key_bulk, body))
             sketches += (key_bulk, _bulk(str(expire)))
         argv.append(_bulk(str(len(sketches) // 2)))
         argv += sketches
