@@ -16,6 +16,9 @@ key                                 type    content                          exp
                                             offset (see ``RedisCounters``)
 ==================================  ======  ===============================  ======================
 
+The HyperLogLogs' members are 8-byte BLAKE2b digests of the user ids, not the ids (see
+``redis_store``): anything else adding to these sketches must add the same digests.
+
 Why this shape:
 
 * Hour counts of one day share one hash and day counts of one month share one hash, so a 90-day
