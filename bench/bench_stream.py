@@ -233,7 +233,10 @@ def main() -> None:
             pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(35)
             return
 
+        redis_cpu = redis.Redis.from_url(url).info("cpu")
         summary = drain(settings, processes=args.processes, batch_size=args.batch_size)
+        redis_cpu_after = redis.Redis.from_url(url).info("cpu")
+        redis_cpu_s = sum(redis_cpu_after[k] - redis_cpu[k] for k in ("used_cpu_sys", "used_cpu_user"))
         info = redis.Redis.from_url(url).info("memory")
         emit(phase="throughput", processes=args.processes, batch_size=args.batch_size,
              bids_per_s=summary["bids_per_s"], streaming_bids_per_s=summary["streaming_bids_per_s"],
@@ -241,6 +244,8 @@ def main() -> None:
              matched=summary["matched"], matches_per_bid=round(summary["matched"] / max(1, summary["processed"]), 1),
              dlq=summary["dlq"], batch_ms_p50=summary["batch_ms_p50"], batch_ms_p99=summary["batch_ms_p99"],
              stage_us_per_bid=summary["stage_us_per_bid"],
+             consumer_cpu_us_per_bid=summary.get("cpu_us_per_bid"),
+             redis_cpu_us_per_bid=round(redis_cpu_s / max(1, summary["processed"]) * 1e6, 1),
              consumer_rss_mb=summary.get("rss_mb"), redis_used_mb=round(info["used_memory"] / 2**20, 1),
              log_dir_mb=round(sum(f.stat().st_size for f in (workdir / "data").rglob("*") if f.is_file()) / 2**20, 1))
         if args.seconds > 0:

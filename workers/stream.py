@@ -163,6 +163,7 @@ class StreamStats:
     last_batch_seconds: float = 0.0
     busy_seconds: float = 0.0
     started_at: float = field(default_factory=time.monotonic)
+    cpu_started_at: float = field(default_factory=time.process_time)  # this process's CPU seconds
     dlq_reasons: dict[str, int] = field(default_factory=dict)
     # wall-clock seconds per step of a batch (normalise, percolate, aggregate, produce, apply, commit)
     stage_seconds: dict[str, float] = field(default_factory=dict)
@@ -184,6 +185,7 @@ class StreamStats:
             "lag": self.lag,
             "elapsed_s": round(elapsed, 3),
             "bids_per_s": round(self.processed / elapsed, 1),
+            "cpu_us_per_bid": round((time.process_time() - self.cpu_started_at) / max(1, self.processed) * 1e6, 1),
             "batch_ms_p50": self.batch_ms.percentile(50),
             "batch_ms_p99": self.batch_ms.percentile(99),
             "e2e_ms_p50": self.end_to_end_ms.percentile(50),
