@@ -258,28 +258,17 @@ def aggregate_masks(
     pair_of_code: list[tuple[str, str]] = []
     doc_codes = None
     if want_dims:
-        code_of_pair: dict[tuple[str, str], int] = {}
-        rows: list[list[int]] = []
-        widest = 0
-        for i, doc in enumerate(docs):
-            if hours[i] == -1:
-                rows.append([])
-                continue
-            row = []
-            for pair in _dimension_pairs(doc, dimensions):
-                code = code_of_pair.get(pair)
-                if code is None:
-                    code = code_of_pair[pair] = len(pair_of_code)
-                    pair_of_code.append(pair)
-                row.append(code)
-            rows.append(row)
-            widest = max(widest, len(row))
+        rows, pair_of_code = _dimension_codes(docs, hours, dimensions)
+        widest = max(map(len, rows), default=0)
         n_codes = len(pair_of_code)
         if n_codes and widest:
             doc_codes = np.full((size, widest), n_codes, dtype=np.int64)
-            for i, row in enumerate(rows):
-                if row:
-                    doc_codes[i, : len(row)] = row
+            if all(len(row) == widest for row in rows):  # the usual case: every document has every dimension
+                doc_codes[:] = rows
+            else:
+                for i, row in enumerate(rows):
+                    if row:
+                        doc_codes[i, : len(row)] = row
 
     # the rule x word matrix of the masks (64 documents per little-endian word), in rule chunks
     n_words = (size + 63) // 64
@@ -308,6 +297,46 @@ def aggregate_masks(
             pair_doc = cols[k] * 64 + j
             _emit(out, chunk, hour, pair_rule, pair_doc, uid_array, doc_codes, pair_of_code, count_matches)
     return out
+
+
+def _dimension_codes(docs: Sequence[Any], hours: Sequence[int], dimensions: Sequence[str]
+                     ) -> tuple[list[list[int]], list[tuple[str, str]]]:
+    """Per document (``hours[i] == -1``: skipped), the codes of its (dimension, value) pairs as
+    :func:`_dimension_pairs` gives them, and the pair of each code. Plain string values, the usual
+    case, take a fast path: one dict lookup per (dimension, value)."""
+    paths = [(dimension, tuple(dimension.split("."))) for dimension in dimensions]
+    code_of: dict[tuple[int, str], int] = {}
+    pair_of_code: list[tuple[str, str]] = []
+    rows: list[list[int]] = []
+    for doc, hour in zip(docs, hours, strict=True):
+        row: list[int] = []
+        rows.append(row)
+        if hour == -1:
+            continue
+        for slot, (dimension, path) in enumerate(paths):
+            value: Any = doc
+            for part in path:
+                value = value.get(part) if isinstance(value, (dict, Mapping)) else None
+                if value is None:
+                    break
+            if value is None:
+                continue
+            if type(value) is str:
+                texts: Iterable[str] = (value,)
+            elif type(value) is list:
+                texts = [t for t in dict.fromkeys(_field_text(item) for item in value) if t is not None]
+            else:
+                text = _field_text(value)
+                if text is None:
+                    continue
+                texts = (text,)
+            for text in texts:
+                code = code_of.get((slot, text))
+                if code is None:
+                    code = code_of[(slot, text)] = len(pair_of_code)
+                    pair_of_code.append((dimension, text))
+                row.append(code)
+    return rows, pair_of_code
 
 
 def _emit(out: CounterBatch, chunk: Sequence[tuple[str, int]], hour: int, pair_rule: Any, pair_doc: Any,
