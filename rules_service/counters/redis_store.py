@@ -121,17 +121,6 @@ def _bulk(value: str | bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(raw), raw)
 
 
-class _Bulks(dict[str, bytes]):
-    """member -> its RESP bulk string, computed on first use (a C-speed ``map`` over members)."""
-
-    def __missing__(self, member: str) -> bytes:
-        if len(self) >= 500_000:
-            self.clear()
-        raw = member.encode()
-        bulk = self[member] = b"$%d\r\n%s\r\n" % (len(raw), raw)
-        return bulk
-
-
 class _SketchMembers(dict[str, bytes]):
     """user id -> the RESP bulk string of its sketch member: the 8-byte BLAKE2b digest of the id
     (see the module docstring), computed on first use."""
@@ -141,6 +130,24 @@ class _SketchMembers(dict[str, bytes]):
             self.clear()
         bulk = self[user_id] = b"$8\r\n" + blake2b(user_id.encode(), digest_size=8).digest() + b"\r\n"
         return bulk
+
+
+class _FieldBulks(dict[str, bytes]):
+    """value -> the RESP bulk string of the dimensions-hash field ``<dimension>=<value>``."""
+
+    def __init__(self, dimension: str) -> None:
+        super().__init__()
+        self.prefix = dimension + "="
+
+    def __missing__(self, value: str) -> bytes:
+        if len(self) >= 100_000:
+            self.clear()
+        bulk = self[value] = _bulk(self.prefix + value)
+        return bulk
+
+
+#: RESP bulk strings of small counts (a batch's increments are mostly small).
+_COUNT_BULKS = [_bulk(str(n)) for n in range(4096)]
 
 
 @dataclass
@@ -200,8 +207,8 @@ class RedisCounters(Counters):
         self.day_retention_s = day_retention_days * DAY
         self.clock = clock
         self._shas: dict[str, str] = {}
-        self._bulks = _Bulks()
         self._sketch_members = _SketchMembers()
+        self._dimension_fields: dict[str, _FieldBulks] = {}
 
     @classmethod
     def from_settings(cls, client: redis.Redis, settings: Any) -> RedisCounters:
@@ -233,7 +240,6 @@ class RedisCounters(Counters):
                 if (topic, partition) not in offsets:
                     raise ValueError(f"start offset for {topic}:{partition} without a next offset")
 
-        member_bulk = self._bulks.__getitem__
         sketch_member = self._sketch_members.__getitem__
         join = b"".join
         pfadds: list[bytes] = []
@@ -276,17 +282,21 @@ class RedisCounters(Counters):
             if entry is None:
                 entry = hashes[key] = (day - day % DAY + DAY + day_ret, [])
             fv = entry[1]
-            prefix = dimension + "="
-            for value, count in values.items():
-                if count:
-                    fv.append(member_bulk(prefix + value))
-                    fv.append(b"$%d\r\n%d\r\n" % (len(str(count)), count))
+            field_bulk = self._field_bulks(dimension)
+            fv += [bulk for value, count in values.items() if count
+                   for bulk in (field_bulk(value), _COUNT_BULKS[count] if count < 4096 else _bulk(str(count)))]
         written = [(key, expire, fv) for key, (expire, fv) in hashes.items() if fv]
         argv.append(_bulk(str(len(written))))
         for key, expire, fv in written:
             argv += (_bulk(key), _bulk(str(expire)), _bulk(str(len(fv) // 2)))
             argv += fv
         return EncodedBatch(pfadds, argv, len(argv))
+
+    def _field_bulks(self, dimension: str) -> Callable[[str], bytes]:
+        found = self._dimension_fields.get(dimension)
+        if found is None:
+            found = self._dimension_fields[dimension] = _FieldBulks(dimension)
+        return found.__getitem__
 
     def apply(
         self,
