@@ -86,3 +86,19 @@ def analyze(text: str) -> tuple[str, ...]:
         return tuple(tokens)
     tokens = [_lower(t) for t in _UNICODE_TOKEN.findall(text)]
     return tuple(_split_long(tokens))
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def ascii_lower(value: str) -> str:
+    """The folding of ``case_insensitive`` term/prefix/wildcard queries: ASCII letters only.
+
+    Elasticsearch builds those queries with ``AutomatonQueries.toCaseInsensitiveChar``, which adds
+    the other case for code points up to 128 only ("For now we only work with ASCII characters");
+    every other character must match exactly. So ``ÉCOLE`` does not match ``école``, and comparing
+    ``ascii_lower`` of both sides is exactly its test. (Not ``str.lower``/``casefold``: those fold
+    non-ASCII letters too.)
+    """
+    return value.translate(_ASCII_LOWER)
+

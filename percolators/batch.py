@@ -18,6 +18,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
+from percolators.analysis import ascii_lower
 from percolators.query import ResolvedRange
 
 try:
@@ -160,7 +161,7 @@ class BatchIndex:
             values, masks = self.field_values(name)
             for value, mask in zip(values, masks, strict=True):
                 if isinstance(value, str):
-                    low = value.lower()
+                    low = ascii_lower(value)
                     got[low] = got.get(low, 0) | mask
             self._lower[name] = got
         return got

@@ -32,7 +32,7 @@ import struct
 from collections.abc import Mapping as AbcMapping
 from typing import Any
 
-from percolators.analysis import analyze
+from percolators.analysis import analyze, ascii_lower
 from percolators.datemath import (
     bound_millis,
     date_text,
@@ -165,7 +165,9 @@ def wildcard_regex(pattern: str, case_insensitive: bool) -> re.Pattern[str]:
             continue
         out.append(".*" if ch == "*" else "." if ch == "?" else re.escape(ch))
         i += 1
-    flags = re.DOTALL | (re.IGNORECASE if case_insensitive else 0)
+    # re.ASCII limits IGNORECASE to the ASCII letters, as Elasticsearch's case_insensitive (see
+    # percolators.analysis.ascii_lower); the pattern has no \\w-style classes for it to affect.
+    flags = re.DOTALL | (re.IGNORECASE | re.ASCII if case_insensitive else 0)
     return re.compile("".join(out), flags)
 
 
@@ -328,7 +330,7 @@ class _Parser:
         if indexed is None:
             return MatchNone(path=path)
         if case_insensitive and isinstance(indexed, str):
-            indexed = indexed.lower()
+            indexed = ascii_lower(indexed)
         return Term(spec.path, indexed, case_insensitive, path=path)
 
     def indexed_value(self, spec: FieldSpec, value: Any, fpath: str, *, for_terms: bool = False) -> Scalar | None:
@@ -662,7 +664,7 @@ class _Parser:
         spec, value, ci = self.string_query(body, path, "prefix", ("value",))
         if value == "":
             return Exists(spec.path, (spec.path,), path=path) if spec.type == "keyword" else MatchAll(path=path)
-        return Prefix(spec.path, value.lower() if ci else value, ci, path=path)
+        return Prefix(spec.path, ascii_lower(value) if ci else value, ci, path=path)
 
     def q_wildcard(self, body: Any, path: str) -> Node:
         spec, pattern, ci = self.string_query(body, path, "wildcard", ("value", "wildcard"))
@@ -671,7 +673,7 @@ class _Parser:
             # (lowercase for the standard analyzer)
             pattern = pattern.lower()
         if ci:
-            pattern = pattern.lower()
+            pattern = ascii_lower(pattern)
         node = Wildcard(spec.path, pattern, wildcard_regex(pattern, ci), ci, path=path)
         if pattern[:1] in ("*", "?"):
             self.warnings.append(

@@ -8,6 +8,7 @@ follows Elasticsearch semantics as normalised by ``percolators.dsl``: a leaf cla
 
 from __future__ import annotations
 
+from percolators.analysis import ascii_lower
 from percolators.document import IndexedDoc
 from percolators.geo import arc_distance, plane_distance
 from percolators.query import (
@@ -74,7 +75,7 @@ def leaf_matches(node: Node, doc: IndexedDoc, now_ms: int) -> bool:
         if not values:
             return False
         if node.case_insensitive:
-            return any(isinstance(v, str) and v.lower() == node.value for v in values)
+            return any(isinstance(v, str) and ascii_lower(v) == node.value for v in values)
         return node.value in values
     if isinstance(node, Terms):
         values = doc.values.get(node.field, ())
@@ -92,7 +93,7 @@ def leaf_matches(node: Node, doc: IndexedDoc, now_ms: int) -> bool:
         if not values:
             return False
         if node.case_insensitive:
-            return any(v.lower().startswith(node.prefix) for v in values)
+            return any(ascii_lower(v).startswith(node.prefix) for v in values)
         return any(v.startswith(node.prefix) for v in values)
     if isinstance(node, Wildcard):
         values = doc.values.get(node.field, ())

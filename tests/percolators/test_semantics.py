@@ -13,33 +13,32 @@ from percolators.dsl import parse_rule
 from percolators.mapping import Mapping
 from percolators.reference import matches
 
-MAPPING = Mapping.from_json(
-    {
-        "properties": {
-            "age": {"type": "integer"},
-            "small": {"type": "byte"},
-            "big": {"type": "long"},
-            "score": {"type": "float"},
-            "ratio": {"type": "double"},
-            "gender": {"type": "keyword"},
-            "tags": {"type": "keyword"},
-            "short_kw": {"type": "keyword", "ignore_above": 5},
-            "bio": {"type": "text"},
-            "title": {"type": "text", "fields": {"raw": {"type": "keyword"}}},
-            "ok": {"type": "boolean"},
-            "ts": {"type": "date"},
-            "day": {"type": "date", "format": "yyyy-MM-dd"},
-            "geo": {
-                "properties": {
-                    "city": {"type": "keyword"},
-                    "zip": {"type": "keyword"},
-                    "location": {"type": "geo_point"},
-                }
-            },
-            "user": {"properties": {"segments": {"properties": {"id": {"type": "keyword"}}}}},
-        }
+MAPPING_JSON: dict[str, Any] = {
+    "properties": {
+        "age": {"type": "integer"},
+        "small": {"type": "byte"},
+        "big": {"type": "long"},
+        "score": {"type": "float"},
+        "ratio": {"type": "double"},
+        "gender": {"type": "keyword"},
+        "tags": {"type": "keyword"},
+        "short_kw": {"type": "keyword", "ignore_above": 5},
+        "bio": {"type": "text"},
+        "title": {"type": "text", "fields": {"raw": {"type": "keyword"}}},
+        "ok": {"type": "boolean"},
+        "ts": {"type": "date"},
+        "day": {"type": "date", "format": "yyyy-MM-dd"},
+        "geo": {
+            "properties": {
+                "city": {"type": "keyword"},
+                "zip": {"type": "keyword"},
+                "location": {"type": "geo_point"},
+            }
+        },
+        "user": {"properties": {"segments": {"properties": {"id": {"type": "keyword"}}}}},
     }
-)
+}
+MAPPING = Mapping.from_json(MAPPING_JSON)
 
 # now = 2026-03-15T13:45:30.500Z
 NOW = datetime(2026, 3, 15, 13, 45, 30, 500000, tzinfo=UTC)
@@ -76,8 +75,12 @@ D = {"term": {"tags": "d"}}
     # ... even with a minimum_should_match: the clause-less check comes first.
     ("empty bool with msm", {"age": 1}, {"bool": {"minimum_should_match": 1}}, True),
     # Queries.calculateMinShouldMatch returns max(result, 0) without clamping to the should count.
-    ("filter, no should, msm 1", {"age": 1},
-     {"bool": {"filter": [{"match_all": {}}], "minimum_should_match": 1}}, False),
+    (
+        "filter, no should, msm 1",
+        {"age": 1},
+        {"bool": {"filter": [{"match_all": {}}], "minimum_should_match": 1}},
+        False,
+    ),
     # must_not only: adjust_pure_negative adds a match_all.
     ("must_not only, excluded", {"gender": "M"}, {"bool": {"must_not": [M]}}, False),
     ("must_not only, kept", {"gender": "F"}, {"bool": {"must_not": [M]}}, True),
@@ -561,3 +564,43 @@ WIMBLEDON = {"lat": 51.42, "lon": -0.21}  # ~6.55 km from Battersea (51.47, -0.1
 )
 def test_geo(doc: dict[str, Any], query: dict[str, Any], expected: bool) -> None:
     check(doc, query, expected)
+
+
+# --- case_insensitive folds ASCII only --------------------------------------------------------
+# AutomatonQueries.toCaseInsensitiveChar adds the other case for code points up to 128 only
+# ("For now we only work with ASCII characters"): every other character must match exactly.
+def _ci(kind: str, value: str) -> dict[str, Any]:
+    return {kind: {"gender": {"value": value, "case_insensitive": True}}}
+
+
+CASE_INSENSITIVE_CASES = (
+    ("ascii letters fold", "teacher", _ci("term", "TEACHER"), True),
+    ("accented capital does not fold", "école", _ci("term", "ÉCOLE"), False),
+    ("accented exact, ascii folds", "École", _ci("term", "éCOLE"), False),
+    ("accented identical, ascii folds", "École", _ci("term", "ÉCOLE"), True),
+    ("kelvin sign is not k", "k", _ci("term", "\u212a"), False),
+    ("dotted capital I is not i", "i", _ci("term", "\u0130"), False),
+    ("greek sigma forms do not fold", "οδος", _ci("term", "ΟΔΟΣ"), False),
+    ("prefix folds ascii only", "éxé", _ci("prefix", "É"), False),
+    ("prefix ascii", "SW19 1AA", _ci("prefix", "sw19"), True),
+    ("wildcard folds ascii only", "Straße", _ci("wildcard", "STRASS*"), False),
+    ("wildcard ascii", "Straße", _ci("wildcard", "STRA?E"), True),
+)
+
+
+@cases(*CASE_INSENSITIVE_CASES)
+def test_case_insensitive_folds_ascii_only(doc: Any, query: dict[str, Any], expected: bool) -> None:
+    check({"gender": doc}, query, expected)
+
+
+@pytest.mark.parametrize("presearcher", ["indexed", "match_all"])
+def test_case_insensitive_engine_agrees(presearcher: str) -> None:
+    from percolators.embedded import EmbeddedPercolator
+    from percolators.port import Rule
+
+    engine = EmbeddedPercolator(MAPPING_JSON, presearcher=presearcher)
+    engine.upsert(Rule(f"r{i}", query) for i, (_, _, query, _) in enumerate(CASE_INSENSITIVE_CASES))
+    docs = [{"gender": doc} for _, doc, _, _ in CASE_INSENSITIVE_CASES]
+    got = engine.percolate(docs, now=datetime.fromtimestamp(NOW_MS / 1000, UTC))
+    for i, (name, _, _, expected) in enumerate(CASE_INSENSITIVE_CASES):
+        assert (f"r{i}" in got[i]) is expected, name  # type: ignore[operator]
