@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,20 +26,19 @@ SCRIPT_KEYS = frozenset({"script", "script_score", "scripted_metric"})
 
 
 def json_body(schema: Schema) -> dict[str, Any]:
-    """The request's JSON body loaded through ``schema``: 415 if not JSON, 400 if malformed or
-    invalid (with per-field messages)."""
+    """The request's JSON body loaded through ``schema``: 415 if not JSON, 400 if malformed, nested
+    too deeply or invalid (with per-field messages)."""
     if not request.is_json:
         raise ApiError("request body must be JSON (Content-Type: application/json)", status=415)
-    data = request.get_json(silent=True)
-    if data is None:
-        raise ApiError("request body is not valid JSON", status=400, type="bad_request",
-                       fields={"body": "invalid JSON"})
+    data = parse_json(request.get_data(cache=True))
     if not isinstance(data, dict):
         raise ApiError("request body must be a JSON object", status=400, type="validation_error",
                        fields={"body": "expected an object"})
     try:  # what we store and publish must round-trip through orjson (64-bit integers, valid UTF-8)
         orjson.dumps(data)
     except TypeError as exc:
+        if "recursion" in str(exc).lower():
+            raise _too_deep() from None
         raise ApiError(f"request body cannot be stored: {exc} (integers must fit in 64 bits; strings must be "
                        "valid Unicode)", status=400, type="validation_error", fields={"body": str(exc)}) from None
     try:
@@ -45,6 +46,38 @@ def json_body(schema: Schema) -> dict[str, Any]:
     except ValidationError as exc:
         raise ApiError("invalid request body", status=400, type="validation_error",
                        fields=flatten_errors(exc.messages)) from None
+
+
+#: Deepest request body accepted: what ``orjson.dumps`` can write back (it stops at 255 levels), so
+#: everything we accept can be stored and published. ``orjson.loads`` itself stops at 1024 levels
+#: without recursing in Python; the stdlib parser (``request.get_json``) raised RecursionError (a 500).
+MAX_BODY_DEPTH = 254
+_BIG_INTEGER = re.compile(rb"\d{20}")
+
+
+def _too_deep() -> ApiError:
+    return ApiError(f"request body nests deeper than {MAX_BODY_DEPTH} levels", status=400, type="body_too_deep",
+                    fields={"body": f"nested deeper than {MAX_BODY_DEPTH} levels"})
+
+
+def parse_json(raw: bytes) -> Any:
+    """Every request body is parsed here, with orjson: bounded depth (no RecursionError), strict
+    (no NaN, valid UTF-8). orjson reads integers past 64 bits as floats; so that such a value is
+    rejected (by the round-trip check) rather than silently rounded, a body with a run of 20 digits
+    is parsed again exactly with the stdlib, which is safe since orjson bounded its depth."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if "depth limit" in str(exc):
+            raise _too_deep() from None
+        raise ApiError(f"request body is not valid JSON: {exc}", status=400, type="bad_request",
+                       fields={"body": "invalid JSON"}) from None
+    if _BIG_INTEGER.search(raw):
+        try:
+            data = json.loads(raw)
+        except RecursionError:
+            raise _too_deep() from None
+    return data
 
 
 def query_args(schema: Schema, list_fields: Iterable[str] = ()) -> dict[str, Any]:
