@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 
 from percolators.errors import InvalidDocumentError, InvalidRuleError, PercolatorError
@@ -151,29 +152,53 @@ def update_audience(audience_id: str) -> Response:
     return _respond(doc, 200, list(report.warnings) if report else None)
 
 
+#: Redis hash (under the store prefix) of deletions whose tombstones could not be published:
+#: audience id -> JSON list of versions. A later DELETE of the same id publishes them.
+PENDING_TOMBSTONES = "pending_tombstones"
+
+
 @bp.delete("/audiences/<audience_id>")
 def delete_audience(audience_id: str) -> Response:
-    """Tombstones for every version first (the workers stop counting), then the document, then the
-    counters. A worker that had not yet read the tombstone may still write a few counter keys for
-    the deleted rule ids; they are unreachable and expire with the counters' retention TTLs."""
+    """The document first (atomically, honouring If-Match), then tombstones for every version (the
+    workers stop counting), then the counters.
+
+    Deleting first means a failed delete (412, Redis error) leaves the workers' rules alone: the
+    audience still exists and keeps being counted. If publishing then fails (retried once), the
+    audience is gone but the workers keep its rules: the versions are recorded in
+    ``PENDING_TOMBSTONES`` and the answer is a 503 asking to retry the DELETE, which publishes them
+    (and drops the counters) and answers 204. Until then the workers count rules nobody can read:
+    wasted work, never a lost live rule. A worker that had not yet read the tombstone may still
+    write a few counter keys for the deleted rule ids; they are unreachable and expire with the
+    counters' retention TTLs."""
     svc = services()
     expected = _expected_revision()
-    doc = load_audience(audience_id)
-    if expected is not None and doc.get("revision") != expected:
-        raise ApiError(f"audience {audience_id!r} is at revision {doc.get('revision')}, not {expected}", status=412)
-    versions = [v["version"] for v in doc["versions"]]
-    try:
-        publish_tombstones(svc.producer, audience_id, versions)
-    except Exception as exc:
-        current_app.logger.exception("publishing tombstones failed")
-        raise ApiError(f"the deletion could not be distributed to the workers ({type(exc).__name__}); "
-                       "retry the request", status=503) from None
-    try:
-        deleted = svc.store.delete_audience(audience_id, current_advertiser(), expected_revision=expected)
-    except ConflictError as exc:
-        raise ApiError(str(exc), status=412) from None
-    if deleted is None:
-        raise not_found()
+    advertiser = current_advertiser()
+    pending_key = svc.store.prefix + PENDING_TOMBSTONES
+    field = f"{advertiser}:{audience_id}"
+    pending = svc.redis.hget(pending_key, field)
+    if pending is not None:  # a previous DELETE removed the document but could not publish
+        versions = [int(v) for v in orjson.loads(pending)]
+    else:
+        try:
+            deleted = svc.store.delete_audience(audience_id, advertiser, expected_revision=expected)
+        except ConflictError as exc:
+            raise ApiError(str(exc), status=412) from None
+        if deleted is None:
+            raise not_found()
+        versions = [v["version"] for v in deleted["versions"]]
+    for attempt in (1, 2):
+        try:
+            publish_tombstones(svc.producer, audience_id, versions)
+            break
+        except Exception as exc:
+            current_app.logger.exception("publishing tombstones of %s failed (attempt %d)", audience_id, attempt)
+            if attempt == 2:
+                svc.redis.hset(pending_key, field, orjson.dumps(versions))
+                raise ApiError(f"audience {audience_id!r} is deleted but the deletion could not be distributed "
+                               f"to the workers ({type(exc).__name__}); retry the DELETE to finish it",
+                               status=503) from None
+    if pending is not None:
+        svc.redis.hdel(pending_key, field)
     for version in versions:
         svc.counters.delete_rule(rule_id(audience_id, version))
     return Response(status=204)

@@ -60,3 +60,74 @@ def test_body_parsing_stays_strict(api: ApiEnv) -> None:
     ok = api.client.post("/v1/audiences", headers=headers,
                          data='{"name": "12345678901234567890123", "rule": {"term": {"gender": "male"}}}')
     assert ok.status_code == 201 and ok.get_json()["name"] == "12345678901234567890123"
+
+
+# --- DELETE: the document first, then the tombstones ------------------------------------------
+
+
+def tombstones(api: ApiEnv) -> list[bytes]:
+    from rules_service.domain import RULES_TOPIC
+
+    return [m.key for m in api.log.messages[RULES_TOPIC] if m.value is None and m.key is not None]
+
+
+def install_store(api: ApiEnv, store: Any) -> None:
+    api.app.extensions["rules_service"]._provided["STORE"] = store
+
+
+def test_delete_losing_a_race_to_a_put_is_412_and_publishes_nothing(api: ApiEnv) -> None:
+    from rules_service.store import AudienceStore
+
+    class PutLandsFirst(AudienceStore):
+        """A PUT from another client commits between the request's read and its delete."""
+
+        def delete_audience(self, audience_id: str, advertiser_id: str | None = None,
+                            expected_revision: int | None = None) -> Any:
+            def rename(doc: dict[str, Any]) -> dict[str, Any]:
+                return {**doc, "name": "renamed", "revision": doc["revision"] + 1}
+
+            self.update_audience(audience_id, rename)
+            return super().delete_audience(audience_id, advertiser_id, expected_revision)
+
+    headers = api.advertiser()
+    audience = api.create(headers)
+    url = f"/v1/audiences/{audience['id']}"
+    etag = api.client.get(url, headers=headers).headers["ETag"]
+    install_store(api, PutLandsFirst(api.redis, api.store.prefix))
+    response = api.client.delete(url, headers={**headers, "If-Match": etag})
+    assert response.status_code == 412 and response.get_json()["error"]["type"] == "precondition_failed"
+    assert tombstones(api) == []  # the workers keep counting the audience that still exists
+    assert api.store.get_audience(audience["id"]) is not None
+
+
+def test_delete_failing_in_redis_publishes_nothing(api: ApiEnv) -> None:
+    from rules_service.store import AudienceStore
+
+    class RedisDown(AudienceStore):
+        def delete_audience(self, audience_id: str, advertiser_id: str | None = None,
+                            expected_revision: int | None = None) -> Any:
+            raise ConnectionError("redis went away")
+
+    headers = api.advertiser()
+    audience = api.create(headers)
+    install_store(api, RedisDown(api.redis, api.store.prefix))
+    response = api.client.delete(f"/v1/audiences/{audience['id']}", headers=headers)
+    assert response.status_code == 500
+    assert tombstones(api) == []
+
+
+def test_delete_whose_tombstones_fail_is_finished_by_a_retry(api: ApiEnv) -> None:
+    headers, other = api.advertiser(), api.advertiser("other")
+    audience = api.create(headers)
+    rid = f"{audience['id']}@v1".encode()
+    url = f"/v1/audiences/{audience['id']}"
+    api.log.down = True
+    failed = api.client.delete(url, headers=headers)
+    assert failed.status_code == 503 and "retry the DELETE" in failed.get_json()["error"]["message"]
+    assert api.client.get(url, headers=headers).status_code == 404  # the document is gone
+    api.log.down = False
+    assert api.client.delete(url, headers=other).status_code == 404  # not another advertiser's to finish
+    assert tombstones(api) == []
+    assert api.client.delete(url, headers=headers).status_code == 204  # publishes the pending tombstones
+    assert tombstones(api) == [rid]
+    assert api.client.delete(url, headers=headers).status_code == 404
