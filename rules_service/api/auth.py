@@ -2,7 +2,8 @@
 ``Authorization: Bearer <api key>``; the advertiser it belongs to is ``g.advertiser_id``.
 
 The key lookup and the rate-limit increment (:mod:`rules_service.api.ratelimit`) share one Redis
-round trip. A missing or invalid key is a 401 whatever the rate limit says.
+round trip (a Lua script, ``EVALSHA``), and only a valid key is counted: a missing or invalid key is
+a 401 whatever the rate limit says, and writes nothing to Redis.
 """
 
 from __future__ import annotations
@@ -15,6 +16,25 @@ from rules_service.api.ratelimit import Window
 from rules_service.store import hash_key
 
 CHALLENGE = 'Bearer realm="audiences"'
+
+#: GET the key's advertiser; only when there is one, INCR and EXPIRE the key's rate-limit window.
+#: An invalid key therefore creates no Redis key (random keys cannot fill Redis with counters).
+_LOOKUP_AND_COUNT = """
+local advertiser = redis.call('GET', KEYS[1])
+if not advertiser then return nil end
+local count = redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return {advertiser, count}
+"""
+
+
+class _KeyName:
+    """Records the name the store looks a key up under (``queue_advertiser_lookup`` queues a GET)."""
+
+    name = ""
+
+    def get(self, name: str) -> None:
+        self.name = name
 
 
 def authenticate() -> str:
@@ -29,16 +49,19 @@ def authenticate() -> str:
     svc = services()
     key_hash = hash_key(token)
     window = Window(svc.store.prefix, key_hash, svc.settings.RATE_LIMIT_PER_MINUTE)
-    with svc.redis.pipeline(transaction=False) as pipe:
-        svc.store.queue_advertiser_lookup(pipe, key_hash)
-        window.queue(pipe)
-        replies = pipe.execute()
-    advertiser_id = replies[0]
+    lookup = _KeyName()
+    svc.store.queue_advertiser_lookup(lookup, key_hash)
+    if window.limit > 0:
+        # One round trip: the script counts the request only if the key is valid.
+        reply = svc.redis.register_script(_LOOKUP_AND_COUNT)(keys=[lookup.name, window.key],
+                                                             args=[window.ttl])
+        advertiser_id, count = (None, 0) if reply is None else reply
+    else:
+        advertiser_id, count = svc.redis.get(lookup.name), 0
     if advertiser_id is None:
         raise Unauthorized("invalid or revoked API key",
                            headers={"WWW-Authenticate": CHALLENGE + ', error="invalid_token"'})
-    if len(replies) > 1:
-        window.enforce(int(replies[1]))
+    window.enforce(int(count))
     g.advertiser_id = advertiser_id.decode() if isinstance(advertiser_id, bytes) else str(advertiser_id)
     return str(g.advertiser_id)
 

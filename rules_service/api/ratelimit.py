@@ -1,8 +1,9 @@
 """Per-API-key rate limit: a fixed one-minute window counted in Redis.
 
-``INCR rl:<sha256(key)[:32]>:<minute>`` and ``EXPIRE`` are queued in the same pipeline as the key
-lookup (:func:`rules_service.api.auth.authenticate`), so authentication plus rate limiting cost
-one round trip. Over ``Settings.RATE_LIMIT_PER_MINUTE`` the request is answered 429 with
+``INCR rl:<sha256(key)[:32]>:<minute>`` and ``EXPIRE`` run in the same Lua script as the key lookup
+(:func:`rules_service.api.auth.authenticate`), and only when the key is valid, so authentication
+plus rate limiting cost one round trip and an invalid key writes nothing.
+Over ``Settings.RATE_LIMIT_PER_MINUTE`` the request is answered 429 with
 ``Retry-After`` (seconds to the next window). A fixed window may let through up to twice the limit
 across a window boundary; that is accepted for one round trip per request (a sliding log would
 cost a sorted set per key). Counting in Redis makes the limit hold across every API process and
@@ -29,13 +30,14 @@ class Window:
         self.now = time.time() if now is None else now
         self.window = int(self.now // WINDOW_S)
         self.key = f"{prefix}rl:{key_hash[:32]}:{self.window}"
+        self.ttl = WINDOW_S + 5
 
     def queue(self, pipe: Any) -> int:
         """Queue the increment; returns how many replies it adds."""
         if self.limit <= 0:
             return 0
         pipe.incr(self.key)
-        pipe.expire(self.key, WINDOW_S + 5)
+        pipe.expire(self.key, self.ttl)
         return 2
 
     def enforce(self, count: int) -> None:

@@ -131,3 +131,19 @@ def test_delete_whose_tombstones_fail_is_finished_by_a_retry(api: ApiEnv) -> Non
     assert api.client.delete(url, headers=headers).status_code == 204  # publishes the pending tombstones
     assert tombstones(api) == [rid]
     assert api.client.delete(url, headers=headers).status_code == 404
+
+
+# --- rate limiting counts valid keys only -----------------------------------------------------
+
+
+def test_invalid_keys_create_no_rate_limit_keys(api: ApiEnv) -> None:
+    import secrets
+
+    for _ in range(20):
+        response = api.client.get("/v1/audiences", headers={"Authorization": f"Bearer rk_{secrets.token_hex(16)}"})
+        assert response.status_code == 401
+    assert api.redis.keys(f"{api.store.prefix}rl:*") == []
+    headers = api.advertiser()
+    assert api.client.get("/v1/audiences", headers=headers).status_code == 200
+    (key,) = api.redis.keys(f"{api.store.prefix}rl:*")
+    assert api.redis.get(key) == b"1" and 0 < api.redis.ttl(key) <= 65
