@@ -48,6 +48,9 @@ class Settings:
     BIDS_TOPIC: str = "bids"
     BIDS_PARTITIONS: int = 4
     BATCH_SIZE: int = 2000
+    #: Write a batch's counters in a thread while the next batch is percolated. Off by default: on
+    #: a 2-core machine the consumers and Redis already use both cores (see workers/stream.py).
+    STREAM_OVERLAP_APPLY: bool = False
     # API
     MAX_REQUEST_BYTES: int = 1_000_000
     MAX_RULE_BYTES: int = 64_000

@@ -34,3 +34,10 @@ def test_environment_overrides_defaults_and_is_typed():
 def test_bad_settings_name_the_variable(env, culprit):
     with pytest.raises(ConfigError, match=culprit):
         load_settings(environ=env)
+
+
+def test_boolean_settings_parse_and_reject_garbage():
+    assert load_settings(environ={"RULES_STREAM_OVERLAP_APPLY": "1"}).STREAM_OVERLAP_APPLY is True
+    assert load_settings(environ={}).STREAM_OVERLAP_APPLY is False
+    with pytest.raises(ConfigError, match="RULES_STREAM_OVERLAP_APPLY"):
+        load_settings(environ={"RULES_STREAM_OVERLAP_APPLY": "maybe"})

@@ -37,10 +37,6 @@ from workers.stream import DEFAULT_GROUP, LatencyHistogram, StreamConsumer, Stre
 logger = logging.getLogger(__name__)
 
 
-#: ``1`` writes a batch's counters while the next one is percolated (off by default: on this
-#: 2-core machine the consumers and Redis already use both cores, so overlapping gained nothing
-#: measurable and the writer thread competes for the GIL).
-OVERLAP_ENV = "RULES_STREAM_OVERLAP_APPLY"
 
 
 @contextlib.contextmanager
@@ -72,7 +68,7 @@ def build_consumer(settings: Settings, *, partitions: Sequence[int] | None = Non
             log, percolator, counters, topic=settings.BIDS_TOPIC, group=group, partitions=partitions,
             batch_size=batch_size or settings.BATCH_SIZE, rules=rules, dimensions=settings.DIMENSIONS,
             fault_hook=self_kill_hook(os.environ.get(SELF_KILL_ENV, "")),
-            overlap_apply=os.environ.get(OVERLAP_ENV, "0") == "1",
+            overlap_apply=settings.STREAM_OVERLAP_APPLY,
         )
         consumer.start()
         yield consumer
