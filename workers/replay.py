@@ -52,7 +52,7 @@ from percolators.errors import InvalidRuleError
 from percolators.mapping import Mapping as DocMapping
 from percolators.port import Percolator
 from percolators.raw_prefilter import compile_prefilter
-from rules_service.counters.aggregate import aggregate
+from rules_service.counters.aggregate import aggregate, aggregate_masks
 from rules_service.counters.port import CounterBatch, Counters
 from rules_service.domain import LAST_SEEN_TOPIC
 from rules_service.normalize import format_timestamp_ms
@@ -388,12 +388,20 @@ class ReplayScan:
         batch = CounterBatch()
         if docs:
             progress.kept += len(docs)
-            matched = self._percolate(docs, stamps, active)
-            # only matched users reach the aggregation (it reads every document's dimensions)
-            hits = [i for i, m in enumerate(matched) if m]
-            if hits:
-                aggregate([docs[i] for i in hits], [matched[i] for i in hits], self.dimensions, batch=batch,
-                          count_matches=True)
+            percolate_masks = getattr(self.percolator, "percolate_masks", None)
+            if callable(percolate_masks):
+                # the embedded engine: per-rule document masks, aggregated per rule (no per-document
+                # lists), as the live stream does
+                rule_ids, masks = self._percolate_masks(percolate_masks, docs, stamps, active)
+                if rule_ids:
+                    aggregate_masks(docs, rule_ids, masks, self.dimensions, batch=batch, count_matches=True)
+            else:
+                matched = self._percolate(docs, stamps, active)
+                # only matched users reach the aggregation (it reads every document's dimensions)
+                hits = [i for i, m in enumerate(matched) if m]
+                if hits:
+                    aggregate([docs[i] for i in hits], [matched[i] for i in hits], self.dimensions, batch=batch,
+                              count_matches=True)
         key = (self.plan.topic, partition)
         self.counters.apply(batch, self.consumer, {key: records[-1].offset + 1}, {key: records[0].offset})
 
@@ -425,6 +433,35 @@ class ReplayScan:
         self._prefilters[key] = compiled
         return compiled
 
+    def _percolate_masks(self, percolate_masks: Callable[..., Any], docs: list[dict[str, Any]],
+                         stamps: list[bytes], active: Sequence[ReplayRequest]) -> tuple[list[str], list[int]]:
+        """Rule ids and document masks of the replayed rules, each mask limited to the documents in
+        its request's window (requests may ask for different lookbacks), counting matches."""
+        result = percolate_masks(docs, rule_ids=[r.rule_id for r in active], now=self.now)
+        windows = {r.rule_id: (r.since, r.until) for r in active}
+        by_rule = {r.rule_id: r.replay_id for r in active}
+        window_masks: dict[tuple[bytes, bytes], int] = {}
+        counts = self.progress.matched
+        rule_ids: list[str] = []
+        masks: list[int] = []
+        for rid, mask in zip(result.rule_ids, result.masks, strict=True):
+            window = windows.get(rid)
+            if window is None:
+                continue
+            in_window = window_masks.get(window)
+            if in_window is None:
+                since, until = window
+                in_window = _bits([since <= stamp < until for stamp in stamps])
+                window_masks[window] = in_window
+            mask &= in_window
+            if mask:
+                rule_ids.append(rid)
+                masks.append(mask)
+                replay_id = by_rule.get(rid)
+                if replay_id is not None:
+                    counts[replay_id] = counts.get(replay_id, 0) + mask.bit_count()
+        return rule_ids, masks
+
     def _percolate(self, docs: list[dict[str, Any]], stamps: list[bytes],
                    active: Sequence[ReplayRequest]) -> list[list[str]]:
         ids = [r.rule_id for r in active]
@@ -446,3 +483,12 @@ class ReplayScan:
                     counts[replay_id] = counts.get(replay_id, 0) + 1
             matched.append(result)
         return matched
+
+
+def _bits(flags: Sequence[bool]) -> int:
+    """An int whose bit ``i`` is ``flags[i]`` (numpy packs them: no per-bit Python loop)."""
+    import numpy as np
+
+    packed = np.packbits(np.asarray(flags, dtype=bool), bitorder="little")
+    return int.from_bytes(packed.tobytes(), "little")
+
