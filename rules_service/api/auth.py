@@ -62,6 +62,7 @@ def authenticate() -> str:
         raise Unauthorized("invalid or revoked API key",
                            headers={"WWW-Authenticate": CHALLENGE + ', error="invalid_token"'})
     window.enforce(int(count))
+    g.key_lookup = lookup.name  # live streams re-check the key under this name on every poll
     g.advertiser_id = advertiser_id.decode() if isinstance(advertiser_id, bytes) else str(advertiser_id)
     return str(g.advertiser_id)
 

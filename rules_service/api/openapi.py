@@ -120,6 +120,9 @@ def build_spec(dimensions: tuple[str, ...]) -> APISpec:
     spec.path(path="/v1/audiences/{audience_id}/live", parameters=[AUDIENCE_ID], operations={
         "get": {"summary": "Server-Sent Events with the audience's counts as they change (at most 1/s)",
                 "parameters": [{"in": "query", "schema": s.LiveQuerySchema}],
+                "description": "At most LIVE_STREAMS_PER_KEY (4) open streams per API key and LIVE_STREAMS_MAX "
+                               "(16) per server process: past that, 429 with Retry-After. A stream ends with "
+                               "`event: error` (type unauthorized) once its API key is revoked.",
                 "responses": _responses({"200": {"description": "An event stream: `event: counts` with a "
                                                                 "SizeSchema JSON in `data`.",
                                                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}},

@@ -147,3 +147,71 @@ def test_invalid_keys_create_no_rate_limit_keys(api: ApiEnv) -> None:
     assert api.client.get("/v1/audiences", headers=headers).status_code == 200
     (key,) = api.redis.keys(f"{api.store.prefix}rl:*")
     assert api.redis.get(key) == b"1" and 0 < api.redis.ttl(key) <= 65
+
+
+# --- live streams: revocation and limits ------------------------------------------------------
+
+
+def _live(api: ApiEnv, audience_id: str, headers: dict[str, str], query: str = "timeout=30") -> Any:
+    return api.client.get(f"/v1/audiences/{audience_id}/live?{query}", headers=headers, buffered=False)
+
+
+def test_live_stream_ends_when_the_key_is_revoked(api: ApiEnv) -> None:
+    import orjson
+
+    headers = api.advertiser()
+    audience = api.create(headers)
+    response = _live(api, audience["id"], headers)
+    chunks = iter(response.response)
+    assert next(chunks).startswith(b"retry:")
+    assert b"event: counts" in next(chunks)
+    doc = api.store.get_audience(audience["id"])
+    assert doc is not None and api.store.revoke_advertiser(doc["advertiser_id"])
+    rest = b"".join(chunks)  # ends at the next poll, not at the 30 s timeout
+    assert rest.startswith(b"event: error\n")
+    assert orjson.loads(rest.split(b"data: ", 1)[1])["type"] == "unauthorized"
+    response.close()
+
+
+def test_live_streams_are_capped_per_key_and_in_all(api: ApiEnv) -> None:
+    from rules_service.api.live import live_slots
+
+    api.app.config.update(LIVE_STREAMS_PER_KEY=2, LIVE_STREAMS_MAX=3)
+    one, two = api.advertiser("one"), api.advertiser("two")
+    first, second = api.create(one), api.create(two)
+    open_one = [_live(api, first["id"], one) for _ in range(2)]
+    assert all(r.status_code == 200 for r in open_one)
+    over = _live(api, first["id"], one)
+    assert over.status_code == 429 and over.headers["Retry-After"] == "5"
+    error = over.get_json()["error"]
+    assert error["type"] == "rate_limited" and "live streams" in error["message"]
+    third = _live(api, second["id"], two)  # another key still has room
+    assert third.status_code == 200
+    full = _live(api, second["id"], two)  # ... until the process limit
+    assert full.status_code == 429 and "server" in full.get_json()["error"]["message"]
+    # a closed stream (client gone) frees its slot, even one never read
+    open_one[0].close()
+    with api.app.app_context():
+        assert live_slots().open == 2
+    again = _live(api, first["id"], one)
+    assert again.status_code == 200
+    for response in (open_one[1], third, again):
+        response.close()
+    with api.app.app_context():
+        assert live_slots().by_key == {}
+
+
+def test_a_finished_stream_frees_its_slot(api: ApiEnv) -> None:
+    from rules_service.api.live import live_slots
+
+    api.app.config.update(LIVE_STREAMS_PER_KEY=1)
+    headers = api.advertiser()
+    audience = api.create(headers)
+    for _ in range(2):  # max_events=1 ends the stream after its first event
+        response = _live(api, audience["id"], headers, "max_events=1")
+        assert b"event: counts" in b"".join(response.response)
+    with api.app.app_context():
+        assert live_slots().open == 0
+    assert _live(api, "aud_missing", headers).status_code == 404  # no slot taken for a 404
+    with api.app.app_context():
+        assert live_slots().open == 0
