@@ -2,7 +2,7 @@
 
 Each stream polls the counters once per ``interval`` (default 1 s) and sends a ``counts`` event
 when the serving version's unique users or matches changed, so changes are coalesced to at most
-one event per interval; the first event is sent at once. Polling (two Redis reads per stream per
+one event per interval; the first event is sent at once. Polling (a few Redis reads per stream per
 second) was chosen over a pub/sub channel fed by the workers: it needs nothing from the workers,
 cannot miss an update, and costs little next to the stream's own writes. A ``: keep-alive``
 comment goes out every 10 s of silence so proxies keep the connection and a vanished client is
