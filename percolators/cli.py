@@ -25,6 +25,7 @@ import orjson
 from percolators.errors import InvalidRuleError, PercolatorError
 from percolators.port import Percolator, Rule
 from rules_service.cli import CliError
+from rules_service.cli_redis import clean_errors
 from rules_service.config import ConfigError, load_settings
 
 
@@ -192,12 +193,14 @@ def percolate_command(
     if str(docs_path) != "-" and not docs_path.is_file():
         raise CliError(f"--docs {docs_path}: no such file")
     try:
-        percolator = create_percolator(settings, mapping)
+        with clean_errors(settings):
+            percolator = create_percolator(settings, mapping)
     except MappingError as exc:
         raise CliError(f"--mapping {mapping_path}: {exc}") from None
     try:
         try:
-            percolator.upsert(rules)
+            with clean_errors(settings):
+                percolator.upsert(rules)
         except InvalidRuleError as exc:
             raise CliError(f"invalid rule {exc.rule_id!r}" + (f" at {exc.path}" if exc.path else "")
                            + f": {exc.message}") from None

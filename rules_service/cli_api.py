@@ -13,6 +13,7 @@ import json
 import click
 
 from rules_service.cli import CliError
+from rules_service.cli_redis import cli_errors
 from rules_service.config import ConfigError, Settings, load_settings
 from rules_service.store import AudienceStore
 
@@ -31,7 +32,7 @@ def _store(settings: Settings) -> AudienceStore:
         client = connect_redis(settings)
         client.ping()
     except Exception as exc:
-        raise CliError(f"cannot reach Redis ({settings.REDIS_URL or 'embedded'}): {exc}") from None
+        raise CliError(f"cannot reach Redis ({settings.REDIS_URL or 'embedded'}) (RULES_REDIS_URL): {exc}") from None
     return AudienceStore(client)
 
 
@@ -40,13 +41,15 @@ def _store(settings: Settings) -> AudienceStore:
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--threads", type=click.IntRange(1, 1024), default=32, show_default=True,
               help="Worker threads; each open SSE stream holds one.")
+@cli_errors
 def serve_command(host: str, port: int, threads: int) -> None:
-    """Serve the REST API (waitress)."""
+    """Serve the REST API (waitress). Redis must answer at start-up."""
     import waitress
 
     from rules_service.api import create_app
 
     settings = _settings()
+    _store(settings)  # fail fast with a clean error rather than serve 5xx on every request
     app = create_app({"SETTINGS": settings})
     click.echo(f"serving the API on http://{host}:{port} ({threads} threads); OpenAPI at /v1/openapi.json",
                err=True)
@@ -62,6 +65,7 @@ def advertisers() -> None:
 
 @advertisers.command("create")
 @click.argument("name")
+@cli_errors
 def create_advertiser(name: str) -> None:
     """Create an advertiser; prints {"id", "name", "api_key"} (the key is shown only once)."""
     if not name.strip() or len(name) > 200:
@@ -71,6 +75,7 @@ def create_advertiser(name: str) -> None:
 
 
 @advertisers.command("list")
+@cli_errors
 def list_advertisers() -> None:
     """List advertisers as JSON lines (never their keys)."""
     for advertiser in _store(_settings()).list_advertisers():
@@ -79,6 +84,7 @@ def list_advertisers() -> None:
 
 @advertisers.command("rotate-key")
 @click.argument("advertiser_id")
+@cli_errors
 def rotate_key(advertiser_id: str) -> None:
     """Issue a new API key (the old one stops working; re-enables a revoked advertiser)."""
     api_key = _store(_settings()).rotate_key(advertiser_id)
@@ -89,6 +95,7 @@ def rotate_key(advertiser_id: str) -> None:
 
 @advertisers.command("revoke")
 @click.argument("advertiser_id")
+@cli_errors
 def revoke_advertiser(advertiser_id: str) -> None:
     """Revoke an advertiser's API key (its audiences stay; ``rotate-key`` issues a new one)."""
     if not _store(_settings()).revoke_advertiser(advertiser_id):

@@ -15,6 +15,7 @@ import click
 import orjson
 
 from rules_service.cli import CliError
+from rules_service.cli_redis import cli_errors
 from rules_service.config import ConfigError, Settings, load_settings
 
 PRODUCE_BATCH = 1000
@@ -44,6 +45,7 @@ def _parse_partitions(text: str | None) -> list[int] | None:
               help="Records per batch (default RULES_BATCH_SIZE).")
 @click.option("--partitions", default=None, help="Consume only these partitions of `bids` (e.g. 0,1).")
 @click.option("--loglevel", default="INFO", show_default=True)
+@cli_errors
 def worker_command(drain: bool, concurrency: int, batch_size: int | None, partitions: str | None,
                    loglevel: str) -> None:
     """Run a Celery worker whose stream consumers turn `bids` into audience counters.
@@ -105,6 +107,7 @@ def _key_for(topic: str, value: object) -> bytes | None:
 @click.argument("topic")
 @click.argument("file", type=click.File("rb"), default="-")
 @click.option("--batch-size", type=click.IntRange(1, 100_000), default=PRODUCE_BATCH, show_default=True)
+@cli_errors
 def produce_command(topic: str, file: IO[bytes], batch_size: int) -> None:
     """Append JSON lines from FILE (default stdin) to TOPIC, creating it with its standard spec.
 

@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from rules_service.cli import CliError
+from rules_service.cli_redis import cli_errors
 from rules_service.config import ConfigError, Settings, load_settings
 
 TERMINAL = ("done", "failed", "cancelled")
@@ -95,6 +96,7 @@ def run_in_process(settings: Settings, replay_id: str | None) -> dict[str, Any]:
 @click.option("--days", type=click.IntRange(1, 10_000), default=None, help="Look back this many days.")
 @click.option("--no-wait", is_flag=True, help="Only request the replay; a worker runs it.")
 @click.option("--pending", is_flag=True, help="Run every pending or interrupted replay in this process.")
+@cli_errors
 def replay_command(audience_id: str | None, days: int | None, no_wait: bool, pending: bool) -> None:
     """Backfill AUDIENCE_ID's newest version over the last --days days from users.last_seen."""
     settings = _settings()

@@ -129,3 +129,68 @@ def test_worker_drain_prints_a_summary(cli: click.Group, tmp_path: Path, redis_u
     assert orjson.loads(again.stdout.strip().splitlines()[-1])["processed"] == 0  # nothing left: resumes at the end
     bad = CliRunner().invoke(cli, ["worker", "--drain", "--partitions", "x"], env=env)
     assert bad.exit_code == 2
+
+
+# --- clean errors for an unreachable Redis / log / percolator (every command of COMMAND_MODULES) ---
+
+def full_cli() -> click.Group:
+    import importlib
+
+    from rules_service.cli import COMMAND_MODULES
+
+    group = click.Group("manage.py")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(group)
+    return group
+
+
+BAD_REDIS = "redis://127.0.0.1:1/0"
+BAD_LOG = "kafka://127.0.0.1:1?request_timeout_ms=500"
+
+
+def assert_clean_error(result: object, *needles: str) -> None:
+    from click.testing import Result
+
+    assert isinstance(result, Result)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ")
+    for needle in needles:
+        assert needle in line, line
+
+
+@pytest.mark.parametrize("args", [
+    ["worker", "--drain"],
+    ["replay", "x", "--days", "3"],
+    ["advertisers", "list"],
+    ["advertisers", "create", "acme"],
+    ["serve", "--port", "0"],
+])
+def test_unreachable_redis_is_a_clean_error(tmp_path: Path, args: list[str]) -> None:
+    result = CliRunner().invoke(full_cli(), args, env=env_for(tmp_path, RULES_REDIS_URL=BAD_REDIS))
+    assert_clean_error(result, "127.0.0.1:1", "RULES_REDIS_URL")
+
+
+@pytest.mark.parametrize("args", [["worker", "--drain"], ["produce", "bids"]])
+def test_unreachable_log_is_a_clean_error(tmp_path: Path, args: list[str]) -> None:
+    env = env_for(tmp_path, RULES_LOG_URL=BAD_LOG, RULES_REDIS_URL=BAD_REDIS)
+    result = CliRunner().invoke(full_cli(), args, input=b"{}\n", env=env)
+    assert_clean_error(result, "127.0.0.1:1")
+
+
+def test_unreachable_percolator_is_a_clean_error(tmp_path: Path) -> None:
+    (tmp_path / "m.json").write_text('{"properties": {"a": {"type": "keyword"}}}')
+    (tmp_path / "r.jsonl").write_text('{"id": "r", "query": {"match_all": {}}}\n')
+    (tmp_path / "d.jsonl").write_text('{"a": "x"}\n')
+    args = ["percolate", "--mapping", str(tmp_path / "m.json"), "--rules", str(tmp_path / "r.jsonl"),
+            "--docs", str(tmp_path / "d.jsonl"), "--backend", "http://127.0.0.1:1"]
+    result = CliRunner().invoke(full_cli(), args, env=env_for(tmp_path))
+    assert_clean_error(result, "http://127.0.0.1:1", "--backend")
+
+
+def test_bad_setting_is_a_clean_error(tmp_path: Path) -> None:
+    for args in (["worker", "--drain"], ["produce", "bids"], ["replay", "x", "--days", "1"]):
+        result = CliRunner().invoke(full_cli(), args, input=b"", env=env_for(tmp_path, RULES_BIDS_PARTITIONS="x"))
+        assert_clean_error(result, "RULES_BIDS_PARTITIONS")
