@@ -1,4 +1,4 @@
-"""Clean CLI errors (:func:`clean_errors`, :func:`cli_errors`) for every CLI entry point.
+"""``manage.py redis status|stop``, and :func:`clean_errors` for every CLI entry point.
 
 The embedded redis-server (see :mod:`rules_service.redis_conn`) belongs to ``RULES_DATA_DIR`` and
 outlives the processes that started it; ``redis stop`` is how an operator stops it (its AOF is
@@ -9,6 +9,7 @@ is nothing embedded to report or stop.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -92,5 +93,48 @@ def _settings() -> Settings:
         raise CliError(str(exc)) from None
 
 
+@click.group("redis")
+def redis_group() -> None:
+    """The embedded redis-server of RULES_DATA_DIR (used when RULES_REDIS_URL is unset)."""
+
+
+def _status(settings: Settings) -> dict[str, Any]:
+    from rules_service.redis_conn import embedded_redis_status
+
+    return embedded_redis_status(settings)
+
+
+@redis_group.command("status")
+def redis_status() -> None:
+    """Print {"running", "pid", "socket", "data_dir"} of the embedded server as JSON."""
+    settings = _settings()
+    if settings.REDIS_URL:
+        click.echo(json.dumps({"embedded": False, "running": None, "pid": None, "socket": None,
+                               "redis_url": str(settings.REDIS_URL)}))
+        click.echo("RULES_REDIS_URL is set: the service uses that server; nothing embedded runs", err=True)
+        return
+    click.echo(json.dumps({"embedded": True, **_status(settings)}))
+
+
+@redis_group.command("stop")
+def redis_stop() -> None:
+    """Stop the embedded server (AOF flushed first); a no-op when it is not running."""
+    from rules_service.redis_conn import EmbeddedRedisError, stop_embedded_redis
+
+    settings = _settings()
+    if settings.REDIS_URL:
+        click.echo(f"RULES_REDIS_URL is set ({settings.REDIS_URL}): nothing embedded to stop", err=True)
+        return
+    before = _status(settings)
+    try:
+        stopped = stop_embedded_redis(settings)
+    except EmbeddedRedisError as exc:
+        raise CliError(str(exc)) from None
+    click.echo(json.dumps({"stopped": stopped, "pid": before["pid"] if stopped else None,
+                           "data_dir": before["data_dir"]}))
+    if not stopped:
+        click.echo("the embedded redis-server was not running", err=True)
+
+
 def register(cli: click.Group) -> None:
-    """No commands yet: this module only provides the error helpers."""
+    cli.add_command(redis_group)

@@ -14,7 +14,7 @@ server belongs to the data directory, not to any one process:
 * The first caller starts it with ``--daemonize yes``: redis-server forks, calls ``setsid()`` and
   is re-parented to init, so a ``manage.py`` process exiting (or a Ctrl-C to its process group)
   does not stop a server the others use. It keeps running until :func:`stop_embedded_redis`
-  (``python manage.py redis stop`` where the CLI exposes it) or a reboot.
+  (``python manage.py redis stop``; ``redis status`` reports it) or a reboot.
 * Start-up is serialised by an exclusive ``flock`` on ``<DATA_DIR>/redis/lock``: callers that race
   wait for the lock, then find the server answering and just connect. A stale socket or pid file
   left by a ``kill -9`` is harmless: redis-server replaces both when it starts.
@@ -46,6 +46,7 @@ __all__ = [
     "connect_redis",
     "embedded_redis_dir",
     "embedded_redis_running",
+    "embedded_redis_status",
     "ensure_embedded_redis",
     "redis_url",
     "stop_embedded_redis",
@@ -136,6 +137,16 @@ def _recorded_socket(directory: Path) -> Path:
 
 def embedded_redis_running(settings: Any) -> bool:
     return _ping(_recorded_socket(embedded_redis_dir(settings)))
+
+
+def embedded_redis_status(settings: Any) -> dict[str, Any]:
+    """``{"running", "pid", "socket", "data_dir"}`` of the embedded server of ``settings.DATA_DIR``
+    (never starts it). ``pid`` is None unless it runs."""
+    directory = embedded_redis_dir(settings)
+    socket_path = _recorded_socket(directory)
+    running = _ping(socket_path)
+    pid = _pid(directory) if running else None
+    return {"running": running, "pid": pid, "socket": str(socket_path), "data_dir": str(directory.parent)}
 
 
 def ensure_embedded_redis(settings: Any) -> Path:

@@ -19,6 +19,7 @@ COMMAND_MODULES: list[str] = [
     "rules_service.cli_api",
     "workers.replay_cli",
     "rules_service.demo",
+    "rules_service.cli_redis",
 ]
 
 

@@ -96,3 +96,37 @@ def test_redis_url_wins(redis_url: str, tmp_path: Path) -> None:
     s = load_settings({"DATA_DIR": str(tmp_path), "REDIS_URL": redis_url}, environ={})
     assert connect_redis(s).ping()
     assert not (tmp_path / "redis").exists()
+
+
+def test_cli_redis_status_and_stop(settings: Settings) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from rules_service.cli import COMMAND_MODULES
+    from rules_service.cli_redis import redis_group
+
+    assert "rules_service.cli_redis" in COMMAND_MODULES
+    env = {"RULES_DATA_DIR": str(settings.DATA_DIR), "RULES_REDIS_URL": ""}
+    runner = CliRunner()
+    status = json.loads(runner.invoke(redis_group, ["status"], env=env).stdout)
+    assert status["running"] is False and status["pid"] is None
+    assert not embedded_redis_running(settings)  # status never starts it
+
+    pid = connect_redis(settings).info("server")["process_id"]
+    status = json.loads(runner.invoke(redis_group, ["status"], env=env).stdout)
+    assert status == {"embedded": True, "running": True, "pid": pid,
+                      "socket": str(embedded_redis_dir(settings) / "redis.sock"),
+                      "data_dir": str(Path(settings.DATA_DIR).resolve())}
+
+    stopped = runner.invoke(redis_group, ["stop"], env=env)
+    assert stopped.exit_code == 0 and json.loads(stopped.stdout)["stopped"] is True
+    assert not embedded_redis_running(settings) and not _alive(pid)
+    again = runner.invoke(redis_group, ["stop"], env=env)  # idempotent
+    assert again.exit_code == 0 and json.loads(again.stdout)["stopped"] is False
+    assert "not running" in again.stderr
+
+    external = {**env, "RULES_REDIS_URL": "redis://127.0.0.1:1/0"}
+    message = runner.invoke(redis_group, ["stop"], env=external)
+    assert message.exit_code == 0 and "nothing embedded to stop" in message.stderr
+    assert json.loads(runner.invoke(redis_group, ["status"], env=external).stdout)["embedded"] is False

@@ -191,6 +191,6 @@ def test_unreachable_percolator_is_a_clean_error(tmp_path: Path) -> None:
 
 
 def test_bad_setting_is_a_clean_error(tmp_path: Path) -> None:
-    for args in (["worker", "--drain"], ["produce", "bids"], ["replay", "x", "--days", "1"]):
+    for args in (["worker", "--drain"], ["produce", "bids"], ["redis", "status"], ["replay", "x", "--days", "1"]):
         result = CliRunner().invoke(full_cli(), args, input=b"", env=env_for(tmp_path, RULES_BIDS_PARTITIONS="x"))
         assert_clean_error(result, "RULES_BIDS_PARTITIONS")
