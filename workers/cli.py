@@ -107,21 +107,32 @@ def _key_for(topic: str, value: object) -> bytes | None:
 @click.argument("topic")
 @click.argument("file", type=click.File("rb"), default="-")
 @click.option("--batch-size", type=click.IntRange(1, 100_000), default=PRODUCE_BATCH, show_default=True)
+@click.option("--create", is_flag=True,
+              help="Create TOPIC if it does not exist (standard topics are always created).")
 @cli_errors
-def produce_command(topic: str, file: IO[bytes], batch_size: int) -> None:
-    """Append JSON lines from FILE (default stdin) to TOPIC, creating it with its standard spec.
+def produce_command(topic: str, file: IO[bytes], batch_size: int, create: bool) -> None:
+    """Append JSON lines from FILE (default stdin) to TOPIC.
+
+    A standard topic (bids, its .dlq, users.last_seen, audiences.rules, replays) is created with
+    its standard spec if needed; any other topic must exist unless --create is given, so a typo
+    in the name is an error rather than a new topic that nothing reads.
 
     Keys: a bid's user id (user.id, else device.ifa), so a user's bids stay in order in one
     partition; a rule change's rule id. A line that is not JSON is reported with its line number;
     every valid line is still produced, and the exit status is 1."""
     from workers.log.factory import create_log
     from workers.log.port import LogError, Message
-    from workers.topics import ensure_topic
+    from workers.topics import ensure_topic, standard_topics
 
     settings = _settings()
     log = create_log(settings)
     bad = produced = 0
     try:
+        if not create and topic not in standard_topics(settings):
+            existing = sorted(log.list_topics())
+            if topic not in existing:
+                raise CliError(f"topic {topic!r} does not exist (existing: {', '.join(existing) or 'none'}); "
+                               "check the name, or pass --create to create it")
         ensure_topic(log, topic, settings)
         producer = log.producer()
         pending: list[Message] = []

@@ -194,3 +194,30 @@ def test_bad_setting_is_a_clean_error(tmp_path: Path) -> None:
     for args in (["worker", "--drain"], ["produce", "bids"], ["redis", "status"], ["replay", "x", "--days", "1"]):
         result = CliRunner().invoke(full_cli(), args, input=b"", env=env_for(tmp_path, RULES_BIDS_PARTITIONS="x"))
         assert_clean_error(result, "RULES_BIDS_PARTITIONS")
+
+
+# --- produce: an unknown topic is a typo unless --create ---
+
+def test_produce_to_an_unknown_topic_needs_create(cli: click.Group, tmp_path: Path) -> None:
+    from rules_service.config import Settings
+    from workers.log.factory import create_log
+
+    env = env_for(tmp_path)
+    assert CliRunner().invoke(cli, ["produce", "bids"], input=b"{}\n", env=env).exit_code == 0
+    typo = CliRunner().invoke(cli, ["produce", "bidz"], input=b"{}\n", env=env)
+    assert_clean_error(typo, "'bidz'", "does not exist", "bids", "--create")
+    log = create_log(Settings(DATA_DIR=tmp_path))
+    assert "bidz" not in log.list_topics()
+    log.close()
+
+    made = CliRunner().invoke(cli, ["produce", "scratch", "--create"], input=b"{}\n", env=env)
+    assert made.exit_code == 0, made.output
+    again = CliRunner().invoke(cli, ["produce", "scratch"], input=b"{}\n", env=env)  # exists now
+    assert again.exit_code == 0, again.output
+    # every standard topic is still created on first use without --create
+    for topic, line in (("users.last_seen", b'{"user_id": "u1"}'), ("replays", b"{}"), ("bids.dlq", b"{}")):
+        result = CliRunner().invoke(cli, ["produce", topic], input=line + b"\n", env=env)
+        assert result.exit_code == 0, result.output
+    log = create_log(Settings(DATA_DIR=tmp_path))
+    assert [r.value for batch in log.scan_compacted("scratch") for r in batch] == [b"{}", b"{}"]
+    log.close()
