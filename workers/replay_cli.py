@@ -93,7 +93,8 @@ def run_in_process(settings: Settings, replay_id: str | None) -> dict[str, Any]:
 
 @click.command("replay")
 @click.argument("audience_id", required=False)
-@click.option("--days", type=click.IntRange(1, 10_000), default=None, help="Look back this many days.")
+@click.option("--days", type=click.IntRange(min=1), default=None,
+              help="Look back this many days (at most RULES_DAY_RETENTION_DAYS, as in the API).")
 @click.option("--no-wait", is_flag=True, help="Only request the replay; a worker runs it.")
 @click.option("--pending", is_flag=True, help="Run every pending or interrupted replay in this process.")
 @cli_errors
