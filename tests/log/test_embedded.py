@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -109,7 +110,7 @@ def test_acknowledged_batches_survive_kill_9(tmp_path: Path) -> None:
     producer.close()
 
 
-def test_compaction_reclaims_space_while_a_reader_reads(tmp_path: Path) -> None:
+def test_compaction_reclaims_space_while_a_reader_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Tombstones stay readable for the default 24 h: a reader that saw a big value before the
     # cleaner ran must still meet the tombstone that deletes it.
     log = EmbeddedLog(tmp_path / "log", maintenance_interval_s=3600)
@@ -152,16 +153,50 @@ def test_compaction_reclaims_space_while_a_reader_reads(tmp_path: Path) -> None:
         except BaseException as exc:
             errors.append(exc)
 
+    # Deterministic on a loaded machine: the cleaner is held inside its first write transaction
+    # (BEGIN IMMEDIATE, at its first DELETE) until the reader has finished two more full reads,
+    # so at least one whole read happens while compaction holds the write lock. A reader that
+    # waited for the cleaner would never get there and the deadline would fail the test.
+    import workers.log.embedded as embedded_module
+
+    real_clean = embedded_module._clean_compacted
+    held: list[int] = []
+
+    def clean_holding_the_write_lock(conn: object, *args: object) -> int:
+        assert isinstance(conn, sqlite3.Connection)
+
+        def on_statement(sql: str) -> None:
+            if held or not sql.lstrip().upper().startswith("DELETE FROM P0 "):
+                return
+            before = len(reads)
+            deadline = time.monotonic() + 120
+            while len(reads) < before + 2 and not errors and time.monotonic() < deadline:
+                time.sleep(0.005)
+            held.append(len(reads) - before)
+            assert conn.in_transaction  # the reads above happened under the cleaner's write lock
+
+        conn.set_trace_callback(on_statement)
+        try:
+            return real_clean(conn, *args)  # type: ignore[arg-type]
+        finally:
+            conn.set_trace_callback(None)
+
+    monkeypatch.setattr(embedded_module, "_clean_compacted", clean_holding_the_write_lock)
     thread = threading.Thread(target=reader)
     thread.start()
-    time.sleep(0.2)
     log.compact("users")
-    time.sleep(0.2)
+    after_compaction = len(reads)
+    deadline = time.monotonic() + 120
+    while len(reads) < after_compaction + 1 and not errors and time.monotonic() < deadline:
+        time.sleep(0.005)  # one more full read of the compacted result
     stop.set()
-    thread.join(timeout=30)
+    thread.join(timeout=120)
+    assert not thread.is_alive()
     assert not errors, errors[0]
-    assert len(reads) >= 2, "the reader made no progress during compaction"
-    assert slowest[0] < 2.0, f"a poll waited {slowest[0]:.2f}s during compaction"
+    assert held and held[0] >= 2, f"the reader made no progress while compaction held the write lock: {held}"
+    assert len(reads) > after_compaction, "no full read after compaction"
+    # generous: a loaded CI machine can deschedule a thread for a while, but never for this long
+    assert slowest[0] < 20.0, f"a poll waited {slowest[0]:.2f}s during compaction"
     after = log.topic_size_bytes("users")
     assert after < full * 0.25, f"compaction left {after} of {full} bytes"
     values = [r.value for r in read_everything(log, "users")]
@@ -189,7 +224,9 @@ def test_a_consumer_at_the_head_sees_every_message_of_a_compacted_topic(tmp_path
         producer.send_batch("rules", [Message(b"%d" % version, key=b"rule-1")])
         seen.extend(r.value for r in consumer.poll())
     assert seen == [b"%d" % v for v in range(20)]
-    time.sleep(0.2)  # let the last background pass finish
+    for cleaner in list(producer._cleaners.values()):  # let the last background pass finish
+        cleaner.join(timeout=120)
+        assert not cleaner.is_alive()
     log.compact("rules")
     assert [r.value for r in read_everything(log, "rules")] == [b"19"]
     producer.close()
