@@ -332,13 +332,20 @@ def test_cleaner_runs_while_other_processes_append(tmp_path: Path) -> None:
     log = EmbeddedLog(root)
     log.create_topic(TopicSpec("users", partitions=2, cleanup_policy="compact", min_cleanable_dirty_ratio=0.01))
     writers = [child("produce", str(root), "users", f"w{n}", "3000", "20") for n in range(2)]
+    # Drain the children's pipes while compacting: a child blocked on a full stdout pipe would
+    # never exit and the loop below would spin until the test times out.
+    outputs: dict[int, tuple[str, str]] = {}
+    drainers = [threading.Thread(target=lambda proc=proc: outputs.__setitem__(proc.pid, proc.communicate(timeout=120)))
+                for proc in writers]
+    for drainer in drainers:
+        drainer.start()
     passes = 0
-    while any(proc.poll() is None for proc in writers):
+    while any(drainer.is_alive() for drainer in drainers):
         log.compact("users")  # cleaning concurrently with the appends
         passes += 1
     latest: dict[str, tuple[int, int, str]] = {}
     for proc in writers:
-        out, err = proc.communicate(timeout=60)
+        out, err = outputs[proc.pid]
         assert proc.returncode == 0, err
         for line in out.splitlines():
             p, o, key, value = line.split()
