@@ -347,31 +347,38 @@ class AudienceStore:
         audience is missing/not the advertiser's. Raises ConflictError when ``expected_revision``
         does not match or after too many concurrent retries."""
         key = self._k("aud", audience_id)
-        for _ in range(self.MAX_RETRIES):
-            with self.redis.pipeline(transaction=True) as pipe:
-                try:
-                    pipe.watch(key)
-                    doc = self._load(cast(Any, pipe.get(key)), advertiser_id)
-                    if doc is None:
-                        return None
-                    if expected_revision is not None and doc.get("revision") != expected_revision:
-                        raise ConflictError(f"audience {audience_id!r} is at revision {doc.get('revision')}, "
-                                            f"not {expected_revision}")
-                    new = mutate(copy.deepcopy(doc))
-                    if new is None:
-                        return doc
-                    pipe.multi()
-                    pipe.set(key, orjson.dumps(new))
-                    pipe.execute()
-                    return new
-                except redis.WatchError:
-                    continue
-        raise ConflictError(f"audience {audience_id!r} changed concurrently {self.MAX_RETRIES} times")
+
+        def write(pipe: Any, doc: Doc) -> Doc:
+            new = mutate(copy.deepcopy(doc))
+            if new is None:
+                return doc
+            pipe.multi()
+            pipe.set(key, orjson.dumps(new))
+            pipe.execute()
+            return new
+
+        return self._watched_write(audience_id, advertiser_id, expected_revision, write)
 
     def delete_audience(self, audience_id: str, advertiser_id: str | None = None,
                         expected_revision: int | None = None) -> Doc | None:
         """Remove the document and its index entry atomically; returns what was deleted (None if
         missing or not the advertiser's)."""
+        key = self._k("aud", audience_id)
+
+        def write(pipe: Any, doc: Doc) -> Doc:
+            pipe.multi()
+            pipe.delete(key)
+            pipe.zrem(self._k("adv", doc["advertiser_id"], "auds"), audience_id)
+            pipe.execute()
+            return doc
+
+        return self._watched_write(audience_id, advertiser_id, expected_revision, write)
+
+    def _watched_write(self, audience_id: str, advertiser_id: str | None, expected_revision: int | None,
+                       write: Callable[[Any, Doc], Doc]) -> Doc | None:
+        """The optimistic loop both writers share: WATCH the audience, load it (None when missing or
+        not the advertiser's), check ``expected_revision`` (ConflictError), then ``write(pipe, doc)``
+        in MULTI; retried when another writer got in between, ConflictError after MAX_RETRIES."""
         key = self._k("aud", audience_id)
         for _ in range(self.MAX_RETRIES):
             with self.redis.pipeline(transaction=True) as pipe:
@@ -383,11 +390,7 @@ class AudienceStore:
                     if expected_revision is not None and doc.get("revision") != expected_revision:
                         raise ConflictError(f"audience {audience_id!r} is at revision {doc.get('revision')}, "
                                             f"not {expected_revision}")
-                    pipe.multi()
-                    pipe.delete(key)
-                    pipe.zrem(self._k("adv", doc["advertiser_id"], "auds"), audience_id)
-                    pipe.execute()
-                    return doc
+                    return write(pipe, doc)
                 except redis.WatchError:
                     continue
         raise ConflictError(f"audience {audience_id!r} changed concurrently {self.MAX_RETRIES} times")
