@@ -357,3 +357,86 @@ def test_cleaner_runs_while_other_processes_append(tmp_path: Path) -> None:
     assert len(records) == len(got) == 14  # one record per key, nothing superseded left
     assert got == latest
     assert passes >= 1
+
+
+def test_tombstones_expire_by_write_time_not_by_their_message_timestamp(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Kafka's delete.retention.ms counts from when the tombstone was written: one replayed with a
+    # two-day-old timestamp must stay readable for lagging consumers for the whole retention.
+    import workers.log.embedded as embedded_module
+
+    clock = [int(time.time() * 1000)]
+    monkeypatch.setattr(embedded_module, "_now_ms", lambda: clock[0])
+    log = EmbeddedLog(tmp_path / "log", tombstone_retention_ms=3_600_000)
+    log.create_topic(TopicSpec("users", cleanup_policy="compact"))
+    producer = log.producer()
+    two_days_ago = clock[0] - 2 * 24 * 3_600_000
+    producer.send_batch("users", [Message(b"v", key=b"a", timestamp_ms=two_days_ago),
+                                  Message(b"v", key=b"b", timestamp_ms=two_days_ago)])
+    producer.send_batch("users", [Message(None, key=b"a", timestamp_ms=two_days_ago)])
+    log.compact("users")
+    assert [(r.offset, r.key, r.value) for r in read_everything(log, "users")] == [(1, b"b", b"v"), (2, b"a", None)]
+    clock[0] += 3_600_000 - 1  # written just under the retention ago: still kept
+    log.compact("users")
+    assert [(r.offset, r.key, r.value) for r in read_everything(log, "users")] == [(1, b"b", b"v"), (2, b"a", None)]
+    clock[0] += 1  # written the retention ago: gone
+    log.compact("users")
+    assert [(r.offset, r.key, r.value) for r in read_everything(log, "users")] == [(1, b"b", b"v")]
+    producer.close()
+
+
+def test_files_without_append_times_fall_back_to_the_message_timestamp(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import workers.log.embedded as embedded_module
+
+    root = tmp_path / "log"
+    log = EmbeddedLog(root, tombstone_retention_ms=3_600_000)
+    log.create_topic(TopicSpec("users", cleanup_policy="compact"))
+    producer = log.producer()
+    old = int(time.time() * 1000) - 2 * 24 * 3_600_000
+    producer.send_batch("users", [Message(None, key=b"a", timestamp_ms=old), Message(b"v", key=b"b")])
+    producer.close()
+    # A file written before time_index had an append time: the column does not exist.
+    conn = sqlite3.connect(str(root / "topics" / "users.db"))
+    conn.execute("ALTER TABLE time_index DROP COLUMN append_ms")
+    conn.commit()
+    conn.close()
+
+    reopened = EmbeddedLog(root, tombstone_retention_ms=3_600_000)
+    producer = reopened.producer()  # opening the file adds the column back (NULL: unknown)
+    producer.send_batch("users", [Message(None, key=b"c", timestamp_ms=old)])
+    producer.close()
+    reopened.compact("users")
+    # the legacy tombstone is judged by its timestamp; the new one, written now, is kept
+    assert [(r.offset, r.key, r.value) for r in read_everything(reopened, "users")] == [(1, b"b", b"v"),
+                                                                                       (2, b"c", None)]
+    monkeypatch.setattr(embedded_module, "_now_ms", lambda: int(time.time() * 1000) + 2 * 3_600_000)
+    reopened.compact("users")
+    assert [(r.offset, r.key, r.value) for r in read_everything(reopened, "users")] == [(1, b"b", b"v")]
+
+
+def test_compaction_prunes_the_time_index_and_seek_to_time_stays_exact(tmp_path: Path) -> None:
+    log = EmbeddedLog(tmp_path / "log", tombstone_retention_ms=0)
+    log.create_topic(TopicSpec("users", cleanup_policy="compact"))
+    producer = log.producer()
+    # 40 single-record batches over 4 keys, timestamps out of order (a replay mixes them).
+    stamps = [(i * 7919) % 1000 + 1000 for i in range(40)]
+    for i, ts in enumerate(stamps):
+        producer.send_batch("users", [Message(b"%d" % i, key=b"k%d" % (i % 4), timestamp_ms=ts)])
+    producer.send_batch("users", [Message(None, key=b"k0", timestamp_ms=500)])  # deletes k0
+    log.compact("users")
+    live = read_everything(log, "users")
+    assert [r.offset for r in live] == [37, 38, 39]
+    conn = sqlite3.connect(str(tmp_path / "log" / "topics" / "users.db"))
+    rows = conn.execute("SELECT first_offset FROM time_index ORDER BY first_offset").fetchall()
+    conn.close()
+    assert [r[0] for r in rows] == [37, 38, 39]  # one row per batch with a live record
+    consumer = log.consumer(None)
+    tp = TopicPartition("users", 0)
+    consumer.assign([tp])
+    for target in range(900, 2100, 13):
+        consumer.seek_to_time(target)
+        expected = next((r.offset for r in live if r.timestamp_ms >= target), 41)
+        assert consumer.position(tp) == expected, target
+    consumer.close()
+    producer.close()

@@ -18,7 +18,9 @@ Design note: why SQLite in WAL mode (and not our own segment files)
   the two fastest things SQLite does. ``partitions`` holds each partition's next offset (offsets
   are never reused, even when retention empties a partition) and the running max timestamp;
   ``time_index`` holds one row per produced batch (first/last offset, running max timestamp), a
-  sparse Kafka-like time index for ``seek_to_time``. Consumer-group offsets live in
+  sparse Kafka-like time index for ``seek_to_time``, plus the batch's append (wall-clock) time
+  ``append_ms``: the write time the cleaner judges tombstones by (NULL in rows written before
+  the column existed: those fall back to the message timestamp). Consumer-group offsets live in
   ``groups.db`` (one transaction per commit, so a multi-topic commit is atomic).
 * Compaction works like Kafka's log cleaner, lazily: producers only append (a compacted topic
   is written as fast as any other; a unique key index, i.e. compacting at write time, measured
@@ -31,8 +33,12 @@ Design note: why SQLite in WAL mode (and not our own segment files)
   in offset order). Freed pages are reused by later appends; the file stays near its live data.
 * Cleaning: :meth:`EmbeddedLog.compact` forces a pass; producers start one in a background thread
   every ``maintenance_interval_s`` (it only works when the dirty ratio is reached). A pass also
-  removes tombstones older than ``tombstone_retention_ms`` (Kafka's ``delete.retention.ms``,
-  default 24 h), applies ``retention_ms`` to ``delete`` topics, and gives free pages back to the
+  removes tombstones *written* more than ``tombstone_retention_ms`` ago (Kafka's
+  ``delete.retention.ms``, default 24 h, judged like Kafka by write time, not by the message
+  timestamp: a tombstone produced with an old timestamp, e.g. a replay of captured traffic,
+  still stays readable that long for lagging consumers), drops the compacted topic's time index
+  rows whose batches have no live record left (they would otherwise grow by one per batch
+  forever), applies ``retention_ms`` to ``delete`` topics, and gives free pages back to the
   file system with ``incremental_vacuum`` when more than a quarter of the file is free. Every
   step is a short transaction over a bounded chunk: producers wait at most one chunk and
   readers never wait.
@@ -138,6 +144,7 @@ class _Store:
             raise TopicNotFoundError(f"topic {name!r} does not exist (in {self.topics_dir})")
         try:
             conn = _connect(path, self.busy_timeout_ms, self.fsync)
+            _upgrade(conn)
             spec = _read_spec(conn, name)
         except sqlite3.Error as exc:
             raise LogUnavailableError(f"cannot open topic {name!r} at {path}: {exc}") from exc
@@ -154,6 +161,28 @@ class _Store:
         except sqlite3.Error as exc:
             raise LogUnavailableError(f"cannot open {self.root / 'groups.db'}: {exc}") from exc
         return conn
+
+
+def _has_append_ms(conn: sqlite3.Connection) -> bool:
+    return any(row[1] == "append_ms" for row in conn.execute("PRAGMA table_info(time_index)"))
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Bring a topic file created by an older version up to the current schema: add
+    ``time_index.append_ms`` (NULL in the existing rows, meaning "append time unknown: judge by
+    the message timestamp"). Checked again under the write lock: several processes may open the
+    file at once."""
+    if _has_append_ms(conn):
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if not _has_append_ms(conn):
+            conn.execute("ALTER TABLE time_index ADD COLUMN append_ms INTEGER")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _read_spec(conn: sqlite3.Connection, name: str) -> TopicSpec:
@@ -257,7 +286,7 @@ class EmbeddedLog(Log):
                              " max_ts INTEGER NOT NULL, cleaned_upto INTEGER NOT NULL DEFAULT 0,"
                              " clean_rows INTEGER NOT NULL DEFAULT 0)")
                 conn.execute("CREATE TABLE time_index (partition INTEGER NOT NULL, first_offset INTEGER NOT NULL,"
-                             " last_offset INTEGER NOT NULL, max_ts INTEGER NOT NULL,"
+                             " last_offset INTEGER NOT NULL, max_ts INTEGER NOT NULL, append_ms INTEGER,"
                              " PRIMARY KEY (partition, first_offset)) WITHOUT ROWID")
                 conn.execute("CREATE INDEX time_index_ts ON time_index (partition, max_ts)")
                 for p in range(spec.partitions):
@@ -405,14 +434,20 @@ def _clean_compacted(conn: sqlite3.Connection, p: int, tombstone_cutoff: int, mi
         # Two processes may clean at once (deletes are idempotent); never move the mark back.
         conn.execute("UPDATE partitions SET cleaned_upto=max(cleaned_upto, ?), clean_rows=max(0, ? - ?) "
                      "WHERE partition=?", (end, clean_rows + dirty, removed, p))
-    # Tombstones in the cleaned range are the latest of their key there: drop the old ones.
+    # Tombstones in the cleaned range are the latest of their key there: drop the old ones, judged
+    # like Kafka by when they were written (the append time of the batch holding the offset: the
+    # time_index row with the greatest first_offset at or before it), not by the message timestamp,
+    # which a producer may set to any past time. Rows without an append time (files written before
+    # the column existed) fall back to the message timestamp.
     cleaned = conn.execute("SELECT cleaned_upto FROM partitions WHERE partition=?", (p,)).fetchone()[0]
     while True:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            cur = conn.execute(f"DELETE FROM {table} WHERE offset IN (SELECT offset FROM {table} "
-                               "WHERE offset < ? AND value IS NULL AND ts <= ? LIMIT ?)",
-                               (cleaned, tombstone_cutoff, _CHUNK))
+            cur = conn.execute(f"DELETE FROM {table} WHERE offset IN (SELECT t.offset FROM {table} AS t "
+                               "WHERE t.offset < ? AND t.value IS NULL AND coalesce((SELECT i.append_ms FROM "
+                               "time_index AS i WHERE i.partition = ? AND i.first_offset <= t.offset "
+                               "ORDER BY i.first_offset DESC LIMIT 1), t.ts) <= ? LIMIT ?)",
+                               (cleaned, p, tombstone_cutoff, _CHUNK))
             count = max(cur.rowcount, 0)
             conn.execute("UPDATE partitions SET clean_rows=max(0, clean_rows - ?) WHERE partition=?", (count, p))
             conn.execute("COMMIT")
@@ -423,7 +458,41 @@ def _clean_compacted(conn: sqlite3.Connection, p: int, tombstone_cutoff: int, mi
         removed += count
         if count < _CHUNK:
             break
+    if removed:
+        _prune_time_index(conn, p)
     return removed
+
+
+def _prune_time_index(conn: sqlite3.Connection, p: int) -> None:
+    """Drop the time index rows of batches that have no live record left (a compacted topic
+    writes one row per batch and would otherwise keep them all).
+
+    ``seek_to_time`` stays exact: it takes the first row (in offset order) whose running max
+    timestamp reaches the target and scans the partition from its first offset. Every row kept
+    still covers a live record, and a dropped row only covered deleted offsets, so the first kept
+    row reaching the target starts at or before the first *live* record with ts >= target (all
+    earlier live records sit in kept rows whose running max is below the target). A live record's
+    own batch row is never dropped, so its append time stays known for tombstone retention. Each
+    transaction checks at most ``_CHUNK`` rows, one primary-key probe each."""
+    table = _table(p)
+    position = -1
+    while True:
+        row = conn.execute("SELECT first_offset FROM time_index WHERE partition=? AND first_offset > ? "
+                           "ORDER BY first_offset LIMIT 1 OFFSET ?", (p, position, _CHUNK)).fetchone()
+        upper = None if row is None else int(row[0])
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(f"DELETE FROM time_index WHERE partition = ? AND first_offset > ? AND first_offset < ? "
+                         f"AND NOT EXISTS (SELECT 1 FROM {table} WHERE offset >= time_index.first_offset "
+                         "AND offset <= time_index.last_offset)", (p, position, 2**63 - 1 if upper is None else upper))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if upper is None:
+            return
+        position = upper - 1
 
 
 def _maintain(handle: _Topic, tombstone_retention_ms: int, budget_rows: int | None,
@@ -567,6 +636,7 @@ class EmbeddedProducer(Producer):
         rows: dict[int, list[tuple[int, bytes | None, bytes | None, int]]] = {}
         try:
             conn.execute("BEGIN IMMEDIATE")
+            appended = _now_ms()  # write time, once we hold the lock: what tombstone retention judges by
             try:
                 next_offsets = dict(conn.execute("SELECT partition, next_offset FROM partitions").fetchall())
                 for i, m in enumerate(messages):
@@ -593,8 +663,9 @@ class EmbeddedProducer(Producer):
                     batch_max = max(map(_ts_of, part_rows))
                     conn.execute("UPDATE partitions SET next_offset=?, max_ts=max(max_ts, ?) WHERE partition=?",
                                  (last + 1, batch_max, p))
-                    conn.execute("INSERT INTO time_index SELECT ?, ?, ?, max_ts FROM partitions WHERE partition=?",
-                                 (p, first, last, p))
+                    conn.execute("INSERT INTO time_index (partition, first_offset, last_offset, max_ts, append_ms) "
+                                 "SELECT ?, ?, ?, max_ts, ? FROM partitions WHERE partition=?",
+                                 (p, first, last, appended, p))
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
