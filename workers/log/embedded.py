@@ -167,6 +167,21 @@ def _has_append_ms(conn: sqlite3.Connection) -> bool:
     return any(row[1] == "append_ms" for row in conn.execute("PRAGMA table_info(time_index)"))
 
 
+@contextlib.contextmanager
+def _write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction: ``BEGIN IMMEDIATE`` takes the write lock now (so ``busy_timeout``
+    governs the wait, rather than a lock upgrade failing half-way), ``COMMIT`` on success, and
+    ``ROLLBACK`` on any exception, which is then re-raised."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 def _upgrade(conn: sqlite3.Connection) -> None:
     """Bring a topic file created by an older version up to the current schema: add
     ``time_index.append_ms`` (NULL in the existing rows, meaning "append time unknown: judge by
@@ -174,15 +189,9 @@ def _upgrade(conn: sqlite3.Connection) -> None:
     file at once."""
     if _has_append_ms(conn):
         return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _write_transaction(conn):
         if not _has_append_ms(conn):
             conn.execute("ALTER TABLE time_index ADD COLUMN append_ms INTEGER")
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
 
 
 def _read_spec(conn: sqlite3.Connection, name: str) -> TopicSpec:
@@ -418,17 +427,11 @@ def _clean_compacted(conn: sqlite3.Connection, p: int, tombstone_cutoff: int, mi
         position = _begin_offset(conn, p)
         while position < end:
             upper = min(end, position + 4 * _CHUNK)
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _write_transaction(conn):
                 cur = conn.execute(
                     f"DELETE FROM {table} WHERE offset >= ? AND offset < ? AND EXISTS (SELECT 1 FROM "
                     f"temp.dirty_keys AS d WHERE d.key = {table}.key AND d.last > {table}.offset)", (position, upper))
                 removed += max(cur.rowcount, 0)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
             position = upper
         conn.execute("DELETE FROM temp.dirty_keys")
         # Two processes may clean at once (deletes are idempotent); never move the mark back.
@@ -441,8 +444,7 @@ def _clean_compacted(conn: sqlite3.Connection, p: int, tombstone_cutoff: int, mi
     # the column existed) fall back to the message timestamp.
     cleaned = conn.execute("SELECT cleaned_upto FROM partitions WHERE partition=?", (p,)).fetchone()[0]
     while True:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _write_transaction(conn):
             cur = conn.execute(f"DELETE FROM {table} WHERE offset IN (SELECT t.offset FROM {table} AS t "
                                "WHERE t.offset < ? AND t.value IS NULL AND coalesce((SELECT i.append_ms FROM "
                                "time_index AS i WHERE i.partition = ? AND i.first_offset <= t.offset "
@@ -450,11 +452,6 @@ def _clean_compacted(conn: sqlite3.Connection, p: int, tombstone_cutoff: int, mi
                                (cleaned, p, tombstone_cutoff, _CHUNK))
             count = max(cur.rowcount, 0)
             conn.execute("UPDATE partitions SET clean_rows=max(0, clean_rows - ?) WHERE partition=?", (count, p))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         removed += count
         if count < _CHUNK:
             break
@@ -480,16 +477,10 @@ def _prune_time_index(conn: sqlite3.Connection, p: int) -> None:
         row = conn.execute("SELECT first_offset FROM time_index WHERE partition=? AND first_offset > ? "
                            "ORDER BY first_offset LIMIT 1 OFFSET ?", (p, position, _CHUNK)).fetchone()
         upper = None if row is None else int(row[0])
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _write_transaction(conn):
             conn.execute(f"DELETE FROM time_index WHERE partition = ? AND first_offset > ? AND first_offset < ? "
                          f"AND NOT EXISTS (SELECT 1 FROM {table} WHERE offset >= time_index.first_offset "
                          "AND offset <= time_index.last_offset)", (p, position, 2**63 - 1 if upper is None else upper))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         if upper is None:
             return
         position = upper - 1
@@ -513,15 +504,10 @@ def _maintain(handle: _Topic, tombstone_retention_ms: int, budget_rows: int | No
                 expired = _expired_prefix(rows, cutoff)
                 if not expired:
                     break
-                conn.execute("BEGIN IMMEDIATE")
-                try:
+                with _write_transaction(conn):
                     conn.execute(f"DELETE FROM {table} WHERE offset <= ?", (expired[-1][0],))
                     conn.execute("DELETE FROM time_index WHERE partition = ? AND last_offset <= ?",
                                  (p, expired[-1][0]))
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
                 removed += len(expired)
                 if len(expired) < len(rows):
                     break
@@ -635,9 +621,8 @@ class EmbeddedProducer(Producer):
         ack = acks.append
         rows: dict[int, list[tuple[int, bytes | None, bytes | None, int]]] = {}
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            appended = _now_ms()  # write time, once we hold the lock: what tombstone retention judges by
-            try:
+            with _write_transaction(conn):
+                appended = _now_ms()  # write time, once we hold the lock: what tombstone retention judges by
                 next_offsets = dict(conn.execute("SELECT partition, next_offset FROM partitions").fetchall())
                 for i, m in enumerate(messages):
                     p = m.partition
@@ -666,11 +651,6 @@ class EmbeddedProducer(Producer):
                     conn.execute("INSERT INTO time_index (partition, first_offset, last_offset, max_ts, append_ms) "
                                  "SELECT ?, ?, ?, max_ts, ? FROM partitions WHERE partition=?",
                                  (p, first, last, appended, p))
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         except sqlite3.Error as exc:
             raise LogUnavailableError(f"writing {len(messages)} messages to {topic!r} failed: {exc}") from exc
         return acks
@@ -853,17 +833,11 @@ class EmbeddedConsumer(Consumer):
         conn = self._groups_conn()
         now = _now_ms()
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _write_transaction(conn):
                 conn.executemany(
                     "INSERT INTO offsets VALUES (?, ?, ?, ?, ?) ON CONFLICT (group_id, topic, partition) "
                     "DO UPDATE SET next_offset=excluded.next_offset, updated_ms=excluded.updated_ms",
                     [(self._group_id, tp.topic, tp.partition, o, now) for tp, o in items.items()])
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         except sqlite3.Error as exc:
             raise LogUnavailableError(f"committing offsets of group {self._group_id!r} failed: {exc}") from exc
 
