@@ -277,6 +277,13 @@ class _Parser:
         self.check_keys(body, frozenset(), path, "match_none")
         return MatchNone(path=path)
 
+    def case_insensitive_option(self, spec_body: AbcMapping[str, Any], fpath: str) -> bool:
+        """The ``case_insensitive`` flag of term/prefix/wildcard (default false); must be a boolean."""
+        ci = spec_body.get("case_insensitive", False)
+        if not isinstance(ci, bool):
+            raise self.fail(_join(fpath, "case_insensitive"), "[case_insensitive] must be true or false")
+        return ci
+
     def q_term(self, body: Any, path: str) -> Node:
         name, spec_body = self.single_field(body, path, "term")
         fpath = _join(path, name)
@@ -286,10 +293,7 @@ class _Parser:
             if "value" not in spec_body:
                 raise self.fail(fpath, "[term] query requires a 'value'")
             value = spec_body["value"]
-            ci = spec_body.get("case_insensitive", False)
-            if not isinstance(ci, bool):
-                raise self.fail(_join(fpath, "case_insensitive"), "[case_insensitive] must be true or false")
-            case_insensitive = ci
+            case_insensitive = self.case_insensitive_option(spec_body, fpath)
         else:
             value = spec_body
         spec = self.field(path, name, "term")
@@ -643,10 +647,7 @@ class _Parser:
             if not present:
                 raise self.fail(fpath, f"[{query_type}] query requires a '{value_keys[0]}'")
             value = spec_body[present[-1]]
-            ci = spec_body.get("case_insensitive", False)
-            if not isinstance(ci, bool):
-                raise self.fail(_join(fpath, "case_insensitive"), "[case_insensitive] must be true or false")
-            case_insensitive = ci
+            case_insensitive = self.case_insensitive_option(spec_body, fpath)
         else:
             value = spec_body
         spec = self.field(path, name, query_type)

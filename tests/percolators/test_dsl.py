@@ -58,6 +58,16 @@ def invalid(query: Any) -> InvalidRuleError:
         ({"range": {"age": {"gte": "abc"}}}, "range.age", "invalid range bound"),
         ({"range": {"age": {"gte": 1e12}}}, "range.age", "out of range"),
         ({"term": {"age": "abc"}}, "term.age", "invalid value [abc]"),
+        (
+            {"term": {"gender": {"value": "F", "case_insensitive": "yes"}}},
+            "term.gender.case_insensitive",
+            "must be true or false",
+        ),
+        (
+            {"prefix": {"gender": {"value": "F", "case_insensitive": 1}}},
+            "prefix.gender.case_insensitive",
+            "must be true or false",
+        ),
         ({"match": {"age": "abc"}}, "match.age", "invalid value [abc]"),
         ({"term": {"geo.location": "x"}}, "term.geo.location", "geo_point"),
         ({"match": {"geo.location": "x"}}, "match.geo.location", "geo_point"),
