@@ -41,9 +41,26 @@ MIN_CACHED_DAYS = 8
 DAY = 86400
 _RID = "\x00rule\x00"  # placeholder replaced by each rule id in precomputed key templates
 
+# Shared by both scripts: the sum of the hash fields listed in ARGV from position ``a`` on (per
+# hash: its field count, then the fields) for KEYS[first], KEYS[first + 1], ... to the last key.
+_SUM_FIELDS = """
+local function sum_fields(first, a)
+  local total = 0
+  for k = first, #KEYS do
+    local count = tonumber(ARGV[a]); a = a + 1
+    local fields = {}
+    for f = 1, count do fields[f] = ARGV[a]; a = a + 1 end
+    for _, v in ipairs(redis.call('HMGET', KEYS[k], unpack(fields))) do
+      if v then total = total + tonumber(v) end
+    end
+  end
+  return total
+end
+"""
+
 # KEYS: ucache, mcache, user sketches..., match hashes...   ARGV: n_sketches, then per match hash
 # "count" followed by its fields. Returns {-1, 0} when a cache is missing.
-_READ = """
+_READ = _SUM_FIELDS + """
 local n = tonumber(ARGV[1])
 local matched = 0
 if KEYS[1] ~= '' then
@@ -56,21 +73,13 @@ if KEYS[1] ~= '' then sketches[1] = KEYS[1] end
 for i = 3, n + 2 do sketches[#sketches + 1] = KEYS[i] end
 local users = 0
 if #sketches > 0 then users = redis.call('PFCOUNT', unpack(sketches)) end
-local a = 2
-for k = n + 3, #KEYS do
-  local count = tonumber(ARGV[a]); a = a + 1
-  local fields = {}
-  for f = 1, count do fields[f] = ARGV[a]; a = a + 1 end
-  for _, v in ipairs(redis.call('HMGET', KEYS[k], unpack(fields))) do
-    if v then matched = matched + tonumber(v) end
-  end
-end
+matched = matched + sum_fields(n + 3, 2)
 return {users, matched}
 """
 
 # KEYS: ucache, mcache, index, closed day sketches..., closed month hashes...  ARGV: ttl,
 # n_sketches, then per hash "count" and its fields. Builds both caches and lists them in the index.
-_BUILD = """
+_BUILD = _SUM_FIELDS + """
 local n = tonumber(ARGV[2])
 local sources = {}
 for i = 4, n + 3 do sources[#sources + 1] = KEYS[i] end
@@ -79,16 +88,7 @@ redis.call('PFMERGE', KEYS[1], unpack(sources))
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
 redis.call('SADD', KEYS[3], KEYS[1], KEYS[2])
 redis.call('EXPIRE', KEYS[3], tonumber(ARGV[1]))
-local matched = 0
-local a = 3
-for k = n + 4, #KEYS do
-  local count = tonumber(ARGV[a]); a = a + 1
-  local fields = {}
-  for f = 1, count do fields[f] = ARGV[a]; a = a + 1 end
-  for _, v in ipairs(redis.call('HMGET', KEYS[k], unpack(fields))) do
-    if v then matched = matched + tonumber(v) end
-  end
-end
+local matched = sum_fields(n + 4, 3)
 redis.call('SET', KEYS[2], matched, 'EX', tonumber(ARGV[1]))
 return matched
 """
