@@ -2,7 +2,17 @@
 
 :func:`bid_to_document` is on the hot path (every bid, 20k+ per second along with percolation and
 counting), so it is plain dict access with inline type checks: no validation library, no
-intermediate objects. :func:`parse_bid` turns the raw bytes of a log message into the dict.
+intermediate objects. :func:`parse_bid` turns the raw bytes of a log message into the dict;
+:func:`normalise_message` does both in one call (what the stream worker should call).
+
+Two lanes, one behaviour. :func:`_fast_document` is a single function for the happy path: exact
+``type(x) is ...`` checks, no helper calls, timestamps from an hour cache. It never raises: on
+anything unusual (a wrong type, a float where an int is expected, a Mapping that is not a dict, an
+ISO time it does not know, an implausible time) it returns None and :func:`_careful_document`, the
+original field-by-field code, produces the document or the error. So errors (their order, reason
+and field) are by construction those of the careful path, and
+tests/normalize/test_normalize_equivalence.py checks both lanes against a frozen copy of the
+original on mutated generated bids (same documents byte for byte, key order included).
 
 The document is an Elasticsearch ``_source``: nested objects (``{"geo": {"city": ...}}``), absent
 fields omitted (never ``None``), so ``exists`` queries behave as in Elasticsearch.
@@ -37,14 +47,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 
 from rules_service.schema import DEVICE_TYPES, GENDERS, age_band
 
-__all__ = ["BadBidError", "bid_to_document", "event_time_ms", "format_timestamp_ms", "parse_bid"]
+__all__ = ["BadBidError", "bid_to_document", "event_time_ms", "format_timestamp_ms", "normalise_message", "parse_bid"]
 
 #: Oldest and newest plausible event times for ``ext.received_at`` (2000-01-01 .. 2100-01-01).
 _MIN_EVENT_MS = 946_684_800_000
@@ -203,14 +213,436 @@ def _second_prefix(seconds: int) -> tuple[str, int]:
 
 def format_timestamp_ms(ms: int) -> str:
     """Epoch millis -> ``2026-11-22T10:00:00.000Z``."""
+    if type(ms) is int and _MIN_EVENT_MS <= ms < _MAX_EVENT_MS:
+        hour, rest = divmod(ms, 3_600_000)
+        hit = _HOUR_CACHE.get(hour) or _hour_prefix(hour)
+        second, millis = divmod(rest, 1000)
+        return f"{hit[0]}{_MMSS[second]}{_MILLIS[millis]}"
     seconds, millis = divmod(ms, 1000)
     return f"{_second_prefix(seconds)[0]}.{millis:03d}Z"
+
+
+# The fast lane formats from the hour: "YYYY-MM-DDTHH:" (cached per hour, a few thousand cover 90 days)
+# + "MM:SS." (table of the 3600 seconds of an hour) + "mmmZ" (table of the 1000 millis). Only for
+# plausible times (2000..2100), where an hour never straddles a year.
+_HOUR_CACHE: dict[int, tuple[str, int]] = {}
+_MMSS = tuple(f"{m:02d}:{s:02d}." for m in range(60) for s in range(60))
+_MILLIS = tuple(f"{i:03d}Z" for i in range(1000))
+
+
+def _hour_prefix(hour: int) -> tuple[str, int]:
+    """``("2026-11-22T10:", 2026)`` for an epoch hour (cached)."""
+    if len(_HOUR_CACHE) > 8192:
+        _HOUR_CACHE.clear()
+    t = time.gmtime(hour * 3600)
+    hit = (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:", t.tm_year)
+    _HOUR_CACHE[hour] = hit
+    return hit
+
+
+# ISO 8601 event times as exchanges send them ("2026-11-22T10:00:00.123Z"): the part up to the dot
+# -> its epoch microseconds (cached per second, validated once by datetime.fromisoformat on a full
+# string), and "123Z" -> 123. The result is computed as the original does (float seconds * 1000,
+# truncated), so rounding is identical.
+_ISO_SECOND_CACHE: dict[str, int] = {}
+_ISO_MILLIS = {f"{i:03d}Z": i for i in range(1000)}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _iso_z_ms(text: str) -> int | None:
+    """Epoch millis of ``YYYY-MM-DDTHH:MM:SS.mmmZ``; None for any other shape (the careful path decides)."""
+    milli = _ISO_MILLIS.get(text[20:])
+    if milli is None or len(text) != 24:
+        return None
+    prefix = text[:20]
+    base_us = _ISO_SECOND_CACHE.get(prefix)
+    if base_us is None:
+        if not (prefix.isascii() and prefix[19] == "." and prefix[10] == "T"):
+            return None
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            return None
+        if parsed.tzinfo is not UTC:
+            return None
+        base_us = (parsed - _EPOCH) // _ONE_US - milli * 1000
+        if len(_ISO_SECOND_CACHE) > 8192:
+            _ISO_SECOND_CACHE.clear()
+        _ISO_SECOND_CACHE[prefix] = base_us
+    return int((base_us + milli * 1000) / 1_000_000 * 1000)
+
+
+_ONE_US = timedelta(microseconds=1)
 
 
 def bid_to_document(
     bid: Mapping[str, Any], *, log_timestamp_ms: int | None = None, now_ms: int | None = None
 ) -> dict[str, Any]:
     """The user document of one BidRequest (see the module docstring). Raises BadBidError."""
+    if type(bid) is dict:
+        doc = _fast_document(bid, log_timestamp_ms, now_ms)
+        if doc is not None:
+            return doc
+    return _careful_document(bid, log_timestamp_ms, now_ms)
+
+
+def normalise_message(raw: bytes | str, log_timestamp_ms: int | None = None,
+                      now_ms: int | None = None) -> dict[str, Any]:
+    """``bid_to_document(parse_bid(raw), ...)`` in one call: the stream worker's normaliser."""
+    try:
+        bid = _loads(raw)
+    except JSONDecodeError as exc:
+        raise BadBidError(f"not JSON: {exc}") from None
+    if type(bid) is dict:
+        doc = _fast_document(bid, log_timestamp_ms, now_ms)
+        if doc is not None:
+            return doc
+    elif not isinstance(bid, dict):
+        raise BadBidError(f"a BidRequest must be a JSON object, got {_json_type(bid)}")
+    return _careful_document(bid, log_timestamp_ms, now_ms)
+
+
+_loads = orjson.loads
+JSONDecodeError = orjson.JSONDecodeError
+_strip = str.strip
+_AGE_BAND_BY_AGE = tuple(age_band(age) for age in range(MAX_AGE + 1))
+
+
+def _fast_document(bid: dict[str, Any], log_timestamp_ms: int | None, now_ms: int | None) -> dict[str, Any] | None:
+    """The happy path of :func:`_careful_document` in one function; None means "not sure, ask the careful path".
+
+    Never raises. Every value is checked with ``type(x) is ...`` before use; the first surprise returns
+    None. Keys are inserted in the careful path's order, so documents serialise to the same bytes.
+    """
+    user: Any = bid.get("user")
+    device: Any = bid.get("device")
+    ext: Any = bid.get("ext")
+
+    # user id: user.id, else device.ifa
+    user_id: Any = None
+    if user is not None:
+        if type(user) is not dict:
+            return None
+        user_id = user.get("id")
+        if type(user_id) is not str and user_id is not None:
+            return None
+    if device is not None and type(device) is not dict:
+        return None
+    if not user_id:
+        if device is None:
+            return None
+        user_id = device.get("ifa")
+        if type(user_id) is not str or not user_id:
+            return None
+
+    # event time: ext.received_at, else the log timestamp, else now; only plausible times here
+    ms: Any = None
+    if ext is not None:
+        if type(ext) is not dict:
+            return None
+        received = ext.get("received_at")
+        if received is not None:
+            if type(received) is int:
+                ms = received
+            elif type(received) is str:
+                if len(received) == 24:
+                    ms = _iso_z_ms(received)
+                elif received.isascii() and received.isdigit():
+                    ms = int(received)
+                if ms is None:
+                    return None
+            else:
+                return None
+    if ms is None:
+        if log_timestamp_ms is not None:
+            ms = log_timestamp_ms
+        elif now_ms is not None:
+            ms = now_ms
+        else:
+            ms = int(time.time() * 1000)
+        if type(ms) is not int:
+            return None
+    if not _MIN_EVENT_MS <= ms < _MAX_EVENT_MS:
+        return None
+    hour, rest = divmod(ms, 3_600_000)
+    hit = _HOUR_CACHE.get(hour) or _hour_prefix(hour)
+    second, millis = divmod(rest, 1000)
+
+    doc: dict[str, Any] = {"user_id": user_id}
+    user_geo: Any = None
+    if user is not None:
+        value: Any = user.get("yob")
+        if value is not None:
+            if type(value) is not int:
+                return None
+            age = hit[1] - value
+            if not 0 <= age <= MAX_AGE:
+                return None
+            doc["age"] = age
+            band = _AGE_BAND_BY_AGE[age]
+            if band is not None:
+                doc["age_band"] = band
+        value = user.get("gender")
+        if value is not None:
+            if type(value) is not str:
+                return None
+            name = _GENDERS.get(value)
+            if name is not None:
+                doc["gender"] = name
+        value = user.get("ext")
+        if value is not None:
+            if type(value) is not dict:
+                return None
+            value = value.get("occupation")
+            if type(value) is str:
+                if value:
+                    doc["occupation"] = value
+            elif value is not None:
+                return None
+        # interests: keywords split on commas, kwarray, data[].segment[].name; stripped, deduplicated, no ""
+        keywords = user.get("keywords")
+        found: Any = None
+        if keywords is not None:
+            if type(keywords) is not str:
+                return None  # (a list under the 2.5 name: the careful path)
+            if keywords:
+                found = list(map(_strip, keywords.split(",")))
+        value = user.get("kwarray")
+        if value is not None:
+            if type(value) is not list:
+                return None
+            for item in value:
+                if type(item) is not str:
+                    return None
+            if found is None:
+                found = []
+            found.extend([item.strip() for item in value if item])
+        data = user.get("data")
+        if data is not None:
+            if type(data) is not list:
+                return None
+            if found is None:
+                found = []
+            for provider in data:
+                if type(provider) is not dict:
+                    return None
+                segments = provider.get("segment")
+                if segments is None:
+                    continue
+                if type(segments) is not list:
+                    return None
+                for segment in segments:
+                    if type(segment) is not dict:
+                        return None
+                    name = segment.get("name")
+                    if type(name) is str:
+                        if name:
+                            found.append(name.strip())
+                    elif name is not None:
+                        return None
+        if found:
+            interests = list(dict.fromkeys(found))
+            if "" in interests:
+                interests.remove("")
+            if interests:
+                doc["interests"] = interests
+        user_geo = user.get("geo")
+        if user_geo is not None and type(user_geo) is not dict:
+            return None
+
+    device_geo: Any = None
+    if device is not None:
+        value = device.get("language")
+        if type(value) is str and value:
+            doc["language"] = value
+        else:
+            if value is not None and type(value) is not str:
+                return None
+            value = device.get("langb")
+            if type(value) is str:
+                if value:
+                    doc["language"] = value
+            elif value is not None:
+                return None
+        dev: dict[str, Any] = {}
+        value = device.get("os")
+        if type(value) is str:
+            if value:
+                dev["os"] = value
+        elif value is not None:
+            return None
+        value = device.get("osv")
+        if type(value) is str:
+            if value:
+                dev["os_version"] = value
+        elif value is not None:
+            return None
+        value = device.get("make")
+        if type(value) is str:
+            if value:
+                dev["make"] = value
+        elif value is not None:
+            return None
+        value = device.get("model")
+        if type(value) is str:
+            if value:
+                dev["model"] = value
+        elif value is not None:
+            return None
+        value = device.get("carrier")
+        if type(value) is str:
+            if value:
+                dev["carrier"] = value
+        elif value is not None:
+            return None
+        value = device.get("devicetype")
+        if type(value) is int:
+            name = _DEVICE_TYPES.get(value)
+            if name is not None:
+                dev["type"] = name
+        elif value is not None:
+            return None
+        if dev:
+            doc["device"] = dev
+        device_geo = device.get("geo")
+        if device_geo is not None and type(device_geo) is not dict:
+            return None
+
+    if device_geo is not None or user_geo is not None:
+        geo: dict[str, Any] = {}
+        location = None
+        for source in (device_geo, user_geo):  # device.geo's location, else user.geo's
+            if source is None:
+                continue
+            lat = source.get("lat")
+            lon = source.get("lon")
+            if lat is not None and type(lat) is not float and type(lat) is not int:
+                return None
+            if lon is not None and type(lon) is not float and type(lon) is not int:
+                return None
+            if lat is not None and lon is not None and -90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0:
+                location = {"lat": lat, "lon": lon}
+                break
+        if location is not None:
+            geo["location"] = location
+        for source_key, target in _GEO_FIELDS:  # each field from device.geo, else user.geo
+            value = device_geo.get(source_key) if device_geo is not None else None
+            if type(value) is str and value:
+                geo[target] = value
+                continue
+            if value is not None and type(value) is not str:
+                return None
+            if user_geo is not None:
+                value = user_geo.get(source_key)
+                if type(value) is str:
+                    if value:
+                        geo[target] = value
+                elif value is not None:
+                    return None
+        if geo:
+            doc["geo"] = geo
+
+    app: Any = bid.get("app")
+    site: Any = bid.get("site")
+    if app is not None or site is not None:
+        publisher: dict[str, Any] = {}
+        category: Any = None
+        if app is not None:
+            if type(app) is not dict:
+                return None
+            value = app.get("bundle")
+            if type(value) is str:
+                if value:
+                    publisher["bundle"] = value
+            elif value is not None:
+                return None
+            value = app.get("cat")
+            if value is not None:
+                if type(value) is not list:
+                    return None
+                for item in value:
+                    if type(item) is not str:
+                        return None
+                category = list(dict.fromkeys(value))
+                if "" in category:
+                    category.remove("")
+        if site is not None:
+            if type(site) is not dict:
+                return None
+            value = site.get("domain")
+            if type(value) is str:
+                if value:
+                    publisher["domain"] = value
+            elif value is not None:
+                return None
+            if not category:
+                value = site.get("cat")
+                if value is not None:
+                    if type(value) is not list:
+                        return None
+                    for item in value:
+                        if type(item) is not str:
+                            return None
+                    category = list(dict.fromkeys(value))
+                    if "" in category:
+                        category.remove("")
+        if category:
+            publisher["category"] = category
+        if publisher:
+            doc["publisher"] = publisher
+
+    if ext is not None:
+        value = ext.get("exchange")
+        if type(value) is str:
+            if value:
+                doc["exchange"] = value
+        elif value is not None:
+            return None
+
+    imps: Any = bid.get("imp")
+    if imps is not None:
+        if type(imps) is not list:
+            return None
+        if imps:
+            imp = imps[0]
+            if type(imp) is not dict:
+                return None
+            banner = imp.get("banner")
+            if banner is not None:
+                if type(banner) is not dict:
+                    return None
+                w = banner.get("w")
+                h = banner.get("h")
+                if (w is not None and type(w) is not int) or (h is not None and type(h) is not int):
+                    return None
+                if w is None or h is None:
+                    formats = banner.get("format")
+                    if formats is not None:
+                        if type(formats) is not list:
+                            return None
+                        if formats:
+                            first = formats[0]
+                            if type(first) is not dict:
+                                return None
+                            if w is None:
+                                w = first.get("w")
+                                if w is not None and type(w) is not int:
+                                    return None
+                            if h is None:
+                                h = first.get("h")
+                                if h is not None and type(h) is not int:
+                                    return None
+                if w is not None:
+                    doc["ad_slot"] = {"w": w} if h is None else {"w": w, "h": h}
+                elif h is not None:
+                    doc["ad_slot"] = {"h": h}
+
+    doc["last_seen"] = f"{hit[0]}{_MMSS[second]}{_MILLIS[millis]}"
+    return doc
+
+
+def _careful_document(bid: Mapping[str, Any], log_timestamp_ms: int | None, now_ms: int | None) -> dict[str, Any]:
+    """The reference normaliser: field by field through small checked helpers; raises BadBidError."""
     if not isinstance(bid, Mapping):
         raise _wrong("", "a BidRequest object", bid)
     user = _obj(bid, "user", "user")
