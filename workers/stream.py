@@ -20,6 +20,16 @@ log port has no group rebalancing, so processes split partitions explicitly, see
    never counted twice and never lost;
 6. commits the offsets to the log (only informational once Redis has them).
 
+Flush window (``flush_interval_ms``): steps 1-4 run for every polled batch, but steps 5-6 may
+cover several of them: their counter updates are merged in memory and written in ONE atomic apply
+(counts and the offsets of all of them together, so exactly-once holds as for one batch) once the
+window is ``flush_interval_ms`` old (wall clock, from its first batch) or holds
+``max_window_records`` records, when a poll finds nothing new, and before stopping. Why: a rule's
+counter keys are written once per window instead of once per batch, and the per-key work (hash
+fields, deadlines, script calls) dominates Redis's CPU; the interval bounds the added latency.
+A batch that fails discards the whole window (its counts were merged in); the caller rewinds to
+the stored offsets and reads it again (``abandon``).
+
 On start each partition is positioned at the offset stored with the counters, else the log's
 committed offset, else the beginning.
 
@@ -43,6 +53,7 @@ from typing import Any, Protocol
 import orjson
 
 from percolators.port import Percolator
+from rules_service.counters.aggregate import merge_batches
 from rules_service.counters.port import CounterBatch, Counters
 from rules_service.domain import LAST_SEEN_TOPIC, dlq_topic
 from workers.log.port import Consumer, Log, Message, Producer, Record, TopicPartition
@@ -156,7 +167,8 @@ class StreamStats:
     matched: int = 0  # (bid, rule) matches counted
     matched_bids: int = 0  # bids that matched at least one rule
     dlq: int = 0
-    batches: int = 0
+    batches: int = 0  # polled batches
+    writes: int = 0  # atomic counter writes (one per flush window, see StreamConsumer)
     skipped_batches: int = 0  # batches the counters had already applied (a re-read after a crash)
     retries: int = 0  # batches retried after a backend was unavailable
     lag: int = 0
@@ -180,6 +192,7 @@ class StreamStats:
             "dlq": self.dlq,
             "dlq_reasons": dict(sorted(self.dlq_reasons.items())),
             "batches": self.batches,
+            "writes": self.writes,
             "skipped_batches": self.skipped_batches,
             "retries": self.retries,
             "lag": self.lag,
@@ -208,9 +221,24 @@ class _PendingBatch:
     matched_bids: int
     dead: list[str]
     busy: float  # seconds of this batch before its write
+    batches: int = 1  # polled batches in this write
     applied: bool = False
     readable_ms: int = 0
     apply_seconds: float = 0.0
+
+    def merge(self, later: _PendingBatch) -> None:
+        """Add the batch polled after this one (a flush window): one apply covers both."""
+        merge_batches(self.batch, later.batch)
+        for key, offset in later.start_offsets.items():
+            self.start_offsets.setdefault(key, offset)
+        self.next_offsets.update(later.next_offsets)
+        self.size += later.size
+        self.batches += later.batches
+        self.timestamps += later.timestamps
+        self.matched_pairs += later.matched_pairs
+        self.matched_bids += later.matched_bids
+        self.dead += later.dead
+        self.busy += later.busy
 
 
 @dataclass
@@ -295,6 +323,8 @@ class StreamConsumer:
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         fault_hook: Callable[[str], None] | None = None,
         overlap_apply: bool = False,
+        flush_interval_ms: int = 0,
+        max_window_records: int = 20_000,
     ) -> None:
         self.log = log
         self.percolator = percolator
@@ -320,6 +350,11 @@ class StreamConsumer:
         # while the next batch is read, normalised and percolated; flush() waits for it.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="counters") if overlap_apply else None
         self._inflight: tuple[_PendingBatch, Future[None]] | None = None
+        # flush window (module docstring): 0 applies every polled batch on its own
+        self.flush_interval_s = max(0, flush_interval_ms) / 1000.0
+        self.max_window_records = max(1, max_window_records)
+        self._window: _PendingBatch | None = None
+        self._window_began = 0.0
         self._wanted = None if partitions is None else sorted(set(partitions))
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
@@ -396,7 +431,10 @@ class StreamConsumer:
         assert self._consumer is not None, "start() first"
         if self.rules is not None:
             self.rules.poll()
-        records = self._consumer.poll(self.batch_size, self.poll_timeout_ms if timeout_ms is None else timeout_ms)
+        wait_ms = self.poll_timeout_ms if timeout_ms is None else timeout_ms
+        if self._window is not None:
+            wait_ms = min(wait_ms, self.window_wait_ms())
+        records = self._consumer.poll(self.batch_size, wait_ms)
         if not records:
             return 0
         self.process(records)
@@ -489,13 +527,42 @@ class StreamConsumer:
             batch=batch, start_offsets=start_offsets, next_offsets=next_offsets, size=len(records),
             timestamps=[record.timestamp_ms for record in records], matched_pairs=matched_pairs,
             matched_bids=matched_bids, dead=[letter.category for letter in dead], busy=t_produced - began)
+        window = self._window
+        if window is None:
+            self._window, self._window_began = pending, began
+        else:
+            t_merge = clock()
+            window.merge(pending)
+            stages["merge"] = stages.get("merge", 0.0) + (clock() - t_merge)
+        if self._window_due():
+            self._close_window()
+
+    def _window_due(self) -> bool:
+        window = self._window
+        return window is not None and (
+            self.flush_interval_s <= 0 or window.size >= self.max_window_records
+            or time.perf_counter() - self._window_began >= self.flush_interval_s)
+
+    def window_wait_ms(self) -> int:
+        """Milliseconds until the open window is due (0: none open or due now): the longest a poll
+        may wait without delaying the window's write."""
+        if self._window is None:
+            return 0
+        left = self._window_began + self.flush_interval_s - time.perf_counter()
+        return max(0, int(left * 1000))
+
+    def _close_window(self) -> None:
+        """Write the open window's counters and offsets (steps 5-6)."""
+        pending, self._window = self._window, None
+        if pending is None:
+            return
         if self._executor is None:
             self._apply(pending)
             self._finish(pending)
             return
-        # Overlap: this batch's round trip runs while the next batch is read and percolated. The
-        # previous one is finished first, so batches reach Redis in order, one at a time.
-        self.flush()
+        # Overlap: this window's round trip runs while the next batch is read and percolated. The
+        # previous one is finished first, so windows reach Redis in order, one at a time.
+        self._wait_inflight()
         self._inflight = (pending, self._executor.submit(self._apply, pending))
 
     def _apply(self, pending: _PendingBatch) -> None:
@@ -505,8 +572,13 @@ class StreamConsumer:
         pending.apply_seconds = time.perf_counter() - began
 
     def flush(self) -> None:
-        """Wait for the batch whose counters are being written (``overlap_apply``) and finish it:
-        its errors are raised here."""
+        """Write everything processed so far: the open window, and wait for the one being written
+        (``overlap_apply``); their errors are raised here."""
+        self._close_window()
+        self._wait_inflight()
+
+    def _wait_inflight(self) -> None:
+        """Wait for the window whose counters are being written (``overlap_apply``) and finish it."""
         if self._inflight is None:
             return
         pending, future = self._inflight
@@ -529,10 +601,11 @@ class StreamConsumer:
         began = time.perf_counter()
         self._consumer.commit({TopicPartition(t, p): o for (t, p), o in pending.next_offsets.items()})
         stats = self.stats
-        stats.batches += 1
+        stats.batches += pending.batches
+        stats.writes += 1
         stats.processed += pending.size
         if not pending.applied:
-            stats.skipped_batches += 1
+            stats.skipped_batches += pending.batches
             logger.warning("batch %s was already applied (a re-read after a crash): skipped", pending.start_offsets)
         else:
             stats.matched += pending.matched_pairs
@@ -553,10 +626,12 @@ class StreamConsumer:
         stats.batch_ms.add(int(elapsed * 1000))
 
     def abandon(self) -> None:
-        """After a failed batch: wait for the write in flight; finish it if it went through, forget
-        it otherwise (the caller rewinds to the stored offsets)."""
+        """After a failed batch: drop the open window (the failed batch may have added to it; the
+        caller rewinds to the stored offsets, so its records are read again), wait for the write in
+        flight and finish it if it went through, forget it otherwise."""
+        self._window = None
         try:
-            self.flush()
+            self._wait_inflight()
         except Exception as exc:  # reported by the caller's retry
             logger.warning("stream %s: the batch being written failed too (%s)", self.group, exc)
 

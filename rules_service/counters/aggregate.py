@@ -32,7 +32,7 @@ from typing import Any
 from rules_service.counters.keys import DAY
 from rules_service.counters.port import CounterBatch
 
-__all__ = ["aggregate", "aggregate_masks", "dimension_value", "hour_of_last_seen"]
+__all__ = ["aggregate", "aggregate_masks", "dimension_value", "hour_of_last_seen", "merge_batches"]
 
 _HOUR_CACHE: dict[str, int] = {}
 
@@ -186,6 +186,31 @@ def _add_users(users: dict[tuple[str, str, int], set[str]], key: tuple[str, str,
         users[key] = set(picked)
     else:
         found.update(picked)
+
+
+def merge_batches(into: CounterBatch, other: CounterBatch) -> CounterBatch:
+    """Add ``other``'s updates to ``into`` (a stream flush window: several polled batches, one
+    write) and return ``into``. ``other`` is left as it was but may share sets and dicts with
+    ``into`` afterwards: drop it."""
+    users = into.users
+    for key, members in other.users.items():
+        found = users.get(key)
+        if found is None:
+            users[key] = members
+        else:
+            found.update(members)
+    matches = into.matches
+    for key, count in other.matches.items():
+        matches[key] = matches.get(key, 0) + count
+    dims = into.dimensions
+    for dkey, values in other.dimensions.items():
+        target = dims.get(dkey)
+        if target is None:
+            dims[dkey] = values
+        else:
+            for value, count in values.items():
+                target[value] = target.get(value, 0) + count
+    return into
 
 
 # ------------------------------------------------------------------ per-rule masks (the stream)
