@@ -8,6 +8,11 @@ those shapes and hands any document with anything else (a coercion, a text field
 value, dotted keys, nulls with ``null_value``...) to ``index_document``, so errors and unusual
 values always get the full treatment. ``tests/percolators/test_engine.py`` checks that both
 produce the same indexed documents.
+
+:meth:`FastIndexer.index_batch` runs its fast path in C when ``percolators._walk`` is built
+(``percolators/_walk.c``, ~10x faster); the Python walk here stays the reference, and
+``tests/percolators/test_walk_accel.py`` checks that both give identical results. Set the module
+attribute ``accelerator`` to None (or pass ``accelerate=False``) to force the Python walk.
 """
 
 from __future__ import annotations
@@ -24,7 +29,17 @@ from percolators.errors import InvalidDocumentError
 from percolators.geo import quantize
 from percolators.mapping import DEFAULT_DATE_FORMAT, INTEGER_TYPES, Mapping
 
+try:
+    from percolators import _walk  # type: ignore[attr-defined, unused-ignore]
+except ImportError:  # not built: the Python walk does the same, slower
+    _walk = None
+
+#: The C walk used by :meth:`FastIndexer.index_batch` (None: the Python walk). Tests and
+#: benchmarks set it to None to run the Python twin.
+accelerator: Any = _walk
+
 _OBJECT, _KEYWORD, _INTEGER, _DATE, _GEO = range(5)
+_OTHER = 5  # the C plan's code for a leaf the fast path never takes (kind None here)
 _ISO_UTC = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d{3}))?Z")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -34,8 +49,9 @@ class _Slow(Exception):
 
 
 class FastIndexer:
-    def __init__(self, mapping: Mapping):
+    def __init__(self, mapping: Mapping, *, accelerate: bool = True):
         self.mapping = mapping
+        self.accelerate = accelerate
         self.plan: dict[str, Any] = {}
         self._days: dict[str, int] = {}
         for path, spec in mapping.fields.items():
@@ -129,35 +145,72 @@ class FastIndexer:
                 posts[name] = geo[name] = []
             else:
                 posts[name] = postings[name] = {}
-        plan = self._batch_plan(self.plan, posts)
         build = BatchBuild(postings, geo)
-        docs, slots, errors = build.docs, build.slots, build.errors
-        walk = self._walk_post
+        walk = accelerator if self.accelerate else None
+        if walk is not None:
+            if type(documents) is not list and type(documents) is not tuple:
+                documents = list(documents)
+            cplan = self._c_plan(self.plan, posts)
+            docs, slots, size, slot = build.docs, build.slots, len(documents), 0
+            while True:
+                slot = walk.walk(documents, slot, cplan, docs, slots, IndexedDoc, self._date_or_none)
+                if slot >= size:
+                    return build
+                self._index_full(build, slot, documents[slot], fields, geo_fields, on_error)
+                slot += 1
+        plan = self._batch_plan(self.plan, posts)
+        docs, slots = build.docs, build.slots
+        walk_post = self._walk_post
         for slot, document in enumerate(documents):
             pos = len(docs)
             if type(document) is dict:
                 values: dict[str, tuple[Any, ...]] = {}
                 try:
-                    walk(document, plan, values, pos)
+                    walk_post(document, plan, values, pos)
                 except _Slow:
                     _undo(values, posts, pos)
                 else:
                     docs.append(IndexedDoc(values, {}, frozenset(values)))
                     slots.append(slot)
                     continue
-            try:
-                if not isinstance(document, AbcMapping):
-                    raise InvalidDocumentError("", f"a document must be a JSON object, not {type(document).__name__}")
-                indexed = index_document(document, self.mapping)
-            except InvalidDocumentError as exc:
-                if on_error == "raise":
-                    raise
-                errors[slot] = exc
-                continue
-            add_postings(pos, indexed, fields, geo_fields, postings, geo)
-            docs.append(indexed)
-            slots.append(slot)
+            self._index_full(build, slot, document, fields, geo_fields, on_error)
         return build
+
+    def _index_full(
+        self, build: BatchBuild, slot: int, document: Any, fields: Collection[str], geo_fields: Collection[str],
+        on_error: str,
+    ) -> None:
+        """Index one document of the batch with ``index_document`` (errors: see index_batch)."""
+        try:
+            if not isinstance(document, AbcMapping):
+                raise InvalidDocumentError("", f"a document must be a JSON object, not {type(document).__name__}")
+            indexed = index_document(document, self.mapping)
+        except InvalidDocumentError as exc:
+            if on_error == "raise":
+                raise
+            build.errors[slot] = exc
+            return
+        add_postings(len(build.docs), indexed, fields, geo_fields, build.postings, build.geo)
+        build.docs.append(indexed)
+        build.slots.append(slot)
+
+    def _c_plan(self, plan: dict[str, Any], posts: dict[str, Any]) -> dict[str, Any]:
+        """The plan in the shape ``percolators._walk.walk`` reads (see ``_walk.c``)."""
+        out: dict[str, Any] = {}
+        for key, entry in plan.items():
+            if entry[0] == _OBJECT:
+                out[key] = (_OBJECT, self._c_plan(entry[2], posts))
+            else:
+                kind = _OTHER if entry[0] is None else entry[0]
+                out[key] = (kind, entry[1], entry[2][0], entry[2][1], posts.get(entry[1]))
+        return out
+
+    def _date_or_none(self, text: str) -> int | None:
+        """``_date`` for the C walk (which hands it non-ASCII text only): None for _Slow."""
+        try:
+            return self._date(text)
+        except _Slow:
+            return None
 
     def _batch_plan(self, plan: dict[str, Any], posts: dict[str, Any]) -> dict[str, Any]:
         """The plan with each leaf's postings (None: not indexed in this batch)."""
