@@ -12,6 +12,9 @@ redis-server) for:
 1. one new audience over 90 days (target: 10M users in < 60 s, >= 170,000 users/s);
 2. 100 new audiences at once, one shared scan (target: 10M users in < 2 min).
 
+``--workers N`` (default: the CPU count) splits each scan by partition over N worker processes, as
+the replay coordinator does; ``--workers 1`` scans in this process.
+
 Prints users/s (records scanned per second), elapsed and extrapolations to 10M. The machine is
 shared: figures are noisy.
 """
@@ -19,6 +22,7 @@ shared: figures are noisy.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
 import subprocess
@@ -34,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from percolators.embedded import EmbeddedPercolator
 from percolators.workload import generate_rules
-from rules_service.config import load_settings
+from rules_service.config import Settings, load_settings
 from rules_service.counters.redis_store import RedisCounters
 from rules_service.domain import LAST_SEEN_TOPIC
 from rules_service.normalize import bid_to_document, format_timestamp_ms
@@ -80,24 +84,37 @@ def build_topic(log: EmbeddedLog, users: int, partitions: int, now_ms: int) -> f
 
 
 def run(log: EmbeddedLog, counters: RedisCounters, rules: list[dict], days: int, now: datetime,
-        batch_size: int, label: str, prefilter: bool = True) -> dict[str, float]:
+        batch_size: int, label: str, prefilter: bool = True, workers: int = 1,
+        worker_settings: Settings | None = None) -> dict[str, float]:
     now_ms = int(now.timestamp() * 1000)
     requests = [ReplayRequest(replay_id=f"{label}-{i}", rule_id=r["id"], query=r["query"],
                               since_ms=now_ms - days * DAY_MS, live_since_ms=now_ms) for i, r in enumerate(rules)]
     percolator = EmbeddedPercolator()
     scan = ReplayScan(log, percolator, counters, requests, scan_id=f"bench-{label}-{time.time_ns()}",
                       plan=plan_scan(log), dimensions=load_settings(environ={}).DIMENSIONS, batch_size=batch_size,
-                      prefilter=prefilter)
+                      prefilter=prefilter, workers=workers, worker_settings=worker_settings)
     scan.load_rules()
     began = time.perf_counter()
+    cpu_began = _cpu_seconds()
     progress = scan.run()
     elapsed = time.perf_counter() - began
+    cpu = _cpu_seconds() - cpu_began
     matched = sum(progress.matched.values())
     rate = progress.records / elapsed
     print(f"{label}: {progress.records:,} users scanned, {progress.in_window:,} in window, {progress.kept:,} "
           f"decoded+percolated (survived the raw prefilter {scan.prefilter_info or 'off'}), {matched:,} matches, "
-          f"{elapsed:.1f} s, {rate:,.0f} users/s; 10M users -> {10_000_000 / rate:.0f} s", flush=True)
-    return {"elapsed_s": elapsed, "users_per_s": rate}
+          f"{elapsed:.1f} s, {rate:,.0f} users/s; 10M users -> {10_000_000 / rate:.0f} s; "
+          f"{workers} worker(s), CPU {cpu:.1f} s = {progress.records / max(cpu, 1e-9):,.0f} users per CPU-second "
+          "(without redis-server)", flush=True)
+    return {"elapsed_s": elapsed, "users_per_s": rate, "cpu_s": cpu}
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its waited-for children (the scan's worker processes)."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def main() -> None:
@@ -112,6 +129,8 @@ def main() -> None:
                              "(--audiences generate_rules rules), worst (a rule without any raw prefilter)")
     parser.add_argument("--no-prefilter", action="store_true", help="decode every in-window document (before)")
     parser.add_argument("--keep", type=Path, default=None, help="build into / reuse this directory")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="worker processes of a scan, split by partition (1: in this process)")
     args = parser.parse_args()
 
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench-replay-"))
@@ -136,6 +155,9 @@ def main() -> None:
             except redis.ConnectionError:
                 time.sleep(0.05)
         counters = RedisCounters(client)
+        # what the scan's worker processes build their log and counters from
+        worker_settings = load_settings({"DATA_DIR": str(root), "REDIS_URL": f"redis://127.0.0.1:{port}"},
+                                        environ={})
         rules = generate_rules(args.audiences, seed=3, prefix="bench")
         one = [{"id": "bench-one@v1", "query": {"bool": {"filter": [
             {"term": {"gender": "male"}}, {"range": {"age": {"gte": 26, "lte": 45}}},
@@ -149,7 +171,8 @@ def main() -> None:
                      "worst": (worst, "1 audience, no raw prefilter possible")}
         for name in args.scenarios.split(","):
             chosen, label = scenarios[name]
-            run(log, counters, chosen, args.days, now, args.batch_size, label, prefilter=not args.no_prefilter)
+            run(log, counters, chosen, args.days, now, args.batch_size, label, prefilter=not args.no_prefilter,
+                workers=args.workers, worker_settings=worker_settings)
     finally:
         server.terminate()
         server.wait(timeout=10)

@@ -39,10 +39,15 @@ What a replay can rebuild is described in the README ("Replays and versions").
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -52,6 +57,7 @@ from percolators.errors import InvalidRuleError
 from percolators.mapping import Mapping as DocMapping
 from percolators.port import Percolator
 from percolators.raw_prefilter import compile_prefilter
+from rules_service.config import Settings
 from rules_service.counters.aggregate import aggregate, aggregate_masks
 from rules_service.counters.port import CounterBatch, Counters
 from rules_service.domain import LAST_SEEN_TOPIC
@@ -75,6 +81,8 @@ DAY_MS = 86_400_000
 DEFAULT_BATCH_SIZE = 20_000
 #: A raw prefilter passing more than this share of a sample is not used (its cost buys nothing).
 PREFILTER_MAX_PASS_RATE = 0.6
+#: Scans with fewer offsets left than this run in one process (starting workers costs ~1 s).
+PARALLEL_MIN_OFFSETS = 200_000
 
 _TAIL = b'"last_seen":"'  # the stream writes the user document with last_seen as its last field
 _TAIL_LEN = len(_TAIL) + 24 + 2  # "last_seen":"2026-11-22T10:00:00.000Z"}
@@ -272,7 +280,8 @@ class ReplayScan:
                  batch_size: int = DEFAULT_BATCH_SIZE, resume_offsets: Mapping[tuple[str, int], int] | None = None,
                  on_batch: BatchHook | None = None, cancelled: CancelCheck | None = None,
                  now: datetime | None = None, mapping: DocMapping | None = None,
-                 prefilter: bool = True) -> None:
+                 prefilter: bool = True, workers: int = 1, worker_settings: Settings | None = None,
+                 parallel_min_offsets: int = PARALLEL_MIN_OFFSETS) -> None:
         if not requests:
             raise ValueError("a scan needs at least one replay request")
         self.log = log
@@ -289,6 +298,9 @@ class ReplayScan:
         self.cancelled = cancelled
         self.now = now or datetime.now(UTC)
         self.use_prefilter = prefilter
+        self.workers = workers
+        self.worker_settings = worker_settings
+        self.parallel_min_offsets = parallel_min_offsets
         self._positions = {p: min(max(self.resume.get(p, b), b), plan.ends.get(p, b))
                            for p, b in plan.begins.items()}
         done = self._scanned()
@@ -309,7 +321,34 @@ class ReplayScan:
 
     def run(self) -> ScanProgress:
         """Scan to the end of the plan. Raises ReplayCancelled when every request is cancelled;
-        the requests cancelled midway are dropped from the following batches."""
+        the requests cancelled midway are dropped from the following batches.
+
+        With ``workers`` > 1 and ``worker_settings``, a scan of at least ``parallel_min_offsets``
+        offsets left is split by partition over that many worker processes (see
+        :func:`_run_parallel`); otherwise it runs here."""
+        groups = self._worker_groups()
+        if len(groups) > 1:
+            return _run_parallel(self, groups)
+        return self._run_here()
+
+    def _worker_groups(self) -> list[list[int]]:
+        """The partitions left to scan, split into balanced groups (one per worker process), or
+        ``[]`` when the scan runs in this process."""
+        if self.workers <= 1 or self.worker_settings is None:
+            return []
+        left = {p: self.plan.ends[p] - self._positions.get(p, self.plan.begins.get(p, 0)) for p in self.plan.ends}
+        left = {p: n for p, n in left.items() if n > 0}
+        if len(left) < 2 or sum(left.values()) < self.parallel_min_offsets:
+            return []
+        groups: list[list[int]] = [[] for _ in range(min(self.workers, len(left)))]
+        loads = [0] * len(groups)
+        for p in sorted(left, key=lambda q: (-left[q], q)):  # largest first onto the least loaded
+            k = loads.index(min(loads))
+            groups[k].append(p)
+            loads[k] += left[p]
+        return [sorted(g) for g in groups]
+
+    def _run_here(self) -> ScanProgress:
         active = list(self.requests)
         progress = self.progress
         for partition in sorted(self.plan.ends):
@@ -492,3 +531,264 @@ def _bits(flags: Sequence[bool]) -> int:
     packed = np.packbits(np.asarray(flags, dtype=bool), bitorder="little")
     return int.from_bytes(packed.tobytes(), "little")
 
+
+
+# ------------------------------------------------------------------ one scan over several processes
+#
+# A scan is CPU bound (decode, percolate, aggregate) and one Python process uses one core. Split by
+# partition, it runs in ``workers`` child processes, each a plain ReplayScan over its partitions
+# with its own log, percolator and counters built from the settings, writing its batches to the
+# counters itself with the scan's consumer and ITS partitions' offsets: each partition has one
+# writer, so the per-partition checkpoints stay exact and a crashed scan resumes per partition as
+# before; counter increments from two processes are atomic scripts in Redis, so they add up.
+#
+# The children are started with ``subprocess`` (not ``multiprocessing``: a Celery prefork worker
+# is a daemonic process, which may not have multiprocessing children) and talk JSON lines:
+#   parent -> child stdin: the job (first line), then {"cancel": [replay ids]} lines;
+#   child -> parent stdout: {"progress": {...}} after every batch, {"done"|"cancelled": ...} last.
+# The parent relays cancellations, merges progress into ``scan.progress`` and calls ``on_batch``
+# for every child batch (lock refresh, progress writes, a test's simulated crash). When anything
+# fails (a child exits with an error, on_batch raises) the other children are terminated and the
+# error is raised: the scan stays resumable from the checkpoints. A child whose stdin reaches EOF
+# (its parent died) stops after its current batch.
+
+_MSG = b"@replay@"  # marks protocol lines on a child's stdout (anything else there is ignored)
+
+
+def _settings_overrides(settings: Settings) -> dict[str, Any]:
+    """``settings`` as ``load_settings`` overrides (JSON-safe)."""
+    out: dict[str, Any] = {}
+    for f in dataclass_fields(settings):
+        value = getattr(settings, f.name)
+        out[f.name] = str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _progress_message(scan: ReplayScan) -> dict[str, Any]:
+    p = scan.progress
+    return {"positions": {str(k): v for k, v in scan._positions.items()}, "records": p.records,
+            "in_window": p.in_window, "kept": p.kept, "matched": p.matched, "batches": p.batches,
+            "prefilter_info": scan.prefilter_info}
+
+
+class _Child:
+    """One worker process of a parallel scan (parent side)."""
+
+    def __init__(self, partitions: list[int], job: dict[str, Any]) -> None:
+        import subprocess
+        import tempfile
+
+        self.partitions = partitions
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed by stop())
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[1])  # the same code as the parent's
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.proc = subprocess.Popen([sys.executable, "-m", "workers.replay"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.stderr, env=env)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+        self.buffer = b""
+        self.last: dict[str, Any] | None = None  # the latest progress
+        self.end: str | None = None  # "done" | "cancelled" once the child said so
+        self.send(job)
+
+    def send(self, message: dict[str, Any]) -> None:
+        try:
+            self.stdin.write(orjson.dumps(message) + b"\n")
+            self.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # it exited: its exit status tells why
+
+    def read(self) -> list[dict[str, Any]]:
+        """The messages available now (call when the pipe is readable); [] and ``eof`` at the end."""
+        chunk = os.read(self.stdout.fileno(), 1 << 16)
+        if not chunk:
+            self.eof = True
+            return []
+        self.buffer += chunk
+        *lines, self.buffer = self.buffer.split(b"\n")
+        return [orjson.loads(line[len(_MSG):]) for line in lines if line.startswith(_MSG)]
+
+    eof = False
+
+    def error(self) -> str:
+        self.stderr.seek(0)
+        tail = self.stderr.read()[-4000:].decode("utf-8", "replace").strip()
+        last = tail.splitlines()[-1] if tail else "no error output"
+        return (f"replay worker for partitions {self.partitions} exited with {self.proc.returncode}: {last}\n"
+                f"its error output ends with:\n{tail}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+        for pipe in (self.stdin, self.stdout):
+            with contextlib.suppress(OSError):
+                pipe.close()
+        self.stderr.close()
+
+
+def _run_parallel(scan: ReplayScan, groups: list[list[int]]) -> ScanProgress:
+    """Run ``scan`` with one child process per partition group (see the section comment)."""
+    import select
+
+    assert scan.worker_settings is not None
+    progress = scan.progress
+    base = {"records": progress.records, "in_window": progress.in_window, "kept": progress.kept,
+            "batches": progress.batches}
+    active = {r.replay_id for r in scan.requests}
+    job_common = {
+        "settings": _settings_overrides(scan.worker_settings), "scan_id": scan.scan_id,
+        "requests": [{"replay_id": r.replay_id, "rule_id": r.rule_id, "query": r.query, "since_ms": r.since_ms,
+                      "live_since_ms": r.live_since_ms} for r in scan.requests],
+        "dimensions": list(scan.dimensions), "batch_size": scan.batch_size,
+        "now_us": int(scan.now.timestamp() * 1_000_000), "prefilter": scan.use_prefilter,
+    }
+    children: list[_Child] = []
+    try:
+        for group in groups:
+            plan = ScanPlan(scan.plan.topic, {p: scan.plan.begins[p] for p in group},
+                            {p: scan.plan.ends[p] for p in group})
+            job = {**job_common, "plan": plan.to_dict(),
+                   "resume": {str(p): scan._positions[p] for p in group}}
+            children.append(_Child(group, job))
+        while any(c.end is None for c in children):
+            waiting = [c for c in children if c.end is None]
+            readable, _, _ = select.select([c.stdout for c in waiting], [], [], 1.0)
+            for child in waiting:
+                if child.stdout not in readable:
+                    continue
+                for message in child.read():
+                    child.last = message["progress"]
+                    child.end = message.get("end")
+                    _merge_progress(scan, children, base)
+                    if child.end is None:
+                        if scan.on_batch is not None:
+                            scan.on_batch(progress)
+                        if scan.cancelled is not None:
+                            gone = scan.cancelled() & active
+                            if gone:
+                                active -= gone
+                                for c in children:
+                                    c.send({"cancel": sorted(gone)})
+                if child.eof and child.end is None:
+                    child.proc.wait()
+                    raise RuntimeError(child.error())
+        if any(c.end == "cancelled" for c in children):
+            raise ReplayCancelled(f"scan {scan.scan_id}: every replay was cancelled")
+        for p in scan.plan.ends:  # every child scanned its partitions to the end
+            scan._positions[p] = scan.plan.ends[p]
+        progress.scanned = scan._scanned()
+        return progress
+    finally:
+        for child in children:
+            child.stop()
+
+
+def _merge_progress(scan: ReplayScan, children: Sequence[_Child], base: Mapping[str, int]) -> None:
+    """``scan.progress`` = what this run started from + every child's latest totals."""
+    progress = scan.progress
+    totals = dict(base)
+    matched = {r.replay_id: 0 for r in scan.requests}
+    for child in children:
+        last = child.last
+        if last is None:
+            continue
+        for name in totals:
+            totals[name] += int(last[name])
+        for replay_id, n in last["matched"].items():
+            matched[replay_id] = matched.get(replay_id, 0) + int(n)
+        for p, pos in last["positions"].items():
+            scan._positions[int(p)] = int(pos)
+        if last.get("prefilter_info") and not scan.prefilter_info:
+            scan.prefilter_info = dict(last["prefilter_info"])
+    progress.records, progress.in_window = totals["records"], totals["in_window"]
+    progress.kept, progress.batches = totals["kept"], totals["batches"]
+    progress.matched = matched
+    progress.scanned = scan._scanned()
+
+
+class _Inbox:
+    """The child's side of its stdin: the job line, then cancellations (read without blocking)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = b""
+        self.cancelled: set[str] = set()
+        self.closed = False
+
+    def job(self) -> dict[str, Any]:
+        while b"\n" not in self.buffer:
+            chunk = os.read(self.fd, 1 << 16)
+            if not chunk:
+                raise SystemExit("replay worker: no job on stdin")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return dict(orjson.loads(line))
+
+    def poll(self) -> set[str]:
+        """Replay ids cancelled so far; every one of ``all_ids`` once the parent is gone (EOF)."""
+        import select
+
+        while not self.closed and select.select([self.fd], [], [], 0)[0]:
+            chunk = os.read(self.fd, 1 << 16)
+            if not chunk:
+                self.closed = True
+                break
+            self.buffer += chunk
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for line in lines:
+            if line.strip():
+                self.cancelled.update(orjson.loads(line).get("cancel", ()))
+        return self.cancelled
+
+
+def _worker_main() -> int:
+    """``python -m workers.replay``: one worker process of a parallel scan (see above)."""
+    from percolators.factory import create_percolator
+    from rules_service.config import load_settings
+    from rules_service.counters.factory import create_counters
+    from workers.log.factory import create_log
+
+    inbox = _Inbox(sys.stdin.fileno())
+    job = inbox.job()
+    settings = load_settings(job["settings"], environ={})
+    requests = [ReplayRequest(**r) for r in job["requests"]]
+    every = {r.replay_id for r in requests}
+    out = sys.stdout.buffer
+
+    def send(message: dict[str, Any]) -> None:
+        out.write(_MSG + orjson.dumps(message) + b"\n")
+        out.flush()
+
+    def cancelled() -> set[str]:
+        gone = inbox.poll()
+        return set(every) if inbox.closed else gone
+
+    log = create_log(settings)
+    try:
+        plan = ScanPlan.from_dict(job["plan"])
+        scan = ReplayScan(log, create_percolator(settings), create_counters(settings), requests,
+                          scan_id=job["scan_id"], plan=plan, dimensions=job["dimensions"],
+                          batch_size=int(job["batch_size"]),
+                          resume_offsets={(plan.topic, int(p)): int(o) for p, o in job["resume"].items()},
+                          on_batch=lambda _: send({"progress": _progress_message(scan)}), cancelled=cancelled,
+                          now=datetime.fromtimestamp(job["now_us"] / 1_000_000, UTC), prefilter=job["prefilter"])
+        scan.load_rules()
+        try:
+            scan.run()
+        except ReplayCancelled:
+            send({"progress": _progress_message(scan), "end": "cancelled"})
+            return 0
+        send({"progress": _progress_message(scan), "end": "done"})
+        return 0
+    finally:
+        log.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(_worker_main())

@@ -7,7 +7,9 @@ One coordinator runs at a time (a Redis lock with a lease, refreshed every batch
 2. *resumes* interrupted scans (listed in ``rscans:running``: with the lock held, a running scan
    has no live owner, its process crashed or stopped) from the checkpoint the counters stored;
 3. *claims every pending request at once* and runs them in ONE new scan (requests that arrive
-   while a scan runs are picked up by the next loop iteration, in another shared scan);
+   while a scan runs are picked up by the next loop iteration, in another shared scan); a big scan
+   is split by partition over ``scan_workers`` processes (default: one per CPU; see
+   ``workers.replay._run_parallel``), each checkpointing its own partitions;
 4. finishes each replay: ``done`` (and, for a version that was backfilling, reads switch to it:
    :func:`workers.replay_versions.complete_version`), ``cancelled`` or ``failed``;
 
@@ -19,6 +21,7 @@ after :data:`MAX_ATTEMPTS` failed runs a scan's replays are marked failed.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +40,7 @@ from workers.replay import (
     DAY_MS,
     DEFAULT_BATCH_SIZE,
     LIVE_GRACE_MS,
+    PARALLEL_MIN_OFFSETS,
     ReplayCancelled,
     ReplayRequest,
     ReplayScan,
@@ -74,8 +78,12 @@ class ReplayCoordinator:
 
     def __init__(self, settings: Settings, *, redis: Any = None, log: Log | None = None, counters: Any = None,
                  percolator_factory: Callable[[], Percolator] | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                 on_batch: Callable[[ScanProgress], None] | None = None) -> None:
+                 on_batch: Callable[[ScanProgress], None] | None = None, scan_workers: int | None = None,
+                 parallel_min_offsets: int = PARALLEL_MIN_OFFSETS) -> None:
         self.settings = settings
+        # worker processes per scan (split by partition); they build their services from ``settings``
+        self.scan_workers = scan_workers if scan_workers is not None else max(1, os.cpu_count() or 1)
+        self.parallel_min_offsets = parallel_min_offsets
         if redis is None:
             from rules_service.redis_conn import connect_redis
 
@@ -269,7 +277,9 @@ class ReplayCoordinator:
             runner = ReplayScan(self.log, percolator, self.counters, valid, scan_id=scan_id, plan=plan,
                                 dimensions=self.settings.DIMENSIONS, batch_size=self.batch_size,
                                 resume_offsets=self.counters.stored_offsets(consumer), on_batch=on_batch,
-                                cancelled=lambda: self.state.cancel_requested(ids))
+                                cancelled=lambda: self.state.cancel_requested(ids),
+                                workers=self.scan_workers, worker_settings=self.settings,
+                                parallel_min_offsets=self.parallel_min_offsets)
             runner.load_rules()
             try:
                 progress = runner.run()
