@@ -8,6 +8,8 @@ Target: >= 20,000 documents/s at 10,000 rules.
 
     python bench/bench_percolate_cli.py --rules 10000 --docs 100000
     python bench/bench_percolate_cli.py --rules 500 --docs 5000          # quick
+    python bench/bench_percolate_cli.py --no-accel   # documents indexed by the Python walk, not percolators._walk
+    python bench/bench_percolate_cli.py --compare    # both, back to back in the same run window
 """
 
 from __future__ import annotations
@@ -43,6 +45,30 @@ def run(command: list[str], out_path: Path) -> tuple[float, float]:
     return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+# manage.py with the C document walk switched off (percolators.fast_index.accelerator = None)
+_PYTHON_WALK = ("import runpy, sys; from percolators import fast_index; fast_index.accelerator = None; "
+                "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def measure(args: argparse.Namespace, workdir: Path, pin: list[str], accel: bool) -> None:
+    mapping, rules, docs, empty, out = (workdir / name for name in ("mapping.json", "rules.jsonl", "docs.jsonl",
+                                                                     "empty.jsonl", "out.jsonl"))
+    python = [sys.executable] if accel else [sys.executable, "-c", _PYTHON_WALK]
+    base = [*pin, *python, str(ROOT / "manage.py"), "percolate", "--mapping", str(mapping), "--rules",
+            str(rules), "--now", WORKLOAD_NOW.isoformat(), "--batch-size", str(args.batch_size), "--docs"]
+    startup, startup_cpu = run([*base, str(empty)], out)
+    total, total_cpu = run([*base, str(docs)], out)
+    lines = out.read_bytes().count(b"\n")
+    assert lines == args.docs, f"expected {args.docs} output lines, got {lines}"
+    print(f"{args.rules} rules, {args.docs} documents, pinned: {bool(pin)}, document walk: "
+          f"{'C (if built)' if accel else 'Python'}")
+    print(f"start-up + loading rules: {startup:.2f} s ({startup_cpu:.2f} s cpu); "
+          f"full run {total:.2f} s ({total_cpu:.2f} s cpu)")
+    print(f"end to end: {args.docs / total:,.0f} docs/s ({args.docs / total_cpu:,.0f} cpu); "
+          f"percolation incl. JSON in/out: {args.docs / max(1e-9, total - startup):,.0f} docs/s wall, "
+          f"{args.docs / max(1e-9, total_cpu - startup_cpu):,.0f} docs/s cpu")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rules", type=int, default=10_000)
@@ -50,29 +76,20 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8192)
     parser.add_argument("--cpu", type=int, default=0, help="pin with taskset to this CPU (-1: do not pin)")
     parser.add_argument("--keep", action="store_true", help="keep the generated files and print where")
+    parser.add_argument("--no-accel", action="store_true", help="index documents with the Python walk")
+    parser.add_argument("--compare", action="store_true", help="run with the C walk, then with the Python walk")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench-percolate-"))
     try:
-        mapping, rules, docs, empty = (workdir / name for name in ("mapping.json", "rules.jsonl", "docs.jsonl",
-                                                                    "empty.jsonl"))
-        mapping.write_bytes(orjson.dumps(USER_MAPPING))
-        rules.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in generate_rules(args.rules, seed=1)))
-        docs.write_bytes(b"".join(orjson.dumps(d) + b"\n" for d in generate_documents(args.docs, seed=2)))
-        empty.write_bytes(b"")
+        (workdir / "mapping.json").write_bytes(orjson.dumps(USER_MAPPING))
+        (workdir / "rules.jsonl").write_bytes(
+            b"".join(orjson.dumps(r) + b"\n" for r in generate_rules(args.rules, seed=1)))
+        (workdir / "docs.jsonl").write_bytes(
+            b"".join(orjson.dumps(d) + b"\n" for d in generate_documents(args.docs, seed=2)))
+        (workdir / "empty.jsonl").write_bytes(b"")
         pin = ["taskset", "-c", str(args.cpu)] if args.cpu >= 0 and shutil.which("taskset") else []
-        base = [*pin, sys.executable, str(ROOT / "manage.py"), "percolate", "--mapping", str(mapping), "--rules",
-                str(rules), "--now", WORKLOAD_NOW.isoformat(), "--batch-size", str(args.batch_size), "--docs"]
-        out = workdir / "out.jsonl"
-        startup, startup_cpu = run([*base, str(empty)], out)
-        total, total_cpu = run([*base, str(docs)], out)
-        lines = out.read_bytes().count(b"\n")
-        assert lines == args.docs, f"expected {args.docs} output lines, got {lines}"
-        print(f"{args.rules} rules, {args.docs} documents, pinned: {bool(pin)}")
-        print(f"start-up + loading rules: {startup:.2f} s ({startup_cpu:.2f} s cpu); "
-              f"full run {total:.2f} s ({total_cpu:.2f} s cpu)")
-        print(f"end to end: {args.docs / total:,.0f} docs/s; "
-              f"percolation incl. JSON in/out: {args.docs / max(1e-9, total - startup):,.0f} docs/s wall, "
-              f"{args.docs / max(1e-9, total_cpu - startup_cpu):,.0f} docs/s cpu")
+        for accel in ((True, False) if args.compare else (not args.no_accel,)):
+            measure(args, workdir, pin, accel)
         if args.keep:
             print(f"files kept in {workdir}")
     finally:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import gc
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime
+from itertools import islice
 from pathlib import Path
 from typing import IO, Any
 
@@ -93,21 +93,50 @@ def read_rules(path: Path) -> list[Rule]:
     return rules
 
 
-def _doc_lines(handle: IO[bytes], batch_size: int) -> Iterator[list[tuple[int, Any]]]:
-    """Batches of (line number, parsed JSON or the parse error message)."""
-    batch: list[tuple[int, Any]] = []
+def _parse_lines(lines: list[bytes]) -> list[Any]:
+    """Each line's JSON value, or a ValueError saying why it is not one."""
     loads = orjson.loads
-    for number, line in enumerate(handle):
+    try:
+        return [loads(line) for line in lines]  # the common case: every line parses
+    except orjson.JSONDecodeError:
+        pass
+    values: list[Any] = []
+    for line in lines:
         try:
-            value: Any = loads(line)
+            values.append(loads(line))
         except orjson.JSONDecodeError as exc:
-            value = ValueError(f"not valid JSON: {exc}" if line.strip() else "blank line: not a JSON object")
-        batch.append((number, value))
-        if len(batch) >= batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+            values.append(ValueError(f"not valid JSON: {exc}" if line.strip() else "blank line: not a JSON object"))
+    return values
+
+
+def _records(first: int, values: list[Any], results: list[Any]) -> list[dict[str, Any]]:
+    """The output record of each line (``results``: the percolator's, for the JSON objects only)."""
+    if len(results) == len(values):  # every line a JSON object
+        return [
+            {"doc": number, "matches": result} if type(result) is list else {"doc": number, "error": str(result)}
+            for number, result in zip(range(first, first + len(values)), results, strict=True)
+        ]
+    records: list[dict[str, Any]] = []
+    found = iter(results)
+    for number, value in enumerate(values, start=first):
+        if type(value) is dict:
+            result = next(found)
+            records.append({"doc": number, "matches": result} if type(result) is list
+                           else {"doc": number, "error": str(result)})
+        elif isinstance(value, Exception):
+            records.append({"doc": number, "error": str(value)})
+        else:
+            records.append({"doc": number, "error": f"not a JSON object (got {type(value).__name__})"})
+    return records
+
+
+def _encode(records: list[dict[str, Any]]) -> memoryview:
+    """One JSON line per record, serialised in one call: in the array orjson writes, ``},{"doc":``
+    occurs only between two records (inside a string a quote is always escaped), so the array's
+    separators can become line breaks; the brackets are cut off by a view, not a copy (a batch's
+    output is megabytes: every copy costs)."""
+    body = orjson.dumps(records)
+    return memoryview(body.replace(b'},{"doc":', b'}\n{"doc":'))[1:-1]
 
 
 def run_percolate(
@@ -117,51 +146,35 @@ def run_percolate(
     # Parsing a batch allocates tens of thousands of (acyclic) objects that live until the batch
     # is written: the cyclic GC would run over and over on them. Paused for the run; the young
     # generation (whatever cycles a batch left, e.g. around error tracebacks) is collected after
-    # each batch.
+    # each batch, once the batch's own objects are gone (so that collection has little to walk).
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _run_percolate(percolator, docs, out, now=now, batch_size=batch_size)
+        count = 0
+        while True:
+            written = _run_batch(percolator, docs, out, count, now=now, batch_size=batch_size)
+            gc.collect(0)
+            if not written:
+                return count
+            count += written
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
-def _run_percolate(
-    percolator: Percolator, docs: IO[bytes], out: IO[bytes], *, now: datetime | None, batch_size: int
+def _run_batch(
+    percolator: Percolator, docs: IO[bytes], out: IO[bytes], first: int, *, now: datetime | None, batch_size: int
 ) -> int:
-    dumps = orjson.dumps
-    count = 0
-    for batch in _doc_lines(docs, batch_size):
-        numbers: list[int] = []
-        documents: list[dict[str, Any]] = []
-        errors: dict[int, str] = {}
-        for number, value in batch:
-            if isinstance(value, dict):
-                numbers.append(number)
-                documents.append(value)
-            elif isinstance(value, Exception):
-                errors[number] = str(value)
-            else:
-                errors[number] = f"not a JSON object (got {type(value).__name__})"
-        results = percolator.percolate(documents, now=now, on_error="skip") if documents else []
-        by_number = dict(zip(numbers, results, strict=True))
-        lines = []
-        for number, _ in batch:
-            if number in errors:
-                lines.append(dumps({"doc": number, "error": errors[number]}))
-                continue
-            result = by_number[number]
-            if isinstance(result, Exception):
-                lines.append(dumps({"doc": number, "error": str(result)}))
-            else:
-                lines.append(dumps({"doc": number, "matches": result}))
-        lines.append(b"")
-        out.write(b"\n".join(lines))
-        count += len(batch)
-        del batch, documents, results, by_number, lines
-        gc.collect(0)
-    return count
+    """Read, percolate and write the next ``batch_size`` lines; returns how many there were."""
+    lines = list(islice(docs, batch_size))
+    if not lines:
+        return 0
+    values = _parse_lines(lines)
+    documents = [value for value in values if type(value) is dict]
+    results = percolator.percolate(documents, now=now, on_error="skip") if documents else []
+    out.write(_encode(_records(first, values, results)))
+    out.write(b"\n")
+    return len(lines)
 
 
 @click.command("percolate")

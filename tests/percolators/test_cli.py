@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import pytest
 from click.testing import CliRunner
 
@@ -130,3 +131,61 @@ def test_real_subprocess(tmp_path):
                           env=env, cwd=ROOT, timeout=120)
     assert done.returncode == 2
     assert "r1" in done.stderr and "Traceback" not in done.stderr and done.stdout == ""
+
+
+def _reference_output(percolator, lines: list[bytes], now) -> bytes:
+    """The output format, one document at a time: what ``run_percolate`` must write, byte for byte."""
+    out = []
+    for number, line in enumerate(lines):
+        try:
+            value = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            error = f"not valid JSON: {exc}" if line.strip() else "blank line: not a JSON object"
+            out.append(orjson.dumps({"doc": number, "error": error}))
+            continue
+        if not isinstance(value, dict):
+            out.append(orjson.dumps({"doc": number, "error": f"not a JSON object (got {type(value).__name__})"}))
+            continue
+        result = percolator.percolate([value], now=now, on_error="skip")[0]
+        record = {"doc": number, "error": str(result)} if isinstance(result, Exception) else {
+            "doc": number, "matches": result}
+        out.append(orjson.dumps(record))
+    return b"".join(line + b"\n" for line in out)
+
+
+# ids a naive line splitter would trip on: the record separator, quotes, new lines, non-ASCII
+_TRICKY_IDS = ['},{"doc":1', 'a"b', "line\nbreak", "é日本", "}\n{", "x" * 300]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64, 8192])
+def test_run_percolate_writes_exactly_the_reference_format(batch_size):
+    import io
+
+    from percolators.cli import run_percolate
+
+    rules = [Rule(r["id"], r["query"]) for r in generate_rules(150, seed=6)]
+    rules += [Rule(rule_id, {"term": {"gender": "female"}}) for rule_id in _TRICKY_IDS]
+    engine = EmbeddedPercolator()
+    engine.upsert(rules)
+    lines = [orjson.dumps(d) + b"\n" for d in generate_documents(120, seed=7)]
+    odd = [b"not json\n", b"[1, 2]\n", b"\n", b"   \n", b'{"age": "old"}\n', b"7\n", b'"text"\n', b"null\n",
+           b'{"gender": "female"}\n', b'{"geo.city": "London", "gender": "female"}\n', b"{}\n", b'{"a": }\n']
+    for i, line in enumerate(odd):
+        lines.insert(i * 9, line)
+    lines[-1] = lines[-1].rstrip(b"\n")  # no new line at the end of the file
+    out = io.BytesIO()
+    count = run_percolate(engine, io.BytesIO(b"".join(lines)), out, now=WORKLOAD_NOW, batch_size=batch_size)
+    assert count == len(lines)
+    expected = _reference_output(engine, lines, WORKLOAD_NOW)
+    assert out.getvalue() == expected
+    assert expected.count(b"\n") == len(lines) and b'"error"' in expected and b"line\\nbreak" in expected
+
+
+def test_run_percolate_on_an_empty_input_writes_nothing():
+    import io
+
+    from percolators.cli import run_percolate
+
+    out = io.BytesIO()
+    assert run_percolate(EmbeddedPercolator(), io.BytesIO(b""), out, now=None, batch_size=10) == 0
+    assert out.getvalue() == b""
