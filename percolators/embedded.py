@@ -6,8 +6,10 @@
 * :meth:`EmbeddedPercolator.percolate` indexes a batch of documents straight into the postings of
   a bitmask index (``percolators.fast_index.FastIndexer.index_batch``, ``percolators.batch``),
   selects the candidate rules from the batch's keys, evaluates each candidate once for the whole
-  batch and turns the per-rule masks into per-document lists with numpy
-  (``percolators.scatter``);
+  batch and turns the per-rule masks into per-document lists. With the C evaluator
+  (``percolators.programs``, ``accel``) both happen in one C call over the rules' compiled
+  programs; without it, each rule's closures (``percolators.matcher``) give its mask and
+  ``percolators.scatter`` transposes the masks;
 * :meth:`EmbeddedPercolator.percolate_masks` stops before that last step: per-rule document masks
   for consumers that aggregate per rule (counts are ``mask.bit_count()``).
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from percolators import programs
 from percolators.batch import BatchIndex
 from percolators.document import IndexedDoc
 from percolators.errors import InvalidDocumentError, InvalidRuleError
@@ -34,6 +37,13 @@ from percolators.rule_index import RuleIndex, StoredRule
 from percolators.scatter import scatter as scatter_lists
 from percolators.scatter import scatter_python
 from rules_service.schema import USER_MAPPING
+
+#: With the C evaluator, batches of at least this many documents skip candidate selection and
+#: evaluate every rule: a rule whose anchor the batch lacks costs the C loop well under a
+#: microsecond, and at 16 documents already about half the rules of the audience workload are
+#: candidates, so selecting them costs more than it saves (measured at 10,000 and 100,000 rules;
+#: the matcher is exact either way, so results cannot change).
+PRESEARCH_BELOW = 16
 
 #: Documents percolated together in one batch index (bigger batches amortise per-rule work; the
 #: masks grow linearly, so beyond a few thousand the gain flattens).
@@ -56,7 +66,10 @@ class EmbeddedPercolator(Percolator):
         presearcher: str = "indexed",
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
+        accel: bool | None = None,
     ) -> None:
+        """``accel``: None evaluates with the C evaluator when it is built (``percolators._eval``),
+        False always with the Python closures (the reference twin; also what tests compare)."""
         self.mapping = DocMapping.from_json(mapping)
         self.field_types = {path: spec.type for path, spec in self.mapping.fields.items()}
         self._geo_fields = frozenset(p for p, t in self.field_types.items() if t == "geo_point")
@@ -64,6 +77,10 @@ class EmbeddedPercolator(Percolator):
         self._indexer = FastIndexer(self.mapping)
         self.reference = presearcher == "match_all"
         self.max_batch = max(1, max_batch)
+        self.accel = accel
+
+    def _accelerated(self) -> bool:
+        return self.accel is not False and programs.available()
 
     # ----- rules ----------------------------------------------------------------------------
     def _parse(self, rule: Rule) -> Any:
@@ -143,11 +160,41 @@ class EmbeddedPercolator(Percolator):
                 out[start + slot] = exc
             if idle or not build.docs:
                 continue
-            matched, masks = self._evaluate_batch(build.docs, restrict, now_ms, build)
-            lists = scatter_lists(matched, masks, len(build.docs))
+            if self._accelerated():  # evaluation and scatter in one C call
+                lists = self._evaluate_batch_lists(build.docs, restrict, now_ms, build)
+            else:
+                matched, masks = self._evaluate_batch(build.docs, restrict, now_ms, build)
+                lists = scatter_lists(matched, masks, len(build.docs))
             for slot, ids in zip(build.slots, lists, strict=True):
                 out[start + slot] = ids
         return out
+
+    def _batch_and_candidates(
+        self, docs: list[Any], restrict: set[str] | None, now_ms: int, build: BatchBuild | None
+    ) -> tuple[BatchIndex, Collection[str] | None]:
+        """The batch index of ``docs`` and the rules to evaluate (None: every rule)."""
+        index = self.index
+        if build is None:
+            batch = BatchIndex(docs, now_ms, index.fields, self._geo_fields)
+        else:
+            batch = BatchIndex(docs, now_ms, index.fields, self._geo_fields, postings=build.postings, geo=build.geo)
+        if restrict is not None and len(restrict) <= 64:
+            candidates: Collection[str] | None = restrict
+        elif batch.size >= PRESEARCH_BELOW and self._accelerated():
+            candidates = restrict  # see PRESEARCH_BELOW
+        else:
+            candidates = index.presearcher.candidates(batch, index.rules)
+            if restrict is not None:
+                candidates = candidates & restrict
+        return batch, candidates
+
+    def _evaluate_batch_lists(
+        self, docs: list[Any], restrict: set[str] | None, now_ms: int, build: BatchBuild | None = None
+    ) -> list[list[str]]:
+        """Per document of ``docs``, the sorted ids of the rules it matches (C evaluator only)."""
+        batch, candidates = self._batch_and_candidates(docs, restrict, now_ms, build)
+        ids, codes, selected = self._programs_of(candidates)
+        return programs.run_lists(ids, codes, selected, self.index.leaves, batch)
 
     def _evaluate_batch(
         self, docs: list[Any], restrict: set[str] | None, now_ms: int, build: BatchBuild | None = None
@@ -155,16 +202,11 @@ class EmbeddedPercolator(Percolator):
         """The rules (sorted ids) matching at least one of ``docs`` and their document masks
         (``build``: the batch postings of ``docs`` when already collected)."""
         index = self.index
-        if build is None:
-            batch = BatchIndex(docs, now_ms, index.fields, self._geo_fields)
-        else:
-            batch = BatchIndex(docs, now_ms, index.fields, self._geo_fields, postings=build.postings, geo=build.geo)
-        if restrict is not None and len(restrict) <= 64:
-            candidates: Collection[str] = restrict
-        else:
-            candidates = index.presearcher.candidates(batch, index.rules)
-            if restrict is not None:
-                candidates = candidates & restrict
+        batch, selection = self._batch_and_candidates(docs, restrict, now_ms, build)
+        if self._accelerated():
+            ids, codes, keep_ids = self._programs_of(selection)
+            return programs.run(ids, codes, keep_ids, index.leaves, batch)
+        candidates = index.rules.keys() if selection is None else selection
         full = batch.all
         matched: list[str] = []
         masks: list[int] = []
@@ -185,6 +227,20 @@ class EmbeddedPercolator(Percolator):
                 matched.append(rule_id)
                 masks.append(mask)
         return matched, masks
+
+    def _programs_of(self, candidates: Collection[str] | None) -> tuple[list[str], list[bytes], set[str] | None]:
+        """(rule ids in order, their programs, the ids to keep among them or None for all) of the
+        candidates (None: every rule)."""
+        index = self.index
+        if candidates is None:
+            ids, codes = index.sorted_programs()
+            return ids, codes, None
+        if len(candidates) * 4 >= len(index.rules):  # most rules: the cached sorted lists, filtered in C
+            ids, codes = index.sorted_programs()
+            return ids, codes, None if len(candidates) == len(ids) else set(candidates)
+        rules = index.rules
+        ids = sorted(candidates)
+        return ids, [rules[rule_id].program for rule_id in ids], None
 
     # ----- percolation to masks -------------------------------------------------------------
     def percolate_masks(

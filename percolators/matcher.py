@@ -93,6 +93,14 @@ def _compile(node: Node) -> tuple[Evaluator, int]:
     return evaluator, cost
 
 
+def leaf_evaluator(node: Node) -> tuple[Evaluator, int, tuple[Any, ...] | None]:
+    """(evaluator, cost, sharing key) of a leaf node: the evaluator shared by identical leaves of
+    every rule (``percolators.programs`` reuses them; the key is None for leaves never shared)."""
+    key = _leaf_key(node)
+    evaluator, cost = _compile(node)
+    return evaluator, cost, key
+
+
 def _compile_leaf(node: Node) -> tuple[Evaluator, int]:
     if isinstance(node, Term):
         return _term(node), _COST_TERM
@@ -359,6 +367,23 @@ def _geo_numpy(
         return batch.memo(key, lambda: circle(batch))
 
     return geo
+
+
+def geo_circle_spec(node: GeoDistance) -> tuple[Any, ...]:
+    """What the C evaluator (``percolators._eval``) needs to compute :func:`_geo_numpy`'s circle
+    itself: (field, box or None, centre lat, centre lon, limit in metres, tolerance, plane?,
+    exact(lat, lon) -> bool). Points within the tolerance of the limit are decided by ``exact``,
+    the reference's own scalar distance, as in :func:`_geo_numpy`."""
+    from percolators.reference import distance
+
+    limit = node.distance_m
+
+    def exact(lat: float, lon: float) -> bool:
+        return distance(node, lat, lon) <= limit
+
+    box = geo_bbox(node.lat, node.lon, node.distance_m)
+    return (node.field, box, float(node.lat), float(node.lon), float(limit), limit * 1e-7 + 1e-6,
+            node.distance_type == "plane", exact)
 
 
 def _nothing_checked(batch: BatchIndex) -> tuple[int, int]:

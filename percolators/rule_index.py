@@ -1,4 +1,4 @@
-"""The rule index: stored rules by id, each with its parsed tree, compiled evaluator and anchor.
+"""The rule index: stored rules by id, each with its parsed tree, compiled evaluator, program and anchor.
 
 Adding, replacing and removing a rule touch only that rule's postings (no rebuild). The index also
 keeps a reference count of the fields rules mention, so a batch indexes only those fields.
@@ -12,6 +12,7 @@ from typing import Any
 
 from percolators.matcher import Evaluator, compile_node
 from percolators.presearcher import IndexedPresearcher, MatchAllPresearcher
+from percolators.programs import LeafTable, compile_program
 from percolators.query import (
     Bool,
     Exists,
@@ -33,6 +34,9 @@ class StoredRule:
     evaluate: Evaluator
     fields: frozenset[str]
     warnings: tuple[str, ...]
+    #: the rule for the C evaluator (``percolators.programs``), compiled when stored; its leaf ids
+    #: belong to the index's leaf table
+    program: bytes = b""
 
 
 def fields_of(node: Node) -> set[str]:
@@ -64,6 +68,8 @@ class RuleIndex:
         self._fields: frozenset[str] | None = frozenset()
         self._field_sets: dict[frozenset[str], frozenset[str]] = {}
         self._sorted: tuple[list[str], list[Any]] | None = None
+        self._sorted_programs: tuple[list[str], list[bytes]] | None = None
+        self.leaves = LeafTable()
 
     def sorted_evaluators(self) -> tuple[list[str], list[Any]]:
         """Every stored rule id, sorted, and its evaluator (cached until the rules change)."""
@@ -71,6 +77,14 @@ class RuleIndex:
             ids = sorted(self.rules)
             self._sorted = (ids, [self.rules[rule_id].evaluate for rule_id in ids])
         return self._sorted
+
+    def sorted_programs(self) -> tuple[list[str], list[bytes]]:
+        """Every stored rule id, sorted, and its program (cached until the rules change)."""
+        if self._sorted_programs is None:
+            ids = sorted(self.rules)
+            rules = self.rules
+            self._sorted_programs = (ids, [rules[rule_id].program for rule_id in ids])
+        return self._sorted_programs
 
     def __len__(self) -> int:
         return len(self.rules)
@@ -98,10 +112,10 @@ class RuleIndex:
         extra = self.presearcher.add(rule_id, stored.parsed.query)
         # the parser already explains rules that cannot be narrowed; ours only adds what it missed
         warnings = stored.warnings or extra
-        if warnings != stored.warnings:
-            stored = StoredRule(stored.parsed, stored.evaluate, stored.fields, warnings)
+        program = compile_program(stored.parsed.query, self.leaves)
+        stored = StoredRule(stored.parsed, stored.evaluate, stored.fields, warnings, program)
         self.rules[rule_id] = stored
-        self._sorted = None
+        self._sorted = self._sorted_programs = None
         for name in stored.fields:
             self._field_refs[name] = self._field_refs.get(name, 0) + 1
         self._fields = None
@@ -112,7 +126,8 @@ class RuleIndex:
         if stored is None:
             return
         self.presearcher.remove(rule_id)
-        self._sorted = None
+        self.leaves.release_program(stored.program)
+        self._sorted = self._sorted_programs = None
         for name in stored.fields:
             left = self._field_refs[name] - 1
             if left:

@@ -11,6 +11,12 @@ non-zero entries come out document-major with rules in ascending order, so each 
 is one slice of an object array of rule ids, already sorted when the rules were given sorted.
 :func:`scatter_python` is the pure-Python version (no numpy, used for tiny batches and as the
 reference of the tests).
+
+With the C accelerator built (``percolators._eval``, switched like the evaluator by
+``percolators.programs._eval``), :func:`scatter` uses its ``scatter`` instead of numpy's: the masks
+gathered word-major, each document's list allocated at its exact size and filled 64 documents at
+a time (see ``_eval.c``). ``EmbeddedPercolator.percolate`` does not even get here with it: the
+evaluation hands the lists over directly (``programs.run_lists``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from itertools import compress, repeat
 from typing import Any
+
+from percolators import programs
 
 try:
     import numpy as np
@@ -45,13 +53,17 @@ def scatter(matched: Sequence[str], masks: Sequence[int], size: int) -> list[lis
     """Per document ``0..size-1``, the ids of ``matched`` (in their order) whose mask has its bit.
 
     Bits at or above ``size`` must not be set."""
+    accelerated = programs._eval
+    if accelerated is not None:
+        lists: list[list[str]] = accelerated.scatter(matched, masks, size)
+        return lists
     if np is not None and size >= 64 and len(matched) > 1:
         total = 0
         for mask in masks:
             total += mask.bit_count()
             if total >= NUMPY_MIN_MATCHES:
                 return scatter_numpy(matched, masks, size)
-    lists: list[list[str]] = [[] for _ in range(size)]
+    lists = [[] for _ in range(size)]
     scatter_python(matched, masks, lists)
     return lists
 

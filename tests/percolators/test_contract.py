@@ -1,6 +1,7 @@
 """ONE contract suite for every implementation of percolators.port.Percolator.
 
-* ``embedded``: percolators.embedded.EmbeddedPercolator, always.
+* ``embedded``: percolators.embedded.EmbeddedPercolator, always (with the C rule evaluator when
+  built); ``embedded-python-evaluator``: the same with the Python closures (``accel=False``).
 * ``elasticsearch-emulated``: ElasticsearchPercolator against tests/percolators/fake_es.py's
   EmulatedElasticsearch (real HTTP, Elasticsearch-shaped answers, matching by the embedded engine),
   with tiny pages and batches: proves the backend's plumbing end to end (pagination, slot mapping,
@@ -34,6 +35,7 @@ ES_URL_ENV = "RULES_TEST_ELASTICSEARCH_URL"
 @pytest.fixture(
     params=[
         "embedded",
+        "embedded-python-evaluator",
         "elasticsearch-emulated",
         pytest.param("elasticsearch", marks=pytest.mark.elasticsearch),
     ]
@@ -52,10 +54,11 @@ def percolator(request: pytest.FixtureRequest) -> Iterator[Percolator]:
         emulated.close()
         server.close()
         return
-    if request.param == "embedded":
+    if request.param in ("embedded", "embedded-python-evaluator"):
         from percolators.embedded import EmbeddedPercolator
 
-        engine: Percolator = EmbeddedPercolator(USER_MAPPING)
+        # "embedded" evaluates rules in C when percolators._eval is built; the other, never
+        engine: Percolator = EmbeddedPercolator(USER_MAPPING, accel=None if request.param == "embedded" else False)
         yield engine
         engine.close()
         return

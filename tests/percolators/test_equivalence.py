@@ -12,9 +12,11 @@ import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from percolators import programs
 from percolators.embedded import EmbeddedPercolator
 from percolators.errors import InvalidRuleError
 from percolators.matcher import geo_band
@@ -22,6 +24,21 @@ from percolators.port import Rule
 from percolators.query import GeoDistance
 from percolators.reference import distance
 from percolators.workload import WORKLOAD_NOW, generate_documents, generate_rules
+
+
+@pytest.fixture(autouse=True, scope="module", params=["c-evaluator", "python-evaluator"])
+def evaluator(request: pytest.FixtureRequest):
+    """Every test here runs with the C rule evaluator (``percolators._eval``) and with the Python
+    closures (``percolators.matcher``) it accelerates; the C run is skipped when it is not built."""
+    if request.param == "c-evaluator":
+        if programs._eval is None:
+            pytest.skip("percolators._eval not built")
+        yield request.param
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(programs, "_eval", None)
+        yield request.param
+
 
 NOW = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
 NOW_MS = int(NOW.timestamp() * 1000)

@@ -137,6 +137,54 @@ def test_batch_masks_for_ranges_prefixes_and_presence():
     assert evaluate(batch, batch.all) & batch.all == 0b1000
 
 
+HAND_BUILT = {
+    "nurse": Bool(filter=(Term("occupation", "nurse"), Term("gender", "female"))),
+    "young": Range("age", 18, True, 24, True),
+    "sw": Prefix("geo.postcode", "SW1"),
+    "sw_ci": Prefix("geo.postcode", "sw1a", case_insensitive=True),
+    "near": GeoDistance("geo.location", 51.5, -0.1, 2000.0),
+    "anyone": MatchAll(),
+    "no_one": MatchNone(),
+    "ageless": Bool(must_not=(Exists("age", ("age",)),)),
+    "two_of": Bool(should=(Term("gender", "female"), Range("age", 25, True, None, True),
+                           Wildcard("geo.postcode", "S*", re.compile("S.*", re.DOTALL))), minimum_should_match=2),
+    "either": Bool(should=(Terms("occupation", frozenset({"nurse", "chef"})), Term("gender", "male"))),
+    "nested": Bool(must=(Bool(should=(Term("gender", "female"), MatchAll()), must_not=(Term("age", 30),)),),
+                   must_not=(Bool(must_not=(Exists("geo.postcode", ("geo.postcode",)),)),)),
+}
+
+
+@pytest.mark.parametrize("evaluator", ["c-evaluator", "python-evaluator"])
+def test_hand_built_trees_evaluate_alike_with_both_evaluators(evaluator):
+    from percolators import programs
+
+    docs = [
+        {"occupation": "nurse", "gender": "female", "age": 20, "geo": {"postcode": "SW1A 1AA"}},
+        {"occupation": "chef", "age": 30, "geo": {"postcode": "sw1a 2bb", "location": {"lat": 51.501, "lon": -0.1}}},
+        {"gender": "male", "age": [25, 50], "geo": {"location": {"lat": 51.6, "lon": -0.1}}},
+        {},
+    ] * 20  # 80 documents: two mask words
+    batch = batch_of(*docs)
+    ids = sorted(HAND_BUILT)
+    # what each rule should match, document by document, by the reference matcher
+    from percolators.reference import matches
+
+    indexed = [index_document(d, MAPPING) for d in docs]
+    expected = {rule_id: sum(1 << i for i, doc in enumerate(indexed) if matches(HAND_BUILT[rule_id], doc, 0))
+                for rule_id in ids}
+    if evaluator == "python-evaluator":
+        got = {rule_id: compile_node(HAND_BUILT[rule_id])(batch, batch.all) & batch.all for rule_id in ids}
+    else:
+        if programs._eval is None:
+            pytest.skip("percolators._eval not built")
+        table = programs.LeafTable()
+        matched, masks = programs.run(ids, [programs.compile_program(HAND_BUILT[i], table) for i in ids], None,
+                                      table, batch)
+        got = {rule_id: dict(zip(matched, masks, strict=True)).get(rule_id, 0) for rule_id in ids}
+    assert got == expected
+    assert all(expected[i] for i in ("nurse", "young", "sw", "near", "anyone", "ageless", "two_of", "either"))
+
+
 def test_at_least_matches_a_per_bit_count():
     rng = random.Random(5)
     for _ in range(200):

@@ -8,9 +8,12 @@ from typing import Any
 
 import pytest
 
+from percolators import programs
 from percolators.document import index_document
 from percolators.dsl import parse_rule
+from percolators.embedded import EmbeddedPercolator
 from percolators.mapping import Mapping
+from percolators.port import Rule
 from percolators.reference import matches
 
 MAPPING_JSON: dict[str, Any] = {
@@ -53,6 +56,22 @@ def check(doc: dict[str, Any], query: dict[str, Any], expected: bool) -> None:
     rule = parse_rule("r", query, MAPPING)
     indexed = index_document(doc, MAPPING)
     assert matches(rule.query, indexed, NOW_MS) is expected, (doc, query, rule.query)
+    check_engine(doc, query, expected)
+
+
+#: the C rule evaluator when built (else the Python closures twice), and the Python closures
+_ENGINE_ACCEL: list[bool | None] = [None if programs._eval is not None else False, False]
+
+
+def check_engine(doc: dict[str, Any], query: dict[str, Any], expected: bool) -> None:
+    """The same verdict from the embedded engine with both rule evaluators (C when built, and the
+    Python closures), for one document and for a batch of 70 copies (more than one mask word)."""
+    for accel in _ENGINE_ACCEL:
+        engine = EmbeddedPercolator(MAPPING_JSON, accel=accel)
+        engine.upsert([Rule("r", query)])
+        want = ["r"] if expected else []
+        assert engine.percolate([doc], now=NOW) == [want], (accel, doc, query)
+        assert engine.percolate([doc] * 70, now=NOW) == [want] * 70, (accel, doc, query)
 
 
 def cases(*rows: tuple[Any, ...]) -> Any:

@@ -1,0 +1,228 @@
+"""Rule programs: a rule's query tree compiled once, at upsert, for the C evaluator (``percolators._eval``).
+
+The closures of ``percolators.matcher`` evaluate a rule with one Python call and one big-int
+allocation per clause; at 10,000 rules that is a third of a batch's time. A *program* is the same
+tree as a flat int32 array whose interior nodes are AND (``must``/``filter``), OR or at-least-k
+(``should`` with ``minimum_should_match``) and AND-NOT (``must_not``), with matcher.py's clause
+order, short-circuits and ``pre`` semantics, and whose leaves are ids in a :class:`LeafTable`:
+
+* ``TERM`` leaves are a ``(field, value)`` key the C code looks up in ``batch.terms``, ``TERMS``
+  leaves a tuple of such keys whose masks it ORs;
+* ``MEMO`` leaves are matcher.py's shared leaf evaluators whose result does not depend on ``pre``
+  (terms, ranges, prefixes, wildcards, exists, case-insensitive terms, numpy geo): called once per
+  batch with every document, the mask memoised by leaf id for every rule using it;
+* ``GEO`` leaves are a geo_distance circle the C code computes over the batch's sorted points
+  (``BatchIndex.geo_sorted``) as matcher.py's numpy evaluator does, points near the edge decided
+  by the reference's scalar distance (``matcher.geo_circle_spec``);
+* ``PRE`` leaves (phrase, the per-document fallback, geo without numpy) depend on ``pre`` and are
+  called with the current one, as the closures are.
+
+Identical leaves of different rules get one id (reference counted: a leaf no rule uses any more
+frees its slot). :func:`run` evaluates many rules' programs over a batch in one C call, in the
+order given, and returns the matching rules and their masks; :func:`run_lists` returns the
+per-document lists instead (the scatter of ``percolators.scatter``, fused: no mask becomes an int).
+
+Encoding: ``LEAF id`` | ``ALL`` | ``NONE`` | ``BOOL total_len msm nreq nopt nnot <children>``.
+
+The closures stay the reference Python path: :data:`_eval` is None when the extension is not built
+and tests set it to None to force the Python path.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Collection
+from typing import Any
+
+from percolators.matcher import geo_circle_spec, leaf_evaluator
+from percolators.query import Bool, GeoDistance, MatchAll, MatchNone, Node, Phrase, Term, Terms
+
+try:
+    from percolators import _eval  # type: ignore[attr-defined, unused-ignore]
+except ImportError:  # pragma: no cover - the extension is optional; the closures are the twin
+    _eval = None
+
+try:
+    import numpy as np
+except ImportError:  # pragma: no cover - numpy is a core dependency
+    np = None  # type: ignore[assignment]
+
+OP_LEAF, OP_ALL, OP_NONE, OP_BOOL = 0, 1, 2, 3
+KIND_FREE, KIND_TERM, KIND_MEMO, KIND_PRE, KIND_TERMS, KIND_GEO = 0, 1, 2, 3, 4, 5
+_BOOL_HEADER = 6
+_COST_BOOL = 5
+
+
+def available() -> bool:
+    """Whether the C evaluator can be used (built, and not switched off by a test or benchmark)."""
+    return _eval is not None
+
+
+class LeafTable:
+    """Leaf id -> (kind, payload), shared by every program of one rule index.
+
+    ``kinds`` (one byte per id) and ``payloads`` are what the C evaluator reads; ids of leaves no
+    program uses any more are reused."""
+
+    __slots__ = ("_free", "_ids", "_keys", "_refs", "kinds", "payloads")
+
+    def __init__(self) -> None:
+        self.kinds = bytearray()
+        self.payloads: list[Any] = []
+        self._ids: dict[Any, int] = {}
+        self._keys: list[Any] = []
+        self._refs: list[int] = []
+        self._free: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def acquire(self, key: Any, kind: int, payload: Any) -> int:
+        """The id of the leaf ``key`` (registered with ``kind``/``payload`` if new), one more user."""
+        leaf_id = self._ids.get(key)
+        if leaf_id is not None:
+            self._refs[leaf_id] += 1
+            return leaf_id
+        if self._free:
+            leaf_id = self._free.pop()
+            self.kinds[leaf_id] = kind
+            self.payloads[leaf_id] = payload
+            self._keys[leaf_id] = key
+            self._refs[leaf_id] = 1
+        else:
+            leaf_id = len(self.payloads)
+            self.kinds.append(kind)
+            self.payloads.append(payload)
+            self._keys.append(key)
+            self._refs.append(1)
+        self._ids[key] = leaf_id
+        return leaf_id
+
+    def release(self, leaf_id: int) -> None:
+        """One user less; the slot is freed (and its evaluator dropped) with the last one."""
+        self._refs[leaf_id] -= 1
+        if self._refs[leaf_id]:
+            return
+        del self._ids[self._keys[leaf_id]]
+        self.kinds[leaf_id] = KIND_FREE
+        self.payloads[leaf_id] = None
+        self._keys[leaf_id] = None
+        self._free.append(leaf_id)
+
+    def release_program(self, program: bytes) -> None:
+        for leaf_id in leaf_ids(program):
+            self.release(leaf_id)
+
+    def kind_of(self, leaf_id: int) -> int:
+        return self.kinds[leaf_id]
+
+
+def compile_program(node: Node, table: LeafTable) -> bytes:
+    """The program of a rule's query tree; its leaves are acquired in ``table``."""
+    code, _cost = _emit(node, table)
+    return array("i", code).tobytes()
+
+
+def leaf_ids(program: bytes) -> list[int]:
+    """The leaf ids a program refers to (with repeats), in order."""
+    code = array("i")
+    code.frombytes(program)
+    out: list[int] = []
+    pc, end = 0, len(code)
+    while pc < end:  # children follow their bool's header: a linear scan visits every node
+        op = code[pc]
+        if op == OP_LEAF:
+            out.append(code[pc + 1])
+            pc += 2
+        elif op == OP_BOOL:
+            pc += _BOOL_HEADER
+        else:
+            pc += 1
+    return out
+
+
+def _emit(node: Node, table: LeafTable) -> tuple[list[int], int]:
+    """(code, cost) of a node: matcher.py's ``_bool`` clause order (cheapest first)."""
+    if isinstance(node, Bool):
+        return _emit_bool(node, table)
+    if isinstance(node, MatchAll):
+        return [OP_ALL], 0
+    if isinstance(node, MatchNone):
+        return [OP_NONE], 0
+    evaluator, cost, key = leaf_evaluator(node)
+    payload: Any
+    if isinstance(node, Term) and not (node.case_insensitive and isinstance(node.value, str)):
+        kind, payload = KIND_TERM, (node.field, node.value)
+    elif isinstance(node, Terms):
+        kind, payload = KIND_TERMS, tuple((node.field, value) for value in node.values)
+    elif isinstance(node, GeoDistance) and np is not None:
+        kind, payload = KIND_GEO, geo_circle_spec(node)
+    elif isinstance(node, Phrase) or key is None or isinstance(node, GeoDistance):
+        kind, payload = KIND_PRE, evaluator
+    else:
+        kind, payload = KIND_MEMO, evaluator
+    if key is None:
+        key = ("unique", object())  # not shareable: its own slot
+    return [OP_LEAF, table.acquire(key, kind, payload)], cost
+
+
+def _emit_bool(node: Bool, table: LeafTable) -> tuple[list[int], int]:
+    msm = node.minimum_should_match
+    if msm > len(node.should):
+        return [OP_NONE], 0
+    required = sorted((_with_order(c, table) for c in (*node.must, *node.filter)), key=_order)
+    excluded = sorted((_with_order(c, table) for c in node.must_not), key=_order)
+    optional = sorted((_with_order(c, table) for c in node.should), key=_order) if msm > 0 else []
+    cost = _COST_BOOL + sum(c[1] for c in required) + sum(c[1] for c in excluded) + sum(c[1] for c in optional)
+    body: list[int] = []
+    for code, _cost, _rank in (*required, *optional, *excluded):
+        body.extend(code)
+    header = [OP_BOOL, _BOOL_HEADER + len(body), msm, len(required), len(optional), len(excluded)]
+    return header + body, cost
+
+
+def _with_order(node: Node, table: LeafTable) -> tuple[list[int], int, int]:
+    code, cost = _emit(node, table)
+    # matcher.py's and_terms looks boolean terms up last (the rarer-looking lookups first)
+    rank = 1 if isinstance(node, Term) and isinstance(node.value, bool) else 0
+    return code, cost, rank
+
+
+def _order(item: tuple[list[int], int, int]) -> tuple[int, int]:
+    return item[1], item[2]
+
+
+def run(
+    rule_ids: list[str],
+    programs: list[bytes],
+    candidates: Collection[str] | None,
+    table: LeafTable,
+    batch: Any,
+) -> tuple[list[str], list[int]]:
+    """Evaluate ``programs`` (of ``rule_ids``, in that order; only ``candidates`` unless None) over
+    ``batch`` (a ``percolators.batch.BatchIndex``): the matching rule ids and their document masks."""
+    if _eval is None:
+        raise RuntimeError("percolators._eval is not built")
+    result: tuple[list[str], list[int]] = _eval.run(
+        rule_ids, programs, _as_set(candidates), table.kinds, table.payloads, batch, batch.size
+    )
+    return result
+
+
+def run_lists(
+    rule_ids: list[str], programs: list[bytes], candidates: Collection[str] | None, table: LeafTable, batch: Any
+) -> list[list[str]]:
+    """Like :func:`run`, but per document of the batch the ids of the rules it matches (in the
+    order of ``rule_ids``): evaluation and scatter in one C call, no mask ever an int."""
+    if _eval is None:
+        raise RuntimeError("percolators._eval is not built")
+    lists: list[list[str]] = _eval.run(
+        rule_ids, programs, _as_set(candidates), table.kinds, table.payloads, batch, batch.size, True
+    )
+    return lists
+
+
+def _as_set(candidates: Collection[str] | None) -> set[str] | frozenset[str] | None:
+    if candidates is None or isinstance(candidates, set | frozenset):
+        return candidates
+    return set(candidates)
