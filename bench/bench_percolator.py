@@ -10,7 +10,8 @@ Prints, on one core (pinned with sched_setaffinity unless --cpu -1):
     python bench/bench_percolator.py                       # full run (10k and 100k rules)
     python bench/bench_percolator.py --rules 2000 --docs 4000 --large-rules 0 --ref-docs 20   # quick
     python bench/bench_percolator.py --masks     # also percolate_masks (no per-document lists)
-    python bench/bench_percolator.py --no-accel  # document indexing in Python, not percolators._walk
+    python bench/bench_percolator.py --no-accel  # document indexing in Python, not percolators._walk,
+                                                 # and rule evaluation by the Python closures, not percolators._eval
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from percolators import fast_index
+from percolators import fast_index, programs
 from percolators.embedded import EmbeddedPercolator
 from percolators.port import Rule
 from percolators.workload import WORKLOAD_NOW, generate_documents, generate_rules
@@ -101,15 +102,18 @@ def main() -> int:
     parser.add_argument("--masks", action="store_true",
                         help="also measure percolate_masks (per-rule document masks instead of per-document lists)")
     parser.add_argument("--no-accel", action="store_true",
-                        help="index documents with the Python walk instead of the C one (percolators._walk)")
+                        help="index documents with the Python walk instead of the C one (percolators._walk) and "
+                             "evaluate rules with the Python closures instead of percolators._eval")
     args = parser.parse_args()
     if args.no_accel:
         fast_index.accelerator = None
+        programs._eval = None
     if args.cpu >= 0 and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {args.cpu})
     docs = generate_documents(args.docs, seed=2)
     print(f"workload: {args.docs} documents, batches of {args.batch}, pinned to cpu {args.cpu}, "
-          f"document walk: {'C' if fast_index.accelerator is not None else 'Python'}")
+          f"document walk: {'C' if fast_index.accelerator is not None else 'Python'}, "
+          f"rule evaluation: {'C' if programs.available() else 'Python'}")
 
     engine, seconds, cpu_s, mb, traced = load(args.rules, 1, args.tracemalloc)
     print(f"{args.rules} rules: loaded in {seconds:.2f} s ({cpu_s:.2f} s cpu), +{mb:.0f} MB RSS"
