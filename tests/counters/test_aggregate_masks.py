@@ -1,4 +1,5 @@
-"""aggregate_masks() (per-rule document masks, numpy) equals aggregate() (per-document lists)."""
+"""aggregate_masks() (per-rule document masks; its emit step in numpy + Python or in C) equals
+aggregate() (per-document lists), on both paths."""
 
 from __future__ import annotations
 
@@ -13,6 +14,18 @@ from rules_service.counters.port import CounterBatch
 
 DIMS = ("gender", "age_band", "device.os", "device.carrier", "geo.city", "exchange", "interests", "ad_slot.w",
         "flag")
+
+
+@pytest.fixture(autouse=True, params=["python", "c"])
+def emit_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on the Python reference and on the C twin (skipped when not built)."""
+    if request.param == "c":
+        if aggregate_module._aggregate is None:
+            pytest.skip("rules_service.counters._aggregate is not built")
+        monkeypatch.setattr(aggregate_module, "USE_C", True)
+    else:
+        monkeypatch.setattr(aggregate_module, "USE_C", False)
+    return str(request.param)
 
 
 def random_doc(rnd: random.Random, users: int, hours: int) -> dict[str, Any]:
