@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from hashlib import blake2b
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
@@ -59,6 +59,9 @@ from rules_service.counters.keys import DAY, HOUR
 from rules_service.counters.port import CounterBatch, Counters, Granularity, SeriesPoint
 
 __all__ = ["APPLY_SCRIPT", "EncodedBatch", "RedisCounters"]
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 
 
@@ -179,6 +182,18 @@ class _FieldBulks(dict[str, bytes]):
         return bulk
 
 
+class _Heads(dict[_K, _V]):
+    """A bounded cache (cleared when full: buckets move on with time)."""
+
+    LIMIT = 200_000
+
+    def add(self, key: _K, value: _V) -> _V:
+        if len(self) >= self.LIMIT:
+            self.clear()
+        self[key] = value
+        return value
+
+
 #: RESP bulk strings of small counts (a batch's increments are mostly small).
 _COUNT_BULKS = [_bulk(str(n)) for n in range(4096)]
 
@@ -263,6 +278,12 @@ class RedisCounters(Counters):
         self._shas: dict[str, str] = {}
         self._sketch_members = _SketchMembers()
         self._dimension_fields: dict[str, _FieldBulks] = {}
+        # the RESP bulks of a bucket's key and deadline, computed once per bucket: the same rules'
+        # buckets come back batch after batch (f-strings, encode and format per key were ~1/3 of
+        # encode_batch)
+        self._sketch_heads: _Heads[tuple[str, str, int], tuple[bytes, bytes]] = _Heads()
+        self._match_heads: _Heads[tuple[str, str, int], tuple[bytes, bytes, bytes]] = _Heads()
+        self._dimension_heads: _Heads[tuple[str, int], tuple[bytes, bytes]] = _Heads()
 
     @classmethod
     def from_settings(cls, client: redis.Redis, settings: Any) -> RedisCounters:
@@ -281,7 +302,7 @@ class RedisCounters(Counters):
         start_offsets: Mapping[tuple[str, int], int] | None = None,
     ) -> EncodedBatch:
         """The commands of ``batch``'s round trip (exposed for the benchmark and tests)."""
-        hour_ret, day_ret = self.hour_retention_s, self.day_retention_s
+        day_ret = self.day_retention_s
         argv: list[bytes] = [_bulk(str(len(offsets)))]
         for (topic, partition), next_offset in offsets.items():
             start = None if start_offsets is None else start_offsets.get((topic, partition))
@@ -294,8 +315,8 @@ class RedisCounters(Counters):
                 if (topic, partition) not in offsets:
                     raise ValueError(f"start offset for {topic}:{partition} without a next offset")
 
-        # a batch-local cache in front of the client's: the batch's few thousand users stay in the
-        # CPU caches while each is looked up ~100 times (measured: ~2x faster than the big dict)
+        # C path: a batch-local cache in front of the client's, so the batch's few thousand users
+        # stay in the CPU caches while each is looked up ~100 times (measured: ~4x faster)
         shared = self._sketch_members
         cache: dict[str, bytes] = {}
 
@@ -308,49 +329,46 @@ class RedisCounters(Counters):
         pack = _pack_members if USE_C else None
         pfadds: list[bytes] = []
         sketches: list[bytes] = []
-        for (rid, granularity, bucket), members in batch.users.items():
+        heads = self._sketch_heads
+        for bucket_key, members in batch.users.items():
             if not members:
                 continue
-            if granularity == "hour":
-                key, expire = keys.hour_users(rid, bucket), bucket + HOUR + hour_ret
-            elif granularity == "day":
-                key, expire = keys.day_users(rid, bucket), bucket + DAY + day_ret
-            else:
-                raise ValueError(f"unknown granularity {granularity!r}")
-            key_bulk = _bulk(key)
+            head = heads.get(bucket_key)
+            if head is None:
+                head = heads.add(bucket_key, self._sketch_head(*bucket_key))
+            key_bulk = head[0]
             body = pack(members, cache, miss) if pack is not None else join(map(sketch_member, members))
             pfadds.append(b"*%d\r\n$5\r\nPFADD\r\n%s%s" % (len(members) + 2, key_bulk, body))
-            sketches += (key_bulk, _bulk(str(expire)))
+            sketches += head
         argv.append(_bulk(str(len(sketches) // 2)))
         argv += sketches
 
-        # per hash key: (expireat, {field bulk: increment}); fields must be unique within a hash
-        hashes: dict[str, tuple[int, dict[bytes, int]]] = {}
-        for (rid, granularity, bucket), count in batch.matches.items():
+        # per hash key bulk: (expireat bulk, {field bulk: increment}); fields unique within a hash
+        hashes: dict[bytes, tuple[bytes, dict[bytes, int]]] = {}
+        match_heads, dimension_heads = self._match_heads, self._dimension_heads
+        for bucket_key, count in batch.matches.items():
             if not count:
                 continue
-            if granularity == "hour":
-                key, fld = keys.hour_matches(rid, bucket)
-                expire = bucket - bucket % DAY + DAY + hour_ret
-            elif granularity == "day":
-                key, fld = keys.day_matches(rid, bucket)
-                expire = keys.month_end(bucket) + day_ret
-            else:
-                raise ValueError(f"unknown granularity {granularity!r}")
-            entry = hashes.get(key)
+            match_head = match_heads.get(bucket_key)
+            if match_head is None:
+                match_head = match_heads.add(bucket_key, self._match_head(*bucket_key))
+            key_bulk, expire_bulk, field_bulk = match_head
+            entry = hashes.get(key_bulk)
             if entry is None:
-                entry = hashes[key] = (expire, {})
+                entry = hashes[key_bulk] = (expire_bulk, {})
             fields = entry[1]
-            field_bulk = _bulk(fld)
             fields[field_bulk] = fields.get(field_bulk, 0) + count
         dimensions = batch.dimensions
         if any(day % DAY for (_, day, _) in dimensions):  # two buckets of one day would repeat fields
             dimensions = _floor_dimension_days(dimensions)
         for (rid, day, dimension), values in dimensions.items():
-            key = keys.dimensions(rid, day)
-            entry = hashes.get(key)
+            dimension_head = dimension_heads.get((rid, day))
+            if dimension_head is None:
+                dimension_head = dimension_heads.add((rid, day), (
+                    _bulk(keys.dimensions(rid, day)), _bulk(str(day - day % DAY + DAY + day_ret))))
+            entry = hashes.get(dimension_head[0])
             if entry is None:
-                entry = hashes[key] = (day - day % DAY + DAY + day_ret, {})
+                entry = hashes[dimension_head[0]] = (dimension_head[1], {})
             dimension_field = self._field_bulks(dimension)
             # (rid, day, dimension) is unique once days are floored, so its fields are new here
             entry[1].update({dimension_field(value): count for value, count in values.items() if count})
@@ -358,10 +376,9 @@ class RedisCounters(Counters):
         slot = len(argv) - 1
         entries = 0
         count_bulk = _count_bulk
-        for key, (expire, fields) in hashes.items():
+        for key_bulk, (expire_bulk, fields) in hashes.items():
             if not fields:
                 continue
-            key_bulk, expire_bulk = _bulk(key), _bulk(str(expire))
             names = list(fields)
             for lo in range(0, len(names), MAX_FIELDS_PER_CALL):
                 part = names[lo:lo + MAX_FIELDS_PER_CALL]
@@ -371,6 +388,26 @@ class RedisCounters(Counters):
                 entries += 1
         argv[slot] = _bulk(str(entries))
         return EncodedBatch(pfadds, argv, len(argv))
+
+    def _sketch_head(self, rid: str, granularity: str, bucket: int) -> tuple[bytes, bytes]:
+        """(key, EXPIREAT) bulks of a sketch."""
+        if granularity == "hour":
+            return _bulk(keys.hour_users(rid, bucket)), _bulk(str(bucket + HOUR + self.hour_retention_s))
+        if granularity == "day":
+            return _bulk(keys.day_users(rid, bucket)), _bulk(str(bucket + DAY + self.day_retention_s))
+        raise ValueError(f"unknown granularity {granularity!r}")
+
+    def _match_head(self, rid: str, granularity: str, bucket: int) -> tuple[bytes, bytes, bytes]:
+        """(hash key, EXPIREAT, field) bulks of a matched-bids count."""
+        if granularity == "hour":
+            key, fld = keys.hour_matches(rid, bucket)
+            expire = bucket - bucket % DAY + DAY + self.hour_retention_s
+        elif granularity == "day":
+            key, fld = keys.day_matches(rid, bucket)
+            expire = keys.month_end(bucket) + self.day_retention_s
+        else:
+            raise ValueError(f"unknown granularity {granularity!r}")
+        return _bulk(key), _bulk(str(expire)), _bulk(fld)
 
     def _field_bulks(self, dimension: str) -> Callable[[str], bytes]:
         found = self._dimension_fields.get(dimension)
