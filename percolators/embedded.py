@@ -219,8 +219,7 @@ class EmbeddedPercolator(Percolator):
                 keep = candidates.__contains__
                 selected = ((rule_id, f) for rule_id, f in zip(ids, evaluators, strict=True) if keep(rule_id))
         else:
-            rules = index.rules
-            selected = ((rule_id, rules[rule_id].evaluate) for rule_id in sorted(candidates))
+            selected = ((rule_id, index.evaluator(rule_id)) for rule_id in sorted(candidates))
         for rule_id, evaluate in selected:
             mask = evaluate(batch, full) & full
             if mask:
@@ -238,9 +237,8 @@ class EmbeddedPercolator(Percolator):
         if len(candidates) * 4 >= len(index.rules):  # most rules: the cached sorted lists, filtered in C
             ids, codes = index.sorted_programs()
             return ids, codes, None if len(candidates) == len(ids) else set(candidates)
-        rules = index.rules
         ids = sorted(candidates)
-        return ids, [rules[rule_id].program for rule_id in ids], None
+        return ids, [index.program(rule_id) for rule_id in ids], None
 
     # ----- percolation to masks -------------------------------------------------------------
     def percolate_masks(

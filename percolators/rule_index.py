@@ -1,4 +1,10 @@
-"""The rule index: stored rules by id, each with its parsed tree, compiled evaluator, program and anchor.
+"""The rule index: stored rules by id, each with its parsed tree, compiled program and anchor.
+
+A rule is evaluated either by the C evaluator, from its program (``percolators.programs``), or by
+the Python closures of ``percolators.matcher``, the twin. Only the one in use is compiled: the
+program when the rule is stored if the C evaluator is available, the closures (or a missing
+program) on first use. Compiling both for every rule would cost 100,000-rule loads a third more
+time and memory.
 
 Adding, replacing and removing a rule touch only that rule's postings (no rebuild). The index also
 keeps a reference count of the fields rules mention, so a batch indexes only those fields.
@@ -10,6 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from percolators import programs
 from percolators.matcher import Evaluator, compile_node
 from percolators.presearcher import IndexedPresearcher, MatchAllPresearcher
 from percolators.programs import LeafTable, compile_program
@@ -31,11 +38,10 @@ from percolators.query import (
 @dataclass(frozen=True, slots=True)
 class StoredRule:
     parsed: ParsedRule
-    evaluate: Evaluator
     fields: frozenset[str]
     warnings: tuple[str, ...]
-    #: the rule for the C evaluator (``percolators.programs``), compiled when stored; its leaf ids
-    #: belong to the index's leaf table
+    #: the rule for the C evaluator (``percolators.programs``), compiled when stored (b"": not yet,
+    #: see :meth:`RuleIndex.program`); its leaf ids belong to the index's leaf table
     program: bytes = b""
 
 
@@ -69,21 +75,35 @@ class RuleIndex:
         self._field_sets: dict[frozenset[str], frozenset[str]] = {}
         self._sorted: tuple[list[str], list[Any]] | None = None
         self._sorted_programs: tuple[list[str], list[bytes]] | None = None
+        self._evaluators: dict[str, Evaluator] = {}
         self.leaves = LeafTable()
+
+    def evaluator(self, rule_id: str) -> Evaluator:
+        """The rule's Python closures (``percolators.matcher``), compiled on first use."""
+        got = self._evaluators.get(rule_id)
+        if got is None:
+            got = self._evaluators[rule_id] = compile_node(self.rules[rule_id].parsed.query)
+        return got
+
+    def program(self, rule_id: str) -> bytes:
+        """The rule's program for the C evaluator (compiled now if it was stored without one)."""
+        stored = self.rules[rule_id]
+        if not stored.program:
+            stored = self.rules[rule_id] = replace(stored, program=compile_program(stored.parsed.query, self.leaves))
+        return stored.program
 
     def sorted_evaluators(self) -> tuple[list[str], list[Any]]:
         """Every stored rule id, sorted, and its evaluator (cached until the rules change)."""
         if self._sorted is None:
             ids = sorted(self.rules)
-            self._sorted = (ids, [self.rules[rule_id].evaluate for rule_id in ids])
+            self._sorted = (ids, [self.evaluator(rule_id) for rule_id in ids])
         return self._sorted
 
     def sorted_programs(self) -> tuple[list[str], list[bytes]]:
         """Every stored rule id, sorted, and its program (cached until the rules change)."""
         if self._sorted_programs is None:
             ids = sorted(self.rules)
-            rules = self.rules
-            self._sorted_programs = (ids, [rules[rule_id].program for rule_id in ids])
+            self._sorted_programs = (ids, [self.program(rule_id) for rule_id in ids])
         return self._sorted_programs
 
     def __len__(self) -> int:
@@ -96,14 +116,14 @@ class RuleIndex:
         return iter(self.rules)
 
     def prepare(self, parsed: ParsedRule) -> StoredRule:
-        """Compile a parsed rule (no side effect): done before storing so a batch upsert is atomic.
+        """Prepare a parsed rule (no side effect): done before storing so a batch upsert is atomic.
 
         The stored copy drops the DSL source (a third of a rule's memory; nothing reads it back)
         and shares equal field sets between rules."""
         fields = frozenset(fields_of(parsed.query))
         fields = self._field_sets.setdefault(fields, fields)
         slim = replace(parsed, source={}) if parsed.source else parsed
-        return StoredRule(slim, compile_node(parsed.query), fields, parsed.warnings)
+        return StoredRule(slim, fields, parsed.warnings)
 
     def put(self, stored: StoredRule) -> tuple[str, ...]:
         """Store (or replace) a compiled rule; returns its warnings (parser's and presearcher's)."""
@@ -112,8 +132,8 @@ class RuleIndex:
         extra = self.presearcher.add(rule_id, stored.parsed.query)
         # the parser already explains rules that cannot be narrowed; ours only adds what it missed
         warnings = stored.warnings or extra
-        program = compile_program(stored.parsed.query, self.leaves)
-        stored = StoredRule(stored.parsed, stored.evaluate, stored.fields, warnings, program)
+        program = compile_program(stored.parsed.query, self.leaves) if programs.available() else b""
+        stored = StoredRule(stored.parsed, stored.fields, warnings, program)
         self.rules[rule_id] = stored
         self._sorted = self._sorted_programs = None
         for name in stored.fields:
@@ -127,6 +147,7 @@ class RuleIndex:
             return
         self.presearcher.remove(rule_id)
         self.leaves.release_program(stored.program)
+        self._evaluators.pop(rule_id, None)
         self._sorted = self._sorted_programs = None
         for name in stored.fields:
             left = self._field_refs[name] - 1

@@ -294,3 +294,19 @@ def test_repeated_calls_do_not_leak():
 
 def _raise(batch: Any, pre: int) -> int:
     raise KeyError("boom")
+
+
+@needs_c
+def test_rules_stored_without_the_c_evaluator_get_programs_when_it_is_back(monkeypatch):
+    rules = [Rule(r["id"], r["query"]) for r in generate_rules(200, seed=71)]
+    docs = generate_documents(150, seed=72)
+    monkeypatch.setattr(programs, "_eval", None)
+    engine = EmbeddedPercolator()
+    engine.upsert(rules)
+    assert not any(stored.program for stored in engine.index.rules.values())  # only what is used is compiled
+    python = engine.percolate(docs, now=WORKLOAD_NOW)
+    monkeypatch.setattr(programs, "_eval", _eval)
+    assert engine.percolate(docs, now=WORKLOAD_NOW) == python
+    assert all(stored.program for stored in engine.index.rules.values())
+    engine.delete([r.id for r in rules])
+    assert len(engine.index.leaves) == 0 and not engine.index._evaluators
