@@ -48,13 +48,13 @@ def emit(**figures: Any) -> None:
     print(json.dumps(figures), flush=True)
 
 
-def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_redis(workdir: Path, extra: list[str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
-                             "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
+                             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", *(extra or [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = redis.Redis(port=port)
     for _ in range(200):
@@ -193,6 +193,9 @@ def main() -> None:
                         help="event-time span of the bids (default: live traffic, bids / 20000 seconds)")
     parser.add_argument("--profile", action="store_true", help="drain in this process under cProfile")
     parser.add_argument("--keep", action="store_true", help="keep the data directory")
+    parser.add_argument("--redis-arg", action="append", default=[], metavar="ARG",
+                        help="extra redis-server argument, repeatable (e.g. --redis-arg=--hll-sparse-max-bytes "
+                             "--redis-arg=1000); default: the same server settings as the embedded one")
     args = parser.parse_args()
 
     from workers.log.factory import create_log
@@ -200,7 +203,7 @@ def main() -> None:
     from workers.topics import ensure_topics
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-stream-"))
-    redis_proc, url = start_redis(workdir)
+    redis_proc, url = start_redis(workdir, args.redis_arg)
     try:
         settings = Settings(DATA_DIR=workdir / "data", REDIS_URL=url, BIDS_PARTITIONS=args.partitions,
                             BATCH_SIZE=args.batch_size)
@@ -234,16 +237,23 @@ def main() -> None:
             return
 
         redis_cpu = redis.Redis.from_url(url).info("cpu")
+        redis.Redis.from_url(url).config_resetstat()
         summary = drain(settings, processes=args.processes, batch_size=args.batch_size)
         redis_cpu_after = redis.Redis.from_url(url).info("cpu")
         redis_cpu_s = sum(redis_cpu_after[k] - redis_cpu[k] for k in ("used_cpu_sys", "used_cpu_user"))
+        # where Redis spends it: microseconds per bid inside each command (EVALSHA includes its calls)
+        commands = {name.removeprefix("cmdstat_"): stats["usec"] for name, stats in
+                    redis.Redis.from_url(url).info("commandstats").items() if stats["usec"] >= 1000}
+        per_command = {name: round(usec / max(1, summary["processed"]), 1) for name, usec in
+                       sorted(commands.items(), key=lambda item: -item[1])}
         info = redis.Redis.from_url(url).info("memory")
         emit(phase="throughput", processes=args.processes, batch_size=args.batch_size,
              bids_per_s=summary["bids_per_s"], streaming_bids_per_s=summary["streaming_bids_per_s"],
              elapsed_s=summary["elapsed_s"], processed=summary["processed"],
              matched=summary["matched"], matches_per_bid=round(summary["matched"] / max(1, summary["processed"]), 1),
              dlq=summary["dlq"], batch_ms_p50=summary["batch_ms_p50"], batch_ms_p99=summary["batch_ms_p99"],
-             stage_us_per_bid=summary["stage_us_per_bid"],
+             stage_us_per_bid=summary["stage_us_per_bid"], stage_cpu_us_per_bid=summary.get("stage_cpu_us_per_bid"),
+             writes=summary.get("writes"), redis_command_us_per_bid=per_command,
              consumer_cpu_us_per_bid=summary.get("cpu_us_per_bid"),
              redis_cpu_us_per_bid=round(redis_cpu_s / max(1, summary["processed"]) * 1e6, 1),
              consumer_rss_mb=summary.get("rss_mb"), redis_used_mb=round(info["used_memory"] / 2**20, 1),

@@ -179,6 +179,8 @@ class StreamStats:
     dlq_reasons: dict[str, int] = field(default_factory=dict)
     # wall-clock seconds per step of a batch (normalise, percolate, aggregate, produce, apply, commit)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # this process's CPU seconds per step (on a shared machine wall clock mostly measures waiting)
+    stage_cpu_seconds: dict[str, float] = field(default_factory=dict)
     # bid entering the log (record timestamp) -> its counters readable (apply returned)
     end_to_end_ms: LatencyHistogram = field(default_factory=LatencyHistogram)
     batch_ms: LatencyHistogram = field(default_factory=LatencyHistogram)
@@ -205,6 +207,8 @@ class StreamStats:
             "e2e_ms_p99": self.end_to_end_ms.percentile(99),
             "stage_us_per_bid": {stage: round(seconds / max(1, self.processed) * 1e6, 1)
                                  for stage, seconds in self.stage_seconds.items()},
+            "stage_cpu_us_per_bid": {stage: round(seconds / max(1, self.processed) * 1e6, 1)
+                                     for stage, seconds in self.stage_cpu_seconds.items()},
         }
 
 
@@ -225,6 +229,7 @@ class _PendingBatch:
     applied: bool = False
     readable_ms: int = 0
     apply_seconds: float = 0.0
+    apply_cpu_seconds: float = 0.0  # encoding the batch, mostly
 
     def merge(self, later: _PendingBatch) -> None:
         """Add the batch polled after this one (a flush window): one apply covers both."""
@@ -444,6 +449,8 @@ class StreamConsumer:
         """Steps 1-6 of the module docstring for one polled batch."""
         assert self._consumer is not None and self._producer is not None, "start() first"
         began = time.perf_counter()
+        cpu = time.process_time
+        cpu_began = cpu()
         now_ms = self.clock_ms()
         start_offsets: dict[tuple[str, int], int] = {}
         next_offsets: dict[tuple[str, int], int] = {}
@@ -467,7 +474,7 @@ class StreamConsumer:
             sources.append(record)
 
         clock = time.perf_counter
-        t_normalised = clock()
+        t_normalised, c_normalised = clock(), cpu()
         kept: list[dict[str, Any]] = []
         kept_records: list[Record] = []
         matched_pairs = matched_bids = 0
@@ -480,7 +487,7 @@ class StreamConsumer:
                 kept_records = [r for i, r in enumerate(sources) if i not in found.errors]
             else:
                 kept, kept_records = documents, sources
-            t_percolated = clock()
+            t_percolated, c_percolated = clock(), cpu()
             union = 0
             for mask in found.masks:
                 union |= mask
@@ -498,14 +505,14 @@ class StreamConsumer:
                         kept.append(document)
                         kept_records.append(record)
                         matches.append(result)
-            t_percolated = clock()
+            t_percolated, c_percolated = clock(), cpu()
             matched_pairs = sum(len(m) for m in matches)
             matched_bids = sum(1 for m in matches if m)
             batch = self.aggregate(kept, matches) if kept else CounterBatch()
         if dead:
             self._count_dead_letters(batch, dead)
 
-        t_aggregated = clock()
+        t_aggregated, c_aggregated = clock(), cpu()
         # Produce before applying counters: a crash from here on re-reads and re-produces.
         if kept:
             self._producer.send_batch(LAST_SEEN_TOPIC, [
@@ -518,8 +525,12 @@ class StreamConsumer:
 
         if self.fault_hook is not None:
             self.fault_hook("after_produce")
-        t_produced = clock()
+        t_produced, c_produced = clock(), cpu()
         stages = self.stats.stage_seconds
+        cpu_stages = self.stats.stage_cpu_seconds
+        for stage, seconds in (("normalise", c_normalised - cpu_began), ("percolate", c_percolated - c_normalised),
+                               ("aggregate", c_aggregated - c_percolated), ("produce", c_produced - c_aggregated)):
+            cpu_stages[stage] = cpu_stages.get(stage, 0.0) + seconds
         for stage, seconds in (("normalise", t_normalised - began), ("percolate", t_percolated - t_normalised),
                                ("aggregate", t_aggregated - t_percolated), ("produce", t_produced - t_aggregated)):
             stages[stage] = stages.get(stage, 0.0) + seconds
@@ -531,9 +542,10 @@ class StreamConsumer:
         if window is None:
             self._window, self._window_began = pending, began
         else:
-            t_merge = clock()
+            t_merge, c_merge = clock(), cpu()
             window.merge(pending)
             stages["merge"] = stages.get("merge", 0.0) + (clock() - t_merge)
+            cpu_stages["merge"] = cpu_stages.get("merge", 0.0) + (cpu() - c_merge)
         if self._window_due():
             self._close_window()
 
@@ -566,10 +578,11 @@ class StreamConsumer:
         self._inflight = (pending, self._executor.submit(self._apply, pending))
 
     def _apply(self, pending: _PendingBatch) -> None:
-        began = time.perf_counter()
+        began, cpu_began = time.perf_counter(), time.thread_time()  # this thread: also with overlap_apply
         pending.applied = self.counters.apply(pending.batch, self.group, pending.next_offsets, pending.start_offsets)
         pending.readable_ms = self.clock_ms()
         pending.apply_seconds = time.perf_counter() - began
+        pending.apply_cpu_seconds = time.thread_time() - cpu_began
 
     def flush(self) -> None:
         """Write everything processed so far: the open window, and wait for the one being written
@@ -619,6 +632,8 @@ class StreamConsumer:
         stages = stats.stage_seconds
         commit = time.perf_counter() - began
         stages["apply"] = stages.get("apply", 0.0) + pending.apply_seconds
+        cpu_stages = stats.stage_cpu_seconds
+        cpu_stages["apply"] = cpu_stages.get("apply", 0.0) + pending.apply_cpu_seconds
         stages["commit"] = stages.get("commit", 0.0) + commit
         elapsed = pending.busy + pending.apply_seconds + commit
         stats.last_batch_seconds = elapsed

@@ -162,6 +162,11 @@ def merge_summaries(parts: Sequence[dict[str, Any]], elapsed_s: float) -> dict[s
         for stage, us in part.get("stage_us_per_bid", {}).items():
             stages[stage] = stages.get(stage, 0.0) + us * int(part.get("processed", 0))
     total["stage_us_per_bid"] = {k: round(v / max(1, total["processed"]), 1) for k, v in stages.items()}
+    cpu_stages: dict[str, float] = {}
+    for part in parts:
+        for stage, us in part.get("stage_cpu_us_per_bid", {}).items():
+            cpu_stages[stage] = cpu_stages.get(stage, 0.0) + us * int(part.get("processed", 0))
+    total["stage_cpu_us_per_bid"] = {k: round(v / max(1, total["processed"]), 1) for k, v in cpu_stages.items()}
     total["cpu_us_per_bid"] = round(sum(float(p.get("cpu_us_per_bid", 0)) * int(p.get("processed", 0)) for p in parts)
                                     / max(1, total["processed"]), 1)  # consumer CPU, weighted like the stages
     total["rss_mb"] = [part.get("rss_mb") for part in parts]  # peak RSS per consumer process
