@@ -8,7 +8,7 @@ Target: >= 20,000 documents/s at 10,000 rules.
 
     python bench/bench_percolate_cli.py --rules 10000 --docs 100000
     python bench/bench_percolate_cli.py --rules 500 --docs 5000          # quick
-    python bench/bench_percolate_cli.py --no-accel   # documents indexed by the Python walk, not percolators._walk
+    python bench/bench_percolate_cli.py --no-accel   # the percolator's Python twins, not its C accelerators
     python bench/bench_percolate_cli.py --compare    # both, back to back in the same run window
 """
 
@@ -45,8 +45,10 @@ def run(command: list[str], out_path: Path) -> tuple[float, float]:
     return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-# manage.py with the C document walk switched off (percolators.fast_index.accelerator = None)
-_PYTHON_WALK = ("import runpy, sys; from percolators import fast_index; fast_index.accelerator = None; "
+# manage.py with the percolator's C accelerators switched off: document walk and masks
+# (percolators._walk), rule evaluation (percolators._eval)
+_PYTHON_WALK = ("import runpy, sys; from percolators import batch, fast_index, programs; "
+                "fast_index.accelerator = batch.accelerator = programs._eval = None; "
                 "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
@@ -60,8 +62,8 @@ def measure(args: argparse.Namespace, workdir: Path, pin: list[str], accel: bool
     total, total_cpu = run([*base, str(docs)], out)
     lines = out.read_bytes().count(b"\n")
     assert lines == args.docs, f"expected {args.docs} output lines, got {lines}"
-    print(f"{args.rules} rules, {args.docs} documents, pinned: {bool(pin)}, document walk: "
-          f"{'C (if built)' if accel else 'Python'}")
+    print(f"{args.rules} rules, {args.docs} documents, pinned: {bool(pin)}, percolator: "
+          f"{'C accelerators (if built)' if accel else 'Python twins'}")
     print(f"start-up + loading rules: {startup:.2f} s ({startup_cpu:.2f} s cpu); "
           f"full run {total:.2f} s ({total_cpu:.2f} s cpu)")
     print(f"end to end: {args.docs / total:,.0f} docs/s ({args.docs / total_cpu:,.0f} cpu); "
@@ -76,8 +78,9 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8192)
     parser.add_argument("--cpu", type=int, default=0, help="pin with taskset to this CPU (-1: do not pin)")
     parser.add_argument("--keep", action="store_true", help="keep the generated files and print where")
-    parser.add_argument("--no-accel", action="store_true", help="index documents with the Python walk")
-    parser.add_argument("--compare", action="store_true", help="run with the C walk, then with the Python walk")
+    parser.add_argument("--no-accel", action="store_true",
+                        help="run the percolator's Python twins (document walk, masks, rule evaluation), not C")
+    parser.add_argument("--compare", action="store_true", help="run with the C accelerators, then without")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench-percolate-"))
     try:

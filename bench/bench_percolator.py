@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from percolators import fast_index, programs
+from percolators import batch, fast_index, programs
 from percolators.embedded import EmbeddedPercolator
 from percolators.port import Rule
 from percolators.workload import WORKLOAD_NOW, generate_documents, generate_rules
@@ -107,6 +107,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.no_accel:
         fast_index.accelerator = None
+        batch.accelerator = None
         programs._eval = None
     if args.cpu >= 0 and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {args.cpu})

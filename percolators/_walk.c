@@ -22,6 +22,11 @@
  * date_fallback(text) -> int | None: the Python date parser, used for non-ASCII text only (Python's
  *   \d matches every Unicode digit; porting that is not worth it for a case JSON never has).
  *
+ * masks(postings) -> (terms, field_masks): BatchIndex.__init__'s loop (percolators/batch.py):
+ *   for each field -> value -> positions, the int with those bits set, keyed (field, value) in
+ *   ``terms`` and value in ``field_masks[field]`` (fields without values left out).
+ * mask_of(positions) -> int: percolators.batch.mask_of for a list of ints.
+ *
  * No global mutable state: only interned constant strings, created once at import.
  */
 #define PY_SSIZE_T_CLEAN
@@ -506,7 +511,148 @@ static PyObject *walk(PyObject *self, PyObject *args)
     return status == FAIL ? NULL : PyLong_FromSsize_t(i);
 }
 
+/* ----- bitmasks of batch positions ------------------------------------------------------------ */
+
+typedef struct {
+    unsigned char *bytes; /* scratch little-endian bit buffer, reused from mask to mask */
+    Py_ssize_t cap;
+} Bits;
+
+static PyObject *int_from_bytes(const unsigned char *bytes, Py_ssize_t n)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    return PyLong_FromUnsignedNativeBytes(bytes, n, Py_ASNATIVEBYTES_LITTLE_ENDIAN | Py_ASNATIVEBYTES_UNSIGNED_BUFFER);
+#else
+    return _PyLong_FromByteArray(bytes, (size_t)n, 1, 0);
+#endif
+}
+
+/* a position: a non-negative int small enough for a batch (bigger ones: Python's business) */
+static int position(PyObject *item, Py_ssize_t *out)
+{
+    if (!PyLong_Check(item)) {
+        PyErr_SetString(PyExc_TypeError, "batch positions must be ints");
+        return -1;
+    }
+    Py_ssize_t pos = PyLong_AsSsize_t(item);
+    if (pos == -1 && PyErr_Occurred())
+        return -1;
+    if (pos < 0 || pos > ((Py_ssize_t)1 << 34)) {
+        PyErr_SetString(PyExc_ValueError, "batch position out of range");
+        return -1;
+    }
+    *out = pos;
+    return 0;
+}
+
+/* the int with bit p set for each p in the list (duplicates allowed) */
+static PyObject *list_mask(PyObject *positions, Bits *bits)
+{
+    Py_ssize_t n = PyList_GET_SIZE(positions), top = 0, pos;
+    if (n == 0)
+        return PyLong_FromLong(0);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (position(PyList_GET_ITEM(positions, i), &pos) < 0)
+            return NULL;
+        if (pos > top)
+            top = pos;
+    }
+    if (top < 63 && n == 1)
+        return PyLong_FromUnsignedLongLong(1ULL << top);
+    Py_ssize_t size = (top >> 3) + 1;
+    if (size > bits->cap) {
+        unsigned char *grown = PyMem_Realloc(bits->bytes, (size_t)size);
+        if (grown == NULL)
+            return PyErr_NoMemory();
+        bits->bytes = grown;
+        bits->cap = size;
+    }
+    memset(bits->bytes, 0, (size_t)size);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        pos = PyLong_AsSsize_t(PyList_GET_ITEM(positions, i)); /* checked above */
+        bits->bytes[pos >> 3] |= (unsigned char)(1u << (pos & 7));
+    }
+    return int_from_bytes(bits->bytes, size);
+}
+
+static PyObject *mask_of(PyObject *self, PyObject *positions)
+{
+    if (!PyList_Check(positions)) {
+        PyErr_SetString(PyExc_TypeError, "mask_of takes a list of positions");
+        return NULL;
+    }
+    Bits bits = {NULL, 0};
+    PyObject *mask = list_mask(positions, &bits);
+    PyMem_Free(bits.bytes);
+    return mask;
+}
+
+/* one field's value -> mask dict, each mask also in terms[(name, value)] */
+static PyObject *field_masks_of(PyObject *name, PyObject *by_value, PyObject *terms, Bits *bits)
+{
+    PyObject *out = PyDict_New(), *value, *positions;
+    Py_ssize_t it = 0;
+    if (out == NULL)
+        return NULL;
+    while (PyDict_Next(by_value, &it, &value, &positions)) {
+        if (!PyList_Check(positions)) {
+            PyErr_SetString(PyExc_TypeError, "postings: value -> list of positions");
+            goto fail;
+        }
+        PyObject *mask = list_mask(positions, bits), *key = NULL;
+        int rc = -1;
+        if (mask != NULL && (key = PyTuple_Pack(2, name, value)) != NULL)
+            rc = PyDict_SetItem(out, value, mask) < 0 || PyDict_SetItem(terms, key, mask) < 0 ? -1 : 0;
+        Py_XDECREF(key);
+        Py_XDECREF(mask);
+        if (rc < 0)
+            goto fail;
+    }
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
+static PyObject *masks(PyObject *self, PyObject *postings)
+{
+    if (!PyDict_Check(postings)) {
+        PyErr_SetString(PyExc_TypeError, "masks takes the postings dict");
+        return NULL;
+    }
+    PyObject *terms = PyDict_New(), *fields = PyDict_New(), *name, *by_value;
+    Bits bits = {NULL, 0};
+    Py_ssize_t it = 0;
+    int ok = terms != NULL && fields != NULL;
+    while (ok && PyDict_Next(postings, &it, &name, &by_value)) {
+        if (!PyDict_Check(by_value)) {
+            PyErr_SetString(PyExc_TypeError, "postings: field -> dict of values");
+            ok = 0;
+            break;
+        }
+        Py_INCREF(name);
+        Py_INCREF(by_value);
+        PyObject *masks_of = field_masks_of(name, by_value, terms, &bits);
+        ok = masks_of != NULL && (PyDict_GET_SIZE(masks_of) == 0 || PyDict_SetItem(fields, name, masks_of) == 0);
+        Py_XDECREF(masks_of);
+        Py_DECREF(name);
+        Py_DECREF(by_value);
+    }
+    PyMem_Free(bits.bytes);
+    if (!ok) {
+        Py_XDECREF(terms);
+        Py_XDECREF(fields);
+        return NULL;
+    }
+    PyObject *out = PyTuple_Pack(2, terms, fields);
+    Py_DECREF(terms);
+    Py_DECREF(fields);
+    return out;
+}
+
 static PyMethodDef methods[] = {
+    {"masks", masks, METH_O, "masks(postings) -> (terms, field_masks), as BatchIndex.__init__ builds them"},
+    {"mask_of", mask_of, METH_O, "mask_of(positions) -> int with those bits set"},
     {"walk", walk, METH_VARARGS,
      "walk(documents, start, plan, docs, slots, doc_type, date_fallback) -> index of the first document "
      "left to the full indexer (len(documents): none)"},

@@ -26,6 +26,15 @@ try:
 except ImportError:  # pragma: no cover - numpy is a core dependency
     np = None  # type: ignore[assignment]
 
+try:
+    from percolators import _walk  # type: ignore[attr-defined, unused-ignore]
+except ImportError:  # not built: the Python loops below do the same, slower
+    _walk = None
+
+#: The C twin of :func:`mask_of` and of ``BatchIndex.__init__``'s mask building (``percolators._walk``);
+#: None: the Python code. Tests and benchmarks set it to None to run the Python twin.
+accelerator: Any = _walk
+
 #: Grid sizes (degrees) of the geo cells used by the presearcher (coarse: few probes per point)
 #: and by the geo evaluator (fine: most cells of a circle lie wholly inside or outside it).
 GEO_LEVELS: tuple[float, ...] = (0.05, 0.2, 1.0, 5.0)
@@ -36,6 +45,8 @@ METRES_PER_DEGREE = 6_371_008.7714 * math.pi / 180.0
 
 def mask_of(positions: list[int]) -> int:
     """The bitmask with the given bits set (duplicates allowed)."""
+    if accelerator is not None and type(positions) is list:
+        return accelerator.mask_of(positions)  # type: ignore[no-any-return, unused-ignore]
     if len(positions) < 12:
         mask = 0
         for pos in positions:
@@ -117,16 +128,20 @@ class BatchIndex:
         self.now_ms = now_ms
         if postings is None or geo is None:
             postings, geo = collect_postings(docs, fields, geo_fields)
-        terms: dict[tuple[str, Any], int] = {}
-        field_masks: dict[str, dict[Any, int]] = {}
-        for name, by_value in postings.items():
-            masks_of: dict[Any, int] = {}
-            for value, positions in by_value.items():
-                mask = (1 << positions[0]) if len(positions) == 1 else mask_of(positions)
-                masks_of[value] = mask
-                terms[(name, value)] = mask
-            if masks_of:
-                field_masks[name] = masks_of
+        terms: dict[tuple[str, Any], int]
+        field_masks: dict[str, dict[Any, int]]
+        if accelerator is not None:
+            terms, field_masks = accelerator.masks(postings)
+        else:
+            terms, field_masks = {}, {}
+            for name, by_value in postings.items():
+                masks_of: dict[Any, int] = {}
+                for value, positions in by_value.items():
+                    mask = (1 << positions[0]) if len(positions) == 1 else mask_of(positions)
+                    masks_of[value] = mask
+                    terms[(name, value)] = mask
+                if masks_of:
+                    field_masks[name] = masks_of
         self.terms = terms
         self._field_masks = field_masks
         self._geo = geo

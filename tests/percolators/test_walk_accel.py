@@ -316,11 +316,12 @@ def test_every_kind_of_mapping_leaf_indexes_identically():
     assert c_out[2] and len(c_out[0]) > 100
 
 
-def test_the_walk_does_not_leak():
+def test_the_walk_and_masks_do_not_leak():
     docs: list[Any] = generate_documents(300, seed=3, now=WORKLOAD_NOW)
     docs += [{"age": "x"}, {"age": 2**80}, {"interests": ["a", 1]}, {"geo.city": "x"}, 5,
              {"interests": [f"v{i % 5}" for i in range(30)]},
-             {"last_seen": "\u0662\u0660\u0662\u0666-\u0660\u0661-\u0661\u0665T\u0661\u0662:\u0660\u0660:\u0660\u0660Z"}]
+             {"last_seen": "\u0662\u0660\u0662\u0666-\u0660\u0661-\u0661\u0665T"
+                           "\u0661\u0662:\u0660\u0660:\u0660\u0660Z"}]
     indexer = FastIndexer(USER)
     fields = set(USER.fields)
 
@@ -328,6 +329,8 @@ def test_the_walk_does_not_leak():
         for _ in range(times):
             build = indexer.index_batch(docs, fields, GEO, "skip")
             assert len(build.docs) == len(docs) - 3
+            terms, _ = fast_index._walk.masks(build.postings)
+            assert terms and fast_index._walk.mask_of(list(range(0, 3000, 3)))
         with pytest.raises(TypeError):
             indexer.index_batch([{"gender": "x"}, {5: 1}], fields, GEO, "skip")
 
@@ -350,3 +353,45 @@ def test_indexed_documents_are_indexed_docs():
     build = FastIndexer(USER).index_batch(generate_documents(5, seed=1, now=WORKLOAD_NOW), set(USER.fields), GEO,
                                           "skip")
     assert all(type(doc) is IndexedDoc and doc.present == frozenset(doc.values) for doc in build.docs)
+
+
+# ----- BatchIndex masks (percolators._walk.masks / mask_of) ---------------------------------------
+
+def test_masks_equal_the_python_loop(monkeypatch):
+    from percolators import batch
+
+    docs: list[Any] = generate_documents(3000, seed=8, now=WORKLOAD_NOW)
+    docs += [{"interests": [f"v{i}" for i in range(40)]}, {"age": 2**40}, 5, {"geo.city": "x"}]
+    build = FastIndexer(USER).index_batch(docs, set(USER.fields), GEO, "skip")
+    built = {}
+    for accel in (fast_index._walk, None):
+        monkeypatch.setattr(batch, "accelerator", accel)
+        index = batch.BatchIndex(build.docs, 0, set(USER.fields), GEO, postings=build.postings, geo=build.geo)
+        built[accel is not None] = (list(index.terms.items()),
+                                    {name: list(masks.items()) for name, masks in index._field_masks.items()},
+                                    list(index._field_masks), index.present_mask("age"), index.geo_mask("geo.location"),
+                                    index.geo_cell_masks("geo.location", 0.05))
+    assert built[True] == built[False]
+    assert len(built[True][0]) > 1000
+
+
+@pytest.mark.parametrize("positions", [[], [0], [62], [63], [64], [5000], [3, 3, 3], [9, 1, 8, 1, 0],
+                                       list(range(0, 9000, 7)), list(range(300, 0, -1)), [1 << 20]])
+def test_mask_of_equals_the_python_one(monkeypatch, positions):
+    from percolators import batch
+
+    got = fast_index._walk.mask_of(positions)
+    monkeypatch.setattr(batch, "accelerator", None)
+    assert got == batch.mask_of(positions) == sum(1 << p for p in set(positions))
+    assert type(got) is int
+
+
+def test_masks_refuse_what_is_not_postings():
+    with pytest.raises(TypeError):
+        fast_index._walk.masks({"f": {"v": (1, 2)}})
+    with pytest.raises(TypeError):
+        fast_index._walk.masks({"f": [1]})
+    with pytest.raises(ValueError):
+        fast_index._walk.mask_of([-1])
+    with pytest.raises(TypeError):
+        fast_index._walk.mask_of(["1"])
