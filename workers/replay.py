@@ -40,6 +40,7 @@ What a replay can rebuild is described in the README ("Replays and versions").
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 import time
@@ -362,7 +363,8 @@ class ReplayScan:
                         active = [r for r in active if r.replay_id not in gone]
                         if not active:
                             raise ReplayCancelled(f"scan {self.scan_id}: every replay was cancelled")
-                self._process(records, active, partition)
+                with _gc_paused():
+                    self._process(records, active, partition)
                 self._positions[partition] = min(records[-1].offset + 1, end)
                 progress.scanned = self._scanned()
                 progress.batches += 1
@@ -523,6 +525,20 @@ class ReplayScan:
                     counts[replay_id] = counts.get(replay_id, 0) + 1
             matched.append(result)
         return matched
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while a batch is processed (as ``percolate_masks`` does):
+    a batch allocates ~10 containers per user, all freed by reference counting when it is done,
+    and the collections they would trigger cost ~15% of a scan's CPU. Back on between batches."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _matched_only(docs: list[dict[str, Any]], masks: list[int]) -> tuple[list[dict[str, Any]], list[int]]:
