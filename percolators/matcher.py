@@ -79,6 +79,11 @@ def _leaf_key(node: Node) -> tuple[Any, ...] | None:
     return None
 
 
+def leaf_key(node: Node) -> tuple[Any, ...] | None:
+    """What makes two leaves evaluate identically (None: never shared), as the matcher shares them."""
+    return _leaf_key(node)
+
+
 def _compile(node: Node) -> tuple[Evaluator, int]:
     if isinstance(node, Bool):
         return _bool(node)
@@ -87,7 +92,7 @@ def _compile(node: Node) -> tuple[Evaluator, int]:
         return _compile_leaf(node)
     shared = _SHARED_LEAVES.get(key)
     if shared is not None:
-        return shared, _LEAF_COSTS.get(type(node), 10)
+        return shared, LEAF_COSTS.get(type(node), 10)
     evaluator, cost = _compile_leaf(node)
     _SHARED_LEAVES[key] = evaluator
     return evaluator, cost
@@ -127,7 +132,7 @@ def _compile_leaf(node: Node) -> tuple[Evaluator, int]:
     return _per_document(node), 10
 
 
-_LEAF_COSTS: dict[type, int] = {
+LEAF_COSTS: dict[type, int] = {
     Term: _COST_TERM,
     Terms: _COST_TERMS,
     Range: _COST_RANGE,

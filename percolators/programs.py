@@ -34,7 +34,7 @@ from array import array
 from collections.abc import Collection
 from typing import Any
 
-from percolators.matcher import geo_circle_spec, leaf_evaluator
+from percolators.matcher import LEAF_COSTS, geo_circle_spec, leaf_evaluator, leaf_key
 from percolators.query import Bool, GeoDistance, MatchAll, MatchNone, Node, Phrase, Term, Terms
 
 try:
@@ -64,7 +64,7 @@ class LeafTable:
     ``kinds`` (one byte per id) and ``payloads`` are what the C evaluator reads; ids of leaves no
     program uses any more are reused."""
 
-    __slots__ = ("_free", "_ids", "_keys", "_refs", "kinds", "payloads")
+    __slots__ = ("_free", "_ids", "_keys", "_refs", "_term_keys", "kinds", "payloads")
 
     def __init__(self) -> None:
         self.kinds = bytearray()
@@ -73,9 +73,23 @@ class LeafTable:
         self._keys: list[Any] = []
         self._refs: list[int] = []
         self._free: list[int] = []
+        self._term_keys: dict[tuple[str, Any], tuple[str, Any]] = {}
 
     def __len__(self) -> int:
         return len(self._ids)
+
+    def reuse(self, key: Any) -> int | None:
+        """The id of the leaf ``key`` with one more user, or None when it is not registered."""
+        leaf_id = self._ids.get(key)
+        if leaf_id is not None:
+            self._refs[leaf_id] += 1
+        return leaf_id
+
+    def term_key(self, name: str, value: Any) -> tuple[str, Any]:
+        """One shared ``(field, value)`` tuple per term: at 100,000 rules the terms leaves hold
+        ~200,000 keys of ~1,000 distinct terms."""
+        key = (name, value)
+        return self._term_keys.setdefault(key, key)
 
     def acquire(self, key: Any, kind: int, payload: Any) -> int:
         """The id of the leaf ``key`` (registered with ``kind``/``payload`` if new), one more user."""
@@ -143,48 +157,59 @@ def leaf_ids(program: bytes) -> list[int]:
 
 def _emit(node: Node, table: LeafTable) -> tuple[list[int], int]:
     """(code, cost) of a node: matcher.py's ``_bool`` clause order (cheapest first)."""
-    if isinstance(node, Bool):
-        return _emit_bool(node, table)
-    if isinstance(node, MatchAll):
+    node_type = type(node)
+    if node_type is Bool:
+        return _emit_bool(node, table)  # type: ignore[arg-type]
+    if node_type is MatchAll:
         return [OP_ALL], 0
-    if isinstance(node, MatchNone):
+    if node_type is MatchNone:
         return [OP_NONE], 0
-    evaluator, cost, key = leaf_evaluator(node)
-    payload: Any
+    key = leaf_key(node)
+    leaf_id = None if key is None else table.reuse(key)
+    if leaf_id is None:  # a new leaf: only now build what evaluates it
+        kind, payload = _leaf(node, table)
+        leaf_id = table.acquire(("unique", object()) if key is None else key, kind, payload)
+    return [OP_LEAF, leaf_id], LEAF_COSTS.get(node_type, 10)
+
+
+def _leaf(node: Node, table: LeafTable) -> tuple[int, Any]:
+    """(kind, payload) of a leaf (see the module docstring)."""
     if isinstance(node, Term) and not (node.case_insensitive and isinstance(node.value, str)):
-        kind, payload = KIND_TERM, (node.field, node.value)
-    elif isinstance(node, Terms):
-        kind, payload = KIND_TERMS, tuple((node.field, value) for value in node.values)
-    elif isinstance(node, GeoDistance) and np is not None:
-        kind, payload = KIND_GEO, geo_circle_spec(node)
-    elif isinstance(node, Phrase) or key is None or isinstance(node, GeoDistance):
-        kind, payload = KIND_PRE, evaluator
-    else:
-        kind, payload = KIND_MEMO, evaluator
-    if key is None:
-        key = ("unique", object())  # not shareable: its own slot
-    return [OP_LEAF, table.acquire(key, kind, payload)], cost
+        return KIND_TERM, table.term_key(node.field, node.value)
+    if isinstance(node, Terms):
+        return KIND_TERMS, tuple(table.term_key(node.field, value) for value in node.values)
+    if isinstance(node, GeoDistance) and np is not None:
+        return KIND_GEO, geo_circle_spec(node)
+    evaluator, _cost, key = leaf_evaluator(node)
+    if isinstance(node, Phrase) or key is None or isinstance(node, GeoDistance):
+        return KIND_PRE, evaluator
+    return KIND_MEMO, evaluator
 
 
 def _emit_bool(node: Bool, table: LeafTable) -> tuple[list[int], int]:
-    msm = node.minimum_should_match
-    if msm > len(node.should):
+    msm, should = node.minimum_should_match, node.should
+    if msm > len(should):
         return [OP_NONE], 0
-    required = sorted((_with_order(c, table) for c in (*node.must, *node.filter)), key=_order)
-    excluded = sorted((_with_order(c, table) for c in node.must_not), key=_order)
-    optional = sorted((_with_order(c, table) for c in node.should), key=_order) if msm > 0 else []
-    cost = _COST_BOOL + sum(c[1] for c in required) + sum(c[1] for c in excluded) + sum(c[1] for c in optional)
+    required = [_ranked(child, table) for child in node.must]
+    if node.filter:
+        required += [_ranked(child, table) for child in node.filter]
+    excluded = [_ranked(child, table) for child in node.must_not]
+    optional = [_ranked(child, table) for child in should] if msm > 0 else []
     body: list[int] = []
-    for code, _cost, _rank in (*required, *optional, *excluded):
-        body.extend(code)
-    header = [OP_BOOL, _BOOL_HEADER + len(body), msm, len(required), len(optional), len(excluded)]
-    return header + body, cost
+    cost = _COST_BOOL
+    for group in (required, optional, excluded):  # the order the C code reads them in
+        if len(group) > 1:
+            group.sort(key=_order)
+        for code, child_cost, _rank in group:
+            body += code
+            cost += child_cost
+    return [OP_BOOL, _BOOL_HEADER + len(body), msm, len(required), len(optional), len(excluded), *body], cost
 
 
-def _with_order(node: Node, table: LeafTable) -> tuple[list[int], int, int]:
+def _ranked(node: Node, table: LeafTable) -> tuple[list[int], int, int]:
     code, cost = _emit(node, table)
     # matcher.py's and_terms looks boolean terms up last (the rarer-looking lookups first)
-    rank = 1 if isinstance(node, Term) and isinstance(node.value, bool) else 0
+    rank = 1 if type(node) is Term and isinstance(node.value, bool) else 0
     return code, cost, rank
 
 
