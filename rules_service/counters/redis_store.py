@@ -222,7 +222,7 @@ def _floor_dimension_days(
 @dataclass
 class EncodedBatch:
     """One batch as the commands of its round trip: ``pfadds`` (packed PFADD commands) and the
-    script's ARGV (packed bulk strings, ``argc`` of them)."""
+    script's ARGV (packed bulk strings, ``argc`` of them; an item may hold several bulks)."""
 
     pfadds: list[bytes]
     argv: list[bytes]
@@ -369,15 +369,29 @@ class RedisCounters(Counters):
             entry = hashes.get(dimension_head[0])
             if entry is None:
                 entry = hashes[dimension_head[0]] = (dimension_head[1], {})
-            dimension_field = self._field_bulks(dimension)
-            # (rid, day, dimension) is unique once days are floored, so its fields are new here
-            entry[1].update({dimension_field(value): count for value, count in values.items() if count})
+            # (rid, day, dimension) is unique once days are floored, so its fields are new here; map
+            # and zip keep the per-field loop in C
+            counts = values.values()
+            if 0 in counts:
+                values = {value: count for value, count in values.items() if count}
+                counts = values.values()
+            entry[1].update(zip(map(self._field_bulks(dimension), values), counts, strict=True))
         argv.append(b"")  # the number of hash entries, known below
         slot = len(argv) - 1
+        argc = len(argv)
         entries = 0
-        count_bulk = _count_bulk
+        count_bulk, small_counts = _count_bulk, _COUNT_BULKS.__getitem__
         for key_bulk, (expire_bulk, fields) in hashes.items():
             if not fields:
+                continue
+            if len(fields) <= MAX_FIELDS_PER_CALL:
+                # one chunk of 2n bulks (argv items are sent concatenated; argc counts bulks)
+                field_counts = fields.values()
+                small = 0 <= min(field_counts) and max(field_counts) < len(_COUNT_BULKS)
+                tail = b"".join(map(small_counts if small else count_bulk, field_counts))
+                argv += (key_bulk, expire_bulk, count_bulk(len(fields)), b"".join(fields) + tail)
+                argc += 3 + 2 * len(fields)
+                entries += 1
                 continue
             names = list(fields)
             for lo in range(0, len(names), MAX_FIELDS_PER_CALL):
@@ -385,9 +399,10 @@ class RedisCounters(Counters):
                 argv += (key_bulk, expire_bulk, count_bulk(len(part)))
                 argv += part
                 argv += [count_bulk(fields[name]) for name in part]
+                argc += 3 + 2 * len(part)
                 entries += 1
         argv[slot] = _bulk(str(entries))
-        return EncodedBatch(pfadds, argv, len(argv))
+        return EncodedBatch(pfadds, argv, argc)
 
     def _sketch_head(self, rid: str, granularity: str, bucket: int) -> tuple[bytes, bytes]:
         """(key, EXPIREAT) bulks of a sketch."""
