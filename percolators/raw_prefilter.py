@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 
@@ -57,21 +57,71 @@ from percolators.query import (
     Node,
     ParsedRule,
     Prefix,
+    Range,
     Term,
     Terms,
     Wildcard,
 )
 
-__all__ = ["RawPrefilter", "compile_prefilter", "rule_condition"]
+__all__ = ["IntRange", "RawPrefilter", "compile_prefilter", "rule_condition"]
 
-#: A condition in conjunctive normal form: every clause (a set of patterns) must have a pattern
-#: occurring in the bytes. ``()`` is "always true" (no condition); a clause that is empty can
-#: never be satisfied ("matches nothing").
-Condition = tuple[frozenset[bytes], ...]
+_INT = re.compile(r"-?[0-9]+")
+_INTEGER_TYPES = frozenset({"integer", "long", "short", "byte"})
+_WS = rb"[ \t\r\n]*"
+
+
+@dataclass(frozen=True)
+class IntRange:
+    """An atom: "some value of the integer field whose source key ends in ``key`` may lie in
+    [low, high]" (None: unbounded), decided on the raw bytes.
+
+    Every occurrence of the key (``"key":`` or ``".key":``, at any depth: a superset of where
+    the field's values can be, dotted keys included) is looked at: the atom holds when one is
+    followed by anything but a plain JSON integer (a string the engine may coerce, a float it may
+    truncate, an array, ``null``...: undecidable here, so true) or by an integer inside the
+    bounds. No occurrence: the field is missing, a range cannot match."""
+
+    key: str
+    low: int | None
+    high: int | None
+    rx: re.Pattern[bytes] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        token = re.escape(self.key.encode())
+        object.__setattr__(self, "rx", re.compile(
+            b'(?:"|\\.)' + token + b'"' + _WS + b":" + _WS + b"(-?[0-9]+(?![0-9.eE]))?"))
+
+    def __call__(self, value: bytes) -> bool:
+        low, high = self.low, self.high
+        for found in self.rx.finditer(value):
+            digits = found.group(1)
+            if digits is None:
+                return True
+            number = int(digits)
+            if (low is None or number >= low) and (high is None or number <= high):
+                return True
+        return False
+
+
+#: A clause's atoms: a byte pattern that must occur, or an :class:`IntRange`.
+Atom = bytes | IntRange
+#: A condition in conjunctive normal form: every clause (a set of atoms) must have an atom holding
+#: on the bytes. ``()`` is "always true" (no condition); a clause that is empty can never be
+#: satisfied ("matches nothing").
+Condition = tuple[frozenset[Atom], ...]
 TRUE: Condition = ()
 FALSE: Condition = (frozenset(),)
 
-_INT = re.compile(r"-?[0-9]+")
+
+def _holds(atom: Atom, value: bytes) -> bool:
+    return atom in value if isinstance(atom, bytes) else atom(value)
+
+
+def _atom_key(atom: Atom) -> tuple[int, bytes]:
+    """A total order on atoms (bytes and ranges do not compare)."""
+    if isinstance(atom, bytes):
+        return (0, atom)
+    return (1, repr((atom.key, atom.low, atom.high)).encode())
 
 
 def _needs_escape(text: str) -> bool:
@@ -110,7 +160,7 @@ def _keyword_prefix(prefix: str) -> frozenset[bytes] | None:
 
 
 def _and(conditions: Iterable[Condition]) -> Condition:
-    clauses: set[frozenset[bytes]] = set()
+    clauses: set[frozenset[Atom]] = set()
     for condition in conditions:
         clauses.update(condition)
     if frozenset() in clauses:
@@ -118,18 +168,19 @@ def _and(conditions: Iterable[Condition]) -> Condition:
     return _simplify(clauses)
 
 
-def _simplify(clauses: Iterable[frozenset[bytes]]) -> Condition:
+def _simplify(clauses: Iterable[frozenset[Atom]]) -> Condition:
     """Drop patterns that contain another pattern of their clause (the shorter one occurs whenever
     the longer one does) and clauses implied by a smaller one."""
     reduced = []
     for clause in clauses:
-        reduced.append(frozenset(p for p in clause if not any(q != p and q in p for q in clause)))
+        reduced.append(frozenset(p for p in clause if not (isinstance(p, bytes) and any(
+            isinstance(q, bytes) and q != p and q in p for q in clause))))
     reduced.sort(key=len)
-    kept: list[frozenset[bytes]] = []
+    kept: list[frozenset[Atom]] = []
     for clause in reduced:
         if not any(k <= clause for k in kept):
             kept.append(clause)
-    return tuple(sorted(kept, key=lambda c: (len(c), sorted(c))))
+    return tuple(sorted(kept, key=lambda c: (len(c), sorted(map(_atom_key, c)))))
 
 
 def _or(conditions: Sequence[Condition]) -> Condition:
@@ -138,7 +189,7 @@ def _or(conditions: Sequence[Condition]) -> Condition:
         return FALSE
     if any(c == TRUE for c in live):
         return TRUE
-    union: set[bytes] = set()
+    union: set[Atom] = set()
     for condition in live:
         union.update(condition[0])  # one clause of each disjunct (the smallest, see _simplify)
     return _simplify([frozenset(union)])
@@ -166,6 +217,8 @@ def _condition(node: Node, mapping: Mapping) -> Condition:
         else:
             patterns = None if node.case_insensitive else _keyword_prefix(node.literal_prefix)
         return TRUE if patterns is None else _simplify([patterns])
+    if isinstance(node, Range):
+        return _range_condition(node, mapping)
     if isinstance(node, Bool):
         if node.minimum_should_match > len(node.should):
             return FALSE
@@ -173,7 +226,27 @@ def _condition(node: Node, mapping: Mapping) -> Condition:
         if node.minimum_should_match >= 1:
             required.append(_or([_condition(child, mapping) for child in node.should]))
         return _and(required)
-    return TRUE  # Range, Exists, Phrase, GeoDistance: nothing on the raw bytes
+    return TRUE  # Exists, Phrase, GeoDistance: nothing on the raw bytes
+
+
+def _range_condition(node: Range, mapping: Mapping) -> Condition:
+    """A range on an integer field with integer bounds: an :class:`IntRange` atom. Anything else
+    (dates, floats, keywords, ``now``, a ``null_value`` a missing value could take) gives none."""
+    spec = mapping.fields.get(node.field)
+    if spec is None or spec.type not in _INTEGER_TYPES or spec.null_value is not None:
+        return TRUE
+    bounds: list[int | None] = []
+    for bound, inclusive, step in ((node.low, node.low_inclusive, 1), (node.high, node.high_inclusive, -1)):
+        if bound is None:
+            bounds.append(None)
+        elif type(bound) is int:
+            bounds.append(bound if inclusive else bound + step)
+        else:
+            return TRUE
+    low, high = bounds
+    if low is not None and high is not None and low > high:
+        return FALSE
+    return (frozenset({IntRange(spec.source.rsplit(".", 1)[-1], low, high)}),)
 
 
 def rule_condition(rule: ParsedRule | Node, mapping: Mapping) -> Condition:
@@ -185,27 +258,33 @@ def rule_condition(rule: ParsedRule | Node, mapping: Mapping) -> Condition:
 
 @dataclass(frozen=True)
 class _Plan:
-    """One rule: its first (most selective) clause, tested for every document, and the rest."""
+    """One rule: its first clause, tested for every document, and the rest."""
 
-    first: frozenset[bytes]
-    rest: tuple[frozenset[bytes], ...]
+    first: frozenset[Atom]
+    rest: tuple[frozenset[Atom], ...]
 
 
 class RawPrefilter:
     """``prefilter(raw) -> bool``: False only when no rule can match the document.
 
     Per document: one search for ``\\``, then ONE regular-expression search for the alternation of
-    every rule's first (most selective) clause patterns (the C regex engine tests all of them in a
-    single pass: measured ~1 us for 4 patterns and ~3 us for 116 on 500-byte documents, against
-    ~23 us for 116 separate ``in`` searches and ~4-5 us for collecting the document's string tokens
-    into a set). Only the documents it finds something in have the rules' full conditions checked
-    with ``in`` searches."""
+    the first (most selective) clause patterns of every rule that has a clause of byte patterns
+    (the C regex engine tests all of them in a single pass: measured ~1 us for 4 patterns and
+    ~3 us for 116 on 500-byte documents, against ~23 us for 116 separate ``in`` searches and
+    ~4-5 us for collecting the document's string tokens into a set). Only the documents it finds
+    something in have those rules' full conditions checked. Rules whose clauses are all integer
+    ranges (``age`` 35-49 and a geo distance) are checked on every document (one regular
+    expression per range)."""
 
     def __init__(self, plans: Sequence[_Plan]) -> None:
         self.plans = list(plans)
-        first = sorted({p for plan in self.plans for p in plan.first}, key=lambda p: (-len(p), p))
-        self.first_rx = re.compile(b"|".join(re.escape(p) for p in first))
-        self.rules = tuple(tuple(tuple(c) for c in (plan.first, *plan.rest)) for plan in self.plans)
+        keyed = [plan for plan in self.plans if all(isinstance(p, bytes) for p in plan.first)]
+        first = sorted({p for plan in keyed for p in plan.first if isinstance(p, bytes)},
+                       key=lambda p: (-len(p), p))
+        self.first_rx = re.compile(b"|".join(re.escape(p) for p in first)) if first else None
+        self.rules = tuple(tuple(tuple(c) for c in (plan.first, *plan.rest)) for plan in keyed)
+        self.range_rules = tuple(tuple(tuple(c) for c in (plan.first, *plan.rest))
+                                 for plan in self.plans if not any(plan is k for k in keyed))
 
     @property
     def patterns(self) -> int:
@@ -214,30 +293,38 @@ class RawPrefilter:
     def __call__(self, value: bytes) -> bool:
         if b"\\" in value:
             return True
-        if self.first_rx.search(value) is None:
-            return False
-        for rule in self.rules:
-            for clause in rule:
-                for p in clause:
-                    if p in value:
-                        break
-                else:
-                    break  # this clause has no pattern: the rule cannot match
+        if self.first_rx is not None and self.first_rx.search(value) is not None \
+                and _any_rule_holds(self.rules, value):
+            return True
+        return bool(self.range_rules) and _any_rule_holds(self.range_rules, value)
+
+
+def _any_rule_holds(rules: tuple[tuple[tuple[Atom, ...], ...], ...], value: bytes) -> bool:
+    for rule in rules:
+        for clause in rule:
+            for p in clause:
+                if p in value if isinstance(p, bytes) else p(value):
+                    break
             else:
-                return True
-        return False
+                break  # this clause has no atom holding: the rule cannot match
+        else:
+            return True
+    return False
 
 
 def _order(condition: Condition, sample: Sequence[bytes]) -> Condition:
     """Clauses sorted most selective first: by the fraction of ``sample`` they let through (ties
-    and no sample: fewer patterns first)."""
-    if not sample:
-        return condition
+    and no sample: fewer atoms first); the first is a clause of byte patterns when there is one
+    (those go into the prefilter's single regular expression)."""
+    if sample:
+        def passed(clause: frozenset[Atom]) -> int:
+            return sum(1 for v in sample if any(_holds(p, v) for p in clause))
 
-    def passed(clause: frozenset[bytes]) -> int:
-        return sum(1 for v in sample if any(p in v for p in clause))
-
-    return tuple(sorted(condition, key=lambda c: (passed(c), len(c))))
+        condition = tuple(sorted(condition, key=lambda c: (passed(c), len(c))))
+    plain = [c for c in condition if all(isinstance(p, bytes) for p in c)]
+    if plain and plain[0] is not condition[0]:
+        condition = (plain[0], *(c for c in condition if c is not plain[0]))
+    return condition
 
 
 def compile_prefilter(rules: Iterable[ParsedRule], mapping: Mapping,

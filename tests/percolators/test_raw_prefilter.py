@@ -14,14 +14,14 @@ from percolators.dsl import parse_rule
 from percolators.embedded import EmbeddedPercolator
 from percolators.mapping import Mapping
 from percolators.port import Rule
-from percolators.raw_prefilter import FALSE, TRUE, compile_prefilter, rule_condition
+from percolators.raw_prefilter import FALSE, TRUE, Condition, IntRange, compile_prefilter, rule_condition
 from percolators.workload import WORKLOAD_NOW, generate_documents, generate_rules
 from rules_service.schema import USER_MAPPING
 
 MAPPING = Mapping.from_json(USER_MAPPING)
 
 
-def _condition(query: dict[str, Any]) -> tuple[frozenset[bytes], ...]:
+def _condition(query: dict[str, Any]) -> Condition:
     return rule_condition(parse_rule("r", query, MAPPING), MAPPING)
 
 
@@ -31,15 +31,22 @@ def test_conditions_of_the_query_shapes() -> None:
     assert _condition({"prefix": {"geo.postcode": "SW19 "}}) == (frozenset({b'"SW19 '}),)
     assert _condition({"bool": {"filter": [{"term": {"gender": "male"}}, {"range": {"age": {"gte": 30}}},
                                            {"term": {"device.os": "ios"}}]}}) == (
-        frozenset({b'"ios"'}), frozenset({b'"male"'}))
+        frozenset({b'"ios"'}), frozenset({b'"male"'}), frozenset({IntRange("age", 30, None)}))
     assert _condition({"bool": {"should": [{"term": {"gender": "male"}}, {"term": {"occupation": "chef"}}]}}) == (
         frozenset({b'"male"', b'"chef"'}),)
-    # no condition: numbers, geo, exists, must_not only, case_insensitive, a should with a range
+    # integer ranges: inclusive integer bounds on the source key; an empty range matches nothing
+    assert _condition({"range": {"age": {"gt": 29.5, "lt": 40}}}) == (frozenset({IntRange("age", 30, 39)}),)
+    assert _condition({"range": {"ad_slot.w": {"lte": 300}}}) == (frozenset({IntRange("w", None, 300)}),)
+    assert _condition({"range": {"age": {"gt": 30, "lt": 31}}}) == FALSE
+    assert _condition({"bool": {"should": [{"term": {"gender": "male"}}, {"range": {"age": {"gte": 3}}}]}}) == (
+        frozenset({b'"male"', IntRange("age", 3, None)}),)
+    # no condition: dates, geo, exists, must_not only, case_insensitive, a should with a geo distance
     query: dict[str, Any]
-    for query in ({"range": {"age": {"gte": 30}}}, {"exists": {"field": "gender"}},
+    for query in ({"range": {"last_seen": {"gte": "now-30d"}}}, {"exists": {"field": "gender"}},
                   {"bool": {"must_not": [{"term": {"gender": "male"}}]}},
                   {"term": {"gender": {"value": "MALE", "case_insensitive": True}}},
-                  {"bool": {"should": [{"term": {"gender": "male"}}, {"range": {"age": {"gte": 3}}}]}},
+                  {"bool": {"should": [{"term": {"gender": "male"}}, {"geo_distance": {
+                      "distance": "5km", "geo.location": {"lat": 51.4, "lon": -0.2}}}]}},
                   {"geo_distance": {"distance": "5km", "geo.location": {"lat": 51.4, "lon": -0.2}}},
                   {"match_all": {}}):
         assert _condition(query) == TRUE, query
@@ -108,6 +115,19 @@ def test_documents_with_escapes_or_other_encoders_pass() -> None:
     assert _check_necessary(rules, docs, raws) == 3
 
 
+def test_integer_range_atom_on_tricky_bytes() -> None:
+    atom = IntRange("age", 35, 49)
+    assert not atom(b'{"age":30}') and not atom(b'{"age":500}') and not atom(b'{"x":1}')
+    assert not atom(b'{"image":40,"age":4}')  # another key ending in the name is not it
+    assert atom(b'{"age":35}') and atom(b'{"age" :\n 49 ,"x":1}')
+    assert atom(b'{"age":30,"x":{"age":40}}')  # any occurrence may be the field
+    assert atom(b'{"a.age":40}')  # a dotted key
+    # not a plain integer: the engine may coerce it, so it may match
+    for raw in (b'{"age":"30"}', b'{"age":40.0}', b'{"age":4e1}', b'{"age":[1,40]}', b'{"age":null}',
+                b'{"age":true}'):
+        assert atom(raw), raw
+
+
 _VALUES = st.sampled_from(["male", "female", "chef", "12", "true", "SW19 1AA", "SW1", "ios", "Ios", "é", "a b"])
 _SCALARS = st.one_of(_VALUES, st.integers(-20, 20), st.booleans(), st.none(), st.floats(-3, 3, allow_nan=False))
 _FIELDS = st.sampled_from(["gender", "occupation", "geo.postcode", "device.os", "interests"])
@@ -127,7 +147,10 @@ def _documents(draw: st.DrawFn) -> dict[str, Any]:
     for path in draw(st.lists(_FIELDS, max_size=4, unique=True)):
         _put(doc, path, draw(st.one_of(_SCALARS, st.lists(_SCALARS, max_size=3))))
     if draw(st.booleans()):
-        doc["age"] = draw(st.integers(0, 90))
+        doc["age"] = draw(st.one_of(st.integers(0, 90), st.integers(0, 90).map(str), st.floats(0, 90),
+                                    st.lists(st.integers(0, 90), max_size=3), st.none()))
+    if draw(st.booleans()):
+        _put(doc, draw(st.sampled_from(["ad_slot.w", "ad_slot.h", "device.age"])), draw(st.integers(0, 600)))
     return doc
 
 
@@ -138,6 +161,10 @@ _LEAVES = st.one_of(
     st.builds(lambda f, v: {"wildcard": {f: v}}, _FIELDS, st.sampled_from(["SW*", "c?ef", "*x", "1*"])),
     st.builds(lambda f, v: {"term": {f: {"value": v, "case_insensitive": True}}}, _FIELDS, _VALUES),
     st.builds(lambda lo: {"range": {"age": {"gte": lo}}}, st.integers(0, 90)),
+    st.builds(lambda f, op, v: {"range": {f: {op: v}}}, st.sampled_from(["age", "ad_slot.w"]),
+              st.sampled_from(["gt", "gte", "lt", "lte"]), st.one_of(st.integers(0, 600), st.floats(0, 90))),
+    st.builds(lambda lo, width: {"range": {"age": {"gte": lo, "lte": lo + width}}}, st.integers(0, 90),
+              st.integers(-1, 30)),
     st.builds(lambda f: {"exists": {"field": f}}, _FIELDS),
 )
 _QUERIES = st.recursive(_LEAVES, lambda inner: st.builds(
