@@ -1,11 +1,12 @@
 /* percolators._walk: the C twin of FastIndexer.index_batch's fast path (percolators/fast_index.py).
  *
- * walk(documents, start, plan, docs, slots, doc_type, date_fallback) -> int
+ * walk(documents, start, plan, docs, slots, index, date_fallback) -> int
  *
  * Walks documents[start:], one plain-JSON dict at a time, with the batch plan built by
- * FastIndexer._c_plan; for each document it handles completely it appends
- * doc_type(values, {}, frozenset(values)) to ``docs``, its input index to ``slots`` and its batch
- * position (len(docs) before the append) to the postings of each value. It stops at the first
+ * FastIndexer._c_plan; for each document it handles completely it appends a LazyDoc (its
+ * IndexedDoc, built on first read, see below; ``index``: FastIndexer.index) to ``docs``, its input
+ * index to ``slots`` and its batch position (len(docs) before the append) to the postings of each
+ * value. It stops at the first
  * document it cannot handle (not an exact dict, or any value the Python fast walk would give up
  * on with _Slow) and returns that document's index, or len(documents) when all are done; Python
  * then indexes that one document the full way and calls again with start = index + 1. Nothing
@@ -45,12 +46,12 @@ static PyObject *str_lat, *str_lon, *str_dot; /* immutable constants */
 
 typedef struct {
     PyObject *post;  /* the field's postings */
-    PyObject *items; /* the tuple of indexed values also in the document's values dict */
-    int geo;
+    PyObject *items; /* one indexed value (single), or a tuple of them */
+    int geo, single;
 } Pending; /* owns its two references: nothing here relies on the plan or values staying put */
 
 typedef struct {
-    PyObject *values; /* the document's values dict (owned by the caller of walk_doc) */
+    PyObject *values; /* NULL: post only (batch walk); else the document's values dict to fill */
     PyObject *date_fallback;
     Pending *pending; /* postings to apply once the document is known to be plain */
     Py_ssize_t npending, cap;
@@ -287,7 +288,7 @@ static int list_items(Walk *w, long kind, PyObject *entry, PyObject *list, PyObj
     return status;
 }
 
-static int push_pending(Walk *w, PyObject *post, PyObject *items, int geo)
+static int push_pending(Walk *w, PyObject *post, PyObject *items, int geo, int single)
 {
     if (w->npending == w->cap) {
         Py_ssize_t cap = w->cap ? w->cap * 2 : 32;
@@ -299,7 +300,7 @@ static int push_pending(Walk *w, PyObject *post, PyObject *items, int geo)
         w->pending = grown;
         w->cap = cap;
     }
-    w->pending[w->npending++] = (Pending){Py_NewRef(post), Py_NewRef(items), geo};
+    w->pending[w->npending++] = (Pending){Py_NewRef(post), Py_NewRef(items), geo, single};
     return OK;
 }
 
@@ -312,9 +313,10 @@ static void clear_pending(Walk *w)
     w->npending = 0;
 }
 
-/* one mapped leaf's value: values[path] = items, and its postings queued */
+/* one mapped leaf's value: values[path] = items (when collecting values), or its postings queued */
 static int leaf(Walk *w, long kind, PyObject *entry, PyObject *value)
 {
+    PyObject *post = PyTuple_GET_ITEM(entry, 4);
     PyObject *items = NULL, *one = NULL;
     int status = OK;
     if (PyUnicode_CheckExact(value) && kind == K_KEYWORD) {
@@ -328,16 +330,21 @@ static int leaf(Walk *w, long kind, PyObject *entry, PyObject *value)
     }
     if (status != OK)
         return status;
+    if (w->values == NULL) { /* the batch walk: postings only, no 1-tuples */
+        if (post != Py_None)
+            status = one != NULL ? push_pending(w, post, one, kind == K_GEO, 1)
+                                 : push_pending(w, post, items, kind == K_GEO, 0);
+        Py_XDECREF(one);
+        Py_XDECREF(items);
+        return status;
+    }
     if (one != NULL) {
         items = PyTuple_Pack(1, one);
         Py_DECREF(one);
         if (items == NULL)
             return FAIL;
     }
-    PyObject *path = PyTuple_GET_ITEM(entry, 1), *post = PyTuple_GET_ITEM(entry, 4);
-    status = PyDict_SetItem(w->values, path, items) < 0 ? FAIL : OK;
-    if (status == OK && post != Py_None)
-        status = push_pending(w, post, items, kind == K_GEO);
+    status = PyDict_SetItem(w->values, PyTuple_GET_ITEM(entry, 1), items) < 0 ? FAIL : OK;
     Py_DECREF(items);
     return status;
 }
@@ -432,8 +439,9 @@ static int apply_pending(Walk *w, PyObject *pos)
             PyErr_SetString(PyExc_TypeError, "plan postings: a list for geo_point fields, else a dict");
             return FAIL;
         }
-        for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(p->items); j++) {
-            PyObject *item = PyTuple_GET_ITEM(p->items, j);
+        Py_ssize_t n = p->single ? 1 : PyTuple_GET_SIZE(p->items);
+        for (Py_ssize_t j = 0; j < n; j++) {
+            PyObject *item = p->single ? p->items : PyTuple_GET_ITEM(p->items, j);
             if ((p->geo ? post_point(p->post, item, pos) : post_value(p->post, item, pos)) < 0)
                 return FAIL;
         }
@@ -443,27 +451,154 @@ static int apply_pending(Walk *w, PyObject *pos)
 
 /* ----- one document, the batch ---------------------------------------------------------------- */
 
-/* IndexedDoc(values, {}, frozenset(values)) */
-static PyObject *make_doc(PyObject *doc_type, PyObject *values)
+/* ----- LazyDoc: the IndexedDoc of a document the batch walk indexed, built on first use ----------
+ *
+ * The batch walk only posts: the per-document values dict (and its tuples, its present frozenset)
+ * are what the rules' C evaluation never reads, yet cost as much as the walk itself. A LazyDoc
+ * keeps the document and the plan instead and fills values/present/phrases, exactly as the Python
+ * walk would, when first read (a per-document evaluator, ``exists``, explain). The document must
+ * not change while its LazyDoc lives (it lives for one percolate call).
+ */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *source;   /* the plain document */
+    PyObject *plan;     /* the walk plan it was indexed with */
+    PyObject *fallback; /* FastIndexer.index: for a document changed since (the slow path decides) */
+    PyObject *date_fallback;
+    PyObject *values, *present, *phrases; /* NULL until first read */
+} LazyDoc;
+
+static PyTypeObject LazyDocType;
+
+static int lazy_fill(LazyDoc *self)
 {
-    PyObject *phrases = PyDict_New(), *present = PyFrozenSet_New(values), *doc = NULL;
-    if (phrases != NULL && present != NULL) {
-        PyObject *args[3] = {values, phrases, present};
-        doc = PyObject_Vectorcall(doc_type, args, 3, NULL);
+    if (self->values != NULL)
+        return 0;
+    Walk w = {PyDict_New(), self->date_fallback, NULL, 0, 0};
+    if (w.values == NULL)
+        return -1;
+    int status = walk_obj(&w, self->source, self->plan);
+    clear_pending(&w);
+    PyMem_Free(w.pending);
+    if (status == OK) {
+        self->values = w.values;
+        self->present = PyFrozenSet_New(w.values);
+        self->phrases = PyDict_New();
+    } else {
+        Py_DECREF(w.values);
+        if (status == FAIL)
+            return -1;
+        PyObject *indexed = PyObject_CallOneArg(self->fallback, self->source);
+        if (indexed == NULL)
+            return -1;
+        self->values = PyObject_GetAttrString(indexed, "values");
+        self->present = PyObject_GetAttrString(indexed, "present");
+        self->phrases = PyObject_GetAttrString(indexed, "phrases");
+        Py_DECREF(indexed);
     }
-    Py_XDECREF(phrases);
-    Py_XDECREF(present);
-    return doc;
+    if (self->values == NULL || self->present == NULL || self->phrases == NULL) {
+        Py_CLEAR(self->values);
+        Py_CLEAR(self->present);
+        Py_CLEAR(self->phrases);
+        return -1;
+    }
+    return 0;
 }
+
+static PyObject *lazy_values(LazyDoc *self, void *closure)
+{
+    return lazy_fill(self) < 0 ? NULL : Py_NewRef(self->values);
+}
+
+static PyObject *lazy_present(LazyDoc *self, void *closure)
+{
+    return lazy_fill(self) < 0 ? NULL : Py_NewRef(self->present);
+}
+
+static PyObject *lazy_phrases(LazyDoc *self, void *closure)
+{
+    return lazy_fill(self) < 0 ? NULL : Py_NewRef(self->phrases);
+}
+
+static PyObject *lazy_repr(LazyDoc *self)
+{
+    if (lazy_fill(self) < 0)
+        return NULL;
+    return PyUnicode_FromFormat("IndexedDoc(values=%R)", self->values);
+}
+
+static int lazy_traverse(LazyDoc *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->source);
+    Py_VISIT(self->plan);
+    Py_VISIT(self->fallback);
+    Py_VISIT(self->date_fallback);
+    Py_VISIT(self->values);
+    Py_VISIT(self->present);
+    Py_VISIT(self->phrases);
+    return 0;
+}
+
+static int lazy_clear(LazyDoc *self)
+{
+    Py_CLEAR(self->source);
+    Py_CLEAR(self->plan);
+    Py_CLEAR(self->fallback);
+    Py_CLEAR(self->date_fallback);
+    Py_CLEAR(self->values);
+    Py_CLEAR(self->present);
+    Py_CLEAR(self->phrases);
+    return 0;
+}
+
+static void lazy_dealloc(LazyDoc *self)
+{
+    PyObject_GC_UnTrack(self);
+    lazy_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyGetSetDef lazy_getset[] = {
+    {"values", (getter)lazy_values, NULL, "leaf field path -> tuple of indexed values", NULL},
+    {"present", (getter)lazy_present, NULL, "the leaf fields with at least one indexed value", NULL},
+    {"phrases", (getter)lazy_phrases, NULL, "text field path -> token tuples (none on this path)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject LazyDocType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "percolators._walk.LazyDoc",
+    .tp_basicsize = sizeof(LazyDoc),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The IndexedDoc of a document indexed by the batch walk, built on first read.",
+    .tp_dealloc = (destructor)lazy_dealloc,
+    .tp_traverse = (traverseproc)lazy_traverse,
+    .tp_clear = (inquiry)lazy_clear,
+    .tp_repr = (reprfunc)lazy_repr,
+    .tp_getset = lazy_getset,
+};
+
+static PyObject *lazy_new(PyObject *source, PyObject *plan, PyObject *fallback, PyObject *date_fallback)
+{
+    LazyDoc *doc = PyObject_GC_New(LazyDoc, &LazyDocType);
+    if (doc == NULL)
+        return NULL;
+    doc->source = Py_NewRef(source);
+    doc->plan = Py_NewRef(plan);
+    doc->fallback = Py_NewRef(fallback);
+    doc->date_fallback = Py_NewRef(date_fallback);
+    doc->values = doc->present = doc->phrases = NULL;
+    PyObject_GC_Track(doc);
+    return (PyObject *)doc;
+}
+
+/* ----- one document, the batch ---------------------------------------------------------------- */
 
 /* SLOW, FAIL, or OK with the document appended to docs/slots and posted at position len(docs) */
 static int walk_doc(Walk *w, PyObject *doc, PyObject *plan, PyObject *docs, PyObject *slots, Py_ssize_t slot,
-                    PyObject *doc_type)
+                    PyObject *fallback)
 {
     clear_pending(w);
-    w->values = PyDict_New();
-    if (w->values == NULL)
-        return FAIL;
     int status = walk_obj(w, doc, plan);
     PyObject *pos = NULL, *slot_obj = NULL, *indexed = NULL;
     if (status == OK) {
@@ -472,23 +607,22 @@ static int walk_doc(Walk *w, PyObject *doc, PyObject *plan, PyObject *docs, PyOb
         status = pos == NULL || slot_obj == NULL ? FAIL : apply_pending(w, pos);
     }
     if (status == OK)
-        status = (indexed = make_doc(doc_type, w->values)) == NULL ? FAIL : OK;
+        status = (indexed = lazy_new(doc, plan, fallback, w->date_fallback)) == NULL ? FAIL : OK;
     if (status == OK)
         status = PyList_Append(docs, indexed) < 0 || PyList_Append(slots, slot_obj) < 0 ? FAIL : OK;
     Py_XDECREF(indexed);
     Py_XDECREF(pos);
     Py_XDECREF(slot_obj);
-    Py_CLEAR(w->values);
     clear_pending(w);
     return status;
 }
 
 static PyObject *walk(PyObject *self, PyObject *args)
 {
-    PyObject *documents, *plan, *docs, *slots, *doc_type, *date_fallback;
+    PyObject *documents, *plan, *docs, *slots, *fallback, *date_fallback;
     Py_ssize_t start;
     if (!PyArg_ParseTuple(args, "OnO!O!O!OO:walk", &documents, &start, &PyDict_Type, &plan, &PyList_Type, &docs,
-                          &PyList_Type, &slots, &doc_type, &date_fallback))
+                          &PyList_Type, &slots, &fallback, &date_fallback))
         return NULL;
     PyObject *seq = PySequence_Fast(documents, "documents must be a sequence");
     if (seq == NULL)
@@ -501,7 +635,7 @@ static PyObject *walk(PyObject *self, PyObject *args)
         if (!PyDict_CheckExact(doc))
             break;
         Py_INCREF(doc);
-        status = walk_doc(&w, doc, plan, docs, slots, i, doc_type);
+        status = walk_doc(&w, doc, plan, docs, slots, i, fallback);
         Py_DECREF(doc);
         if (status != OK)
             break;
@@ -557,8 +691,15 @@ static PyObject *list_mask(PyObject *positions, Bits *bits)
         if (pos > top)
             top = pos;
     }
-    if (top < 63 && n == 1)
-        return PyLong_FromUnsignedLongLong(1ULL << top);
+    if (n == 1) { /* 1 << pos: a digit-level shift, much cheaper than converting bytes */
+        if (top < 63)
+            return PyLong_FromUnsignedLongLong(1ULL << top);
+        PyObject *one = PyLong_FromLong(1), *mask = NULL;
+        if (one != NULL)
+            mask = PyNumber_Lshift(one, PyList_GET_ITEM(positions, 0));
+        Py_XDECREF(one);
+        return mask;
+    }
     Py_ssize_t size = (top >> 3) + 1;
     if (size > bits->cap) {
         unsigned char *grown = PyMem_Realloc(bits->bytes, (size_t)size);
@@ -654,7 +795,7 @@ static PyMethodDef methods[] = {
     {"masks", masks, METH_O, "masks(postings) -> (terms, field_masks), as BatchIndex.__init__ builds them"},
     {"mask_of", mask_of, METH_O, "mask_of(positions) -> int with those bits set"},
     {"walk", walk, METH_VARARGS,
-     "walk(documents, start, plan, docs, slots, doc_type, date_fallback) -> index of the first document "
+     "walk(documents, start, plan, docs, slots, index, date_fallback) -> index of the first document "
      "left to the full indexer (len(documents): none)"},
     {NULL, NULL, 0, NULL},
 };
@@ -672,5 +813,10 @@ PyMODINIT_FUNC PyInit__walk(void)
         if (str_lat == NULL || str_lon == NULL || str_dot == NULL)
             return NULL;
     }
-    return PyModule_Create(&module);
+    if (PyType_Ready(&LazyDocType) < 0)
+        return NULL;
+    PyObject *mod = PyModule_Create(&module);
+    if (mod != NULL && PyModule_AddObjectRef(mod, "LazyDoc", (PyObject *)&LazyDocType) < 0)
+        Py_CLEAR(mod);
+    return mod;
 }

@@ -10,7 +10,8 @@ values always get the full treatment. ``tests/percolators/test_engine.py`` check
 produce the same indexed documents.
 
 :meth:`FastIndexer.index_batch` runs its fast path in C when ``percolators._walk`` is built
-(``percolators/_walk.c``, ~10x faster); the Python walk here stays the reference, and
+(``percolators/_walk.c``: it only posts, each document's values are built on first read); the
+Python walk here stays the reference, and
 ``tests/percolators/test_walk_accel.py`` checks that both give identical results. Set the module
 attribute ``accelerator`` to None (or pass ``accelerate=False``) to force the Python walk.
 """
@@ -153,7 +154,7 @@ class FastIndexer:
             cplan = self._c_plan(self.plan, posts)
             docs, slots, size, slot = build.docs, build.slots, len(documents), 0
             while True:
-                slot = walk.walk(documents, slot, cplan, docs, slots, IndexedDoc, self._date_or_none)
+                slot = walk.walk(documents, slot, cplan, docs, slots, self.index, self._date_or_none)
                 if slot >= size:
                     return build
                 self._index_full(build, slot, documents[slot], fields, geo_fields, on_error)
@@ -329,12 +330,16 @@ class BatchBuild:
     """What :meth:`FastIndexer.index_batch` returns: the indexed documents (``docs``), the
     position in the input of each (``slots``), the input positions that failed (``errors``), and
     the batch postings (``postings``: field -> value -> batch positions; ``geo``: geo field ->
-    (batch position, lat, lon) points) for ``percolators.batch.BatchIndex``."""
+    (batch position, lat, lon) points) for ``percolators.batch.BatchIndex``.
+
+    The C walk's documents are ``percolators._walk.LazyDoc`` objects: IndexedDoc's attributes,
+    built from the source document on first read (the batch evaluation rarely reads them), so
+    the source documents must not change while the build is in use."""
 
     __slots__ = ("docs", "errors", "geo", "postings", "slots")
 
     def __init__(self, postings: dict[str, dict[Any, list[int]]], geo: dict[str, list[tuple[int, float, float]]]):
-        self.docs: list[IndexedDoc] = []
+        self.docs: list[IndexedDoc] = []  # or LazyDoc (same attributes), see above
         self.slots: list[int] = []
         self.errors: dict[int, InvalidDocumentError] = {}
         self.postings = postings

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 
 from percolators import fast_index
-from percolators.document import IndexedDoc
 from percolators.fast_index import FastIndexer
 from percolators.mapping import Mapping
 from percolators.workload import WORKLOAD_NOW, generate_documents
@@ -65,7 +64,7 @@ def _both(mapping: Mapping, docs: list[Any], fields: set[str], geo: set[str], on
             outcomes.append(("raised", type(exc), str(exc)))
             continue
         outcomes.append((
-            [(type(d), list(d.values.items()), d.present, type(d.present), d.phrases) for d in build.docs],
+            [(list(d.values.items()), d.present, type(d.present), d.phrases) for d in build.docs],
             build.slots,
             {slot: (type(exc), str(exc)) for slot, exc in build.errors.items()},
             {name: list(by_value.items()) for name, by_value in build.postings.items()},
@@ -88,7 +87,7 @@ def _verdicts(mapping: Mapping, docs: list[Any]) -> list[tuple[Any, Any, Any]]:
         c_says: Any
         py_says: Any
         try:
-            c_says = fast_index._walk.walk([doc], 0, c_plan, [], [], IndexedDoc, indexer._date_or_none) == 1
+            c_says = fast_index._walk.walk([doc], 0, c_plan, [], [], indexer.index, indexer._date_or_none) == 1
         except Exception as exc:
             c_says = type(exc)
         try:
@@ -208,7 +207,7 @@ def test_dates_index_identically():
     docs += [{"last_seen": [text, _DATES[0], text]} for text in _DATES]
     docs += [{"last_seen": value} for value in (1768478400000, 1.5, True, None, [], ["2026-01-15T12:00:00Z"] * 20)]
     c_out = _assert_same(USER, docs, {"last_seen"}, GEO)
-    indexed = [values for _, values, *_ in c_out[0]]
+    indexed = [values for values, *_ in c_out[0]]
     assert [("last_seen", (1709251199999,))] not in indexed  # sanity: the leap day below is indexed
     assert [("last_seen", (1709164800000,))] in indexed
 
@@ -329,6 +328,7 @@ def test_the_walk_and_masks_do_not_leak():
         for _ in range(times):
             build = indexer.index_batch(docs, fields, GEO, "skip")
             assert len(build.docs) == len(docs) - 3
+            assert all(doc.present and doc.values and doc.phrases == {} for doc in build.docs)
             terms, _ = fast_index._walk.masks(build.postings)
             assert terms and fast_index._walk.mask_of(list(range(0, 3000, 3)))
         with pytest.raises(TypeError):
@@ -349,10 +349,29 @@ def test_the_walk_and_masks_do_not_leak():
     assert grown < 64 * 1024, f"{grown} bytes kept after 40 batches"
 
 
-def test_indexed_documents_are_indexed_docs():
-    build = FastIndexer(USER).index_batch(generate_documents(5, seed=1, now=WORKLOAD_NOW), set(USER.fields), GEO,
-                                          "skip")
-    assert all(type(doc) is IndexedDoc and doc.present == frozenset(doc.values) for doc in build.docs)
+def test_batch_documents_build_their_indexed_form_on_first_read():
+    from percolators.document import index_document
+
+    docs = generate_documents(50, seed=1, now=WORKLOAD_NOW)
+    build = FastIndexer(USER).index_batch(docs, set(USER.fields), GEO, "skip")
+    assert all(type(doc) is fast_index._walk.LazyDoc for doc in build.docs)
+    for doc, source in zip(build.docs, docs, strict=True):
+        expected = index_document(source, USER)
+        assert (doc.values, doc.present, doc.phrases) == (expected.values, expected.present, expected.phrases)
+        assert type(doc.present) is frozenset and doc.values is doc.values  # built once
+        assert repr(doc) == repr(expected)
+
+
+def test_a_document_changed_after_the_walk_gets_the_full_indexer():
+    from percolators.errors import InvalidDocumentError
+
+    docs: list[Any] = [{"gender": "male", "age": 30}, {"gender": "female"}]
+    build = FastIndexer(USER).index_batch(docs, {"gender"}, GEO, "skip")
+    docs[0]["geo.city"] = "London"  # dotted: the walk would leave it to index_document
+    assert build.docs[0].values == {"gender": ("male",), "age": (30,), "geo.city": ("London",)}
+    docs[1]["age"] = "forty"
+    with pytest.raises(InvalidDocumentError):
+        _ = build.docs[1].values
 
 
 # ----- BatchIndex masks (percolators._walk.masks / mask_of) ---------------------------------------
