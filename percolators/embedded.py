@@ -193,8 +193,8 @@ class EmbeddedPercolator(Percolator):
     ) -> list[list[str]]:
         """Per document of ``docs``, the sorted ids of the rules it matches (C evaluator only)."""
         batch, candidates = self._batch_and_candidates(docs, restrict, now_ms, build)
-        ids, codes, selected = self._programs_of(candidates)
-        return programs.run_lists(ids, codes, selected, self.index.leaves, batch)
+        packed, keep_ids = self._programs_of(candidates)
+        return programs.run_lists(packed, keep_ids, self.index.leaves, batch)
 
     def _evaluate_batch(
         self, docs: list[Any], restrict: set[str] | None, now_ms: int, build: BatchBuild | None = None
@@ -204,8 +204,8 @@ class EmbeddedPercolator(Percolator):
         index = self.index
         batch, selection = self._batch_and_candidates(docs, restrict, now_ms, build)
         if self._accelerated():
-            ids, codes, keep_ids = self._programs_of(selection)
-            return programs.run(ids, codes, keep_ids, index.leaves, batch)
+            packed, keep_ids = self._programs_of(selection)
+            return programs.run(packed, keep_ids, index.leaves, batch)
         candidates = index.rules.keys() if selection is None else selection
         full = batch.all
         matched: list[str] = []
@@ -227,18 +227,17 @@ class EmbeddedPercolator(Percolator):
                 masks.append(mask)
         return matched, masks
 
-    def _programs_of(self, candidates: Collection[str] | None) -> tuple[list[str], list[bytes], set[str] | None]:
-        """(rule ids in order, their programs, the ids to keep among them or None for all) of the
-        candidates (None: every rule)."""
+    def _programs_of(self, candidates: Collection[str] | None) -> tuple[programs.Packed, set[str] | None]:
+        """The programs to run (in rule id order) for the candidates (None: every rule), and the
+        ids to keep among them (None: all)."""
         index = self.index
         if candidates is None:
-            ids, codes = index.sorted_programs()
-            return ids, codes, None
-        if len(candidates) * 4 >= len(index.rules):  # most rules: the cached sorted lists, filtered in C
-            ids, codes = index.sorted_programs()
-            return ids, codes, None if len(candidates) == len(ids) else set(candidates)
+            return index.sorted_programs(), None
+        if len(candidates) * 4 >= len(index.rules):  # most rules: the cached packed programs, filtered in C
+            packed = index.sorted_programs()
+            return packed, None if len(candidates) == len(packed) else set(candidates)
         ids = sorted(candidates)
-        return ids, [index.program(rule_id) for rule_id in ids], None
+        return programs.Packed(ids, [index.program(rule_id) for rule_id in ids]), None
 
     # ----- percolation to masks -------------------------------------------------------------
     def percolate_masks(

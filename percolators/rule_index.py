@@ -19,7 +19,7 @@ from typing import Any
 from percolators import programs
 from percolators.matcher import Evaluator, compile_node
 from percolators.presearcher import IndexedPresearcher, MatchAllPresearcher
-from percolators.programs import LeafTable, compile_program
+from percolators.programs import LeafTable, Packed, compile_program
 from percolators.query import (
     Bool,
     Exists,
@@ -74,7 +74,7 @@ class RuleIndex:
         self._fields: frozenset[str] | None = frozenset()
         self._field_sets: dict[frozenset[str], frozenset[str]] = {}
         self._sorted: tuple[list[str], list[Any]] | None = None
-        self._sorted_programs: tuple[list[str], list[bytes]] | None = None
+        self._sorted_programs: Packed | None = None
         self._evaluators: dict[str, Evaluator] = {}
         self.leaves = LeafTable()
 
@@ -99,11 +99,11 @@ class RuleIndex:
             self._sorted = (ids, [self.evaluator(rule_id) for rule_id in ids])
         return self._sorted
 
-    def sorted_programs(self) -> tuple[list[str], list[bytes]]:
-        """Every stored rule id, sorted, and its program (cached until the rules change)."""
+    def sorted_programs(self) -> Packed:
+        """Every stored rule's program, by sorted rule id (cached until the rules change)."""
         if self._sorted_programs is None:
             ids = sorted(self.rules)
-            self._sorted_programs = (ids, [self.program(rule_id) for rule_id in ids])
+            self._sorted_programs = Packed(ids, [self.program(rule_id) for rule_id in ids])
         return self._sorted_programs
 
     def __len__(self) -> int:

@@ -20,7 +20,17 @@ from percolators import programs
 from percolators.embedded import EmbeddedPercolator
 from percolators.matcher import at_least
 from percolators.port import Rule
-from percolators.programs import KIND_PRE, KIND_TERM, OP_BOOL, OP_LEAF, OP_NONE, LeafTable, compile_program, leaf_ids
+from percolators.programs import (
+    KIND_PRE,
+    KIND_TERM,
+    OP_BOOL,
+    OP_LEAF,
+    OP_NONE,
+    LeafTable,
+    Packed,
+    compile_program,
+    leaf_ids,
+)
 from percolators.query import Bool, MatchAll, MatchNone, Node, Phrase, Term
 from percolators.scatter import scatter_python
 from percolators.workload import WORKLOAD_NOW, generate_documents, generate_rules
@@ -100,7 +110,7 @@ def test_short_circuit_skips_pre_dependent_leaves_and_passes_them_pre():
         if table.kinds[leaf_id] == KIND_PRE:
             table.payloads[leaf_id] = phrase_like
     batch = TinyBatch(4, {("gender", "f"): 0b1100})
-    assert programs.run(ids, codes, None, table, batch) == (["b"], [0b0100])
+    assert programs.run(Packed(ids, codes), None, table, batch) == (["b"], [0b0100])
     assert calls == [0b1100]  # never called for the rule whose first conjunct is empty
 
 
@@ -120,7 +130,7 @@ def test_at_least_k_of_should_equals_the_bit_sliced_counter(seed):
         ids.append(f"k{k}")
         codes.append(compile_program(node, table))
         expected.append(at_least(k, [terms.get(("tags", v), 0) for v in values]) & ((1 << size) - 1))
-    matched, masks = programs.run(ids, codes, None, table, TinyBatch(size, terms))
+    matched, masks = programs.run(Packed(ids, codes), None, table, TinyBatch(size, terms))
     assert dict(zip(matched, masks, strict=True)) == {i: m for i, m in zip(ids, expected, strict=True) if m}
 
 
@@ -137,7 +147,7 @@ def test_match_all_none_and_must_not_only_bools():
     }
     ids = sorted(nodes)
     codes = [compile_program(nodes[i], table) for i in ids]
-    matched, masks = programs.run(ids, codes, None, table, TinyBatch(70, {("gender", "f"): 1 << 69 | 1}))
+    matched, masks = programs.run(Packed(ids, codes), None, table, TinyBatch(70, {("gender", "f"): 1 << 69 | 1}))
     full = (1 << 70) - 1
     assert dict(zip(matched, masks, strict=True)) == {
         "all": full,
@@ -151,10 +161,10 @@ def test_match_all_none_and_must_not_only_bools():
 def test_empty_batch_and_no_rules():
     table = LeafTable()
     code = compile_program(MatchAll(), table)
-    assert programs.run(["r"], [code], None, table, TinyBatch(0, {})) == ([], [])
-    assert programs.run_lists(["r"], [code], None, table, TinyBatch(0, {})) == []
-    assert programs.run([], [], None, table, TinyBatch(3, {})) == ([], [])
-    assert programs.run_lists([], [], None, table, TinyBatch(3, {})) == [[], [], []]
+    assert programs.run(Packed(["r"], [code]), None, table, TinyBatch(0, {})) == ([], [])
+    assert programs.run_lists(Packed(["r"], [code]), None, table, TinyBatch(0, {})) == []
+    assert programs.run(Packed([], []), None, table, TinyBatch(3, {})) == ([], [])
+    assert programs.run_lists(Packed([], []), None, table, TinyBatch(3, {})) == [[], [], []]
     engine = EmbeddedPercolator()
     assert engine.percolate([]) == [] and engine.percolate([{"gender": "f"}]) == [[]]
     engine.upsert([Rule("r", {"match_all": {}})])
@@ -171,12 +181,12 @@ def test_leaf_errors_propagate():
     code = compile_program(Bool(must=(MatchAll(), Phrase("bio", ("x",)))), table)
     table.payloads[leaf_ids(code)[0]] = broken
     with pytest.raises(ValueError, match="leaf exploded"):
-        programs.run(["r"], [code], None, table, TinyBatch(3, {}))
+        programs.run(Packed(["r"], [code]), None, table, TinyBatch(3, {}))
     table.payloads[leaf_ids(code)[0]] = lambda batch, pre: "not a mask"
     with pytest.raises(TypeError, match="not an int"):
-        programs.run_lists(["r"], [code], None, table, TinyBatch(3, {}))
+        programs.run_lists(Packed(["r"], [code]), None, table, TinyBatch(3, {}))
     with pytest.raises(ValueError, match="malformed"):
-        programs.run(["r"], [b"\x03\x00\x00\x00"], None, table, TinyBatch(3, {}))
+        programs.run(Packed(["r"], [b"\x03\x00\x00\x00"]), None, table, TinyBatch(3, {}))
 
 
 # ----- the engine: C against the Python closures and the reference ------------------------------
@@ -273,7 +283,7 @@ def test_repeated_calls_do_not_leak():
         code = compile_program(Bool(must=(MatchAll(), Phrase("bio", ("x",)))), table)
         table.payloads[leaf_ids(code)[0]] = _raise
         with pytest.raises(KeyError):
-            programs.run_lists(["r"], [code], None, table, TinyBatch(100, {}))
+            programs.run_lists(Packed(["r"], [code]), None, table, TinyBatch(100, {}))
 
     for _ in range(5):
         once()

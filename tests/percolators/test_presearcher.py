@@ -178,8 +178,8 @@ def test_hand_built_trees_evaluate_alike_with_both_evaluators(evaluator):
         if programs._eval is None:
             pytest.skip("percolators._eval not built")
         table = programs.LeafTable()
-        matched, masks = programs.run(ids, [programs.compile_program(HAND_BUILT[i], table) for i in ids], None,
-                                      table, batch)
+        packed = programs.Packed(ids, [programs.compile_program(HAND_BUILT[i], table) for i in ids])
+        matched, masks = programs.run(packed, None, table, batch)
         got = {rule_id: dict(zip(matched, masks, strict=True)).get(rule_id, 0) for rule_id in ids}
     assert got == expected
     assert all(expected[i] for i in ("nurse", "young", "sw", "near", "anyone", "ageless", "two_of", "either"))
