@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=20_000)
     parser.add_argument("--scenarios", default="one,workload-one,many,worst",
                         help="comma list of: one (the bench rule), workload-one (a generate_rules rule), many "
-                             "(--audiences generate_rules rules), worst (a rule without any raw prefilter)")
+                             "(--audiences generate_rules rules), worst (a rule without any keyword term)")
     parser.add_argument("--no-prefilter", action="store_true", help="decode every in-window document (before)")
     parser.add_argument("--keep", type=Path, default=None, help="build into / reuse this directory")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -168,7 +168,7 @@ def main() -> None:
         scenarios = {"one": (one, "1 audience (bench rule)"),
                      "workload-one": (generate_rules(1, seed=3, prefix="bench-w"), "1 audience (workload rule)"),
                      "many": (rules, f"{args.audiences} audiences"),
-                     "worst": (worst, "1 audience, no raw prefilter possible")}
+                     "worst": (worst, "1 audience, age range + geo distance (no keyword term)")}
         for name in args.scenarios.split(","):
             chosen, label = scenarios[name]
             run(log, counters, chosen, args.days, now, args.batch_size, label, prefilter=not args.no_prefilter,
