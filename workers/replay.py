@@ -18,7 +18,9 @@ the *same* percolator and counters code as the live stream over it:
    checkpoint: exactly once, and a scan interrupted by a crash resumes from the stored offsets;
 6. report progress and check for cancellation between batches.
 
-Several requests share ONE scan (each has its own rule and window).
+Several requests share ONE scan (each has its own rule and window). A big scan is split by
+partition over worker processes, one per core (``workers``; see "one scan over several processes"
+below): each runs steps 1-6 on its partitions and checkpoints them, the parent merges progress.
 
 The window of a request
 -----------------------
@@ -274,7 +276,8 @@ class ReplayScan:
 
     ``resume_offsets`` are the checkpoint of an interrupted run (``Counters.stored_offsets`` of
     ``consumer``); partitions are read from there. ``percolator`` must hold every requested rule
-    (see :meth:`load_rules`)."""
+    (see :meth:`load_rules`). ``worker_settings`` (with ``workers`` > 1) must describe the same
+    log and counters as ``log`` and ``counters``: worker processes build theirs from it."""
 
     def __init__(self, log: Log, percolator: Percolator, counters: Counters, requests: Sequence[ReplayRequest], *,
                  scan_id: str, plan: ScanPlan, dimensions: Sequence[str] = (),

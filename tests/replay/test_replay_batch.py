@@ -35,3 +35,38 @@ def test_matched_only_with_everything_matched_is_the_identity() -> None:
     docs = [{"i": i} for i in range(10)]
     masks = [(1 << 10) - 1, 0b101]
     assert _matched_only(docs, masks) == (docs, masks)
+
+
+def test_worker_inbox_reads_cancellations_without_blocking_and_sees_the_parent_go() -> None:
+    import os
+
+    from workers.replay import _Inbox
+
+    read_fd, write_fd = os.pipe()
+    try:
+        os.write(write_fd, b'{"job": 1}\n{"cancel": ["a"]}\n{"can')
+        inbox = _Inbox(read_fd)
+        assert inbox.job() == {"job": 1}
+        assert inbox.poll() == {"a"}  # a partial line waits for its end
+        os.write(write_fd, b'cel": ["b"]}\n')
+        assert inbox.poll() == {"a", "b"} and not inbox.closed
+        os.close(write_fd)
+        write_fd = -1
+        inbox.poll()
+        assert inbox.closed  # EOF: the parent is gone, the worker stops after its batch
+    finally:
+        os.close(read_fd)
+        if write_fd >= 0:
+            os.close(write_fd)
+
+
+def test_worker_settings_round_trip() -> None:
+    from pathlib import Path
+
+    from rules_service.config import load_settings
+    from workers.replay import _settings_overrides
+
+    settings = load_settings({"DATA_DIR": "/tmp/x y", "REDIS_URL": "redis://h:1/2", "DIMENSIONS": "gender,geo.city",
+                              "STREAM_OVERLAP_APPLY": True}, environ={})
+    again = load_settings(_settings_overrides(settings), environ={})
+    assert again == settings and again.DATA_DIR == Path("/tmp/x y")
