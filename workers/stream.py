@@ -117,9 +117,11 @@ def default_aggregator(dimensions: Sequence[str]) -> Aggregator:
 def default_mask_aggregator(dimensions: Sequence[str]) -> MaskAggregator:
     from rules_service.counters.aggregate import aggregate_masks
 
-    def run(documents: Sequence[Mapping[str, Any]], rule_ids: Sequence[str], masks: Sequence[int]) -> CounterBatch:
-        return aggregate_masks(documents, rule_ids, masks, dimensions=dimensions)
+    def run(documents: Sequence[Mapping[str, Any]], rule_ids: Sequence[str], masks: Sequence[int],
+            batch: CounterBatch | None = None) -> CounterBatch:
+        return aggregate_masks(documents, rule_ids, masks, dimensions=dimensions, batch=batch)
 
+    run.adds_to_batch = True  # type: ignore[attr-defined]  # see StreamConsumer.process
     return run
 
 
@@ -233,7 +235,8 @@ class _PendingBatch:
 
     def merge(self, later: _PendingBatch) -> None:
         """Add the batch polled after this one (a flush window): one apply covers both."""
-        merge_batches(self.batch, later.batch)
+        if later.batch is not self.batch:  # not aggregated into this one already
+            merge_batches(self.batch, later.batch)
         for key, offset in later.start_offsets.items():
             self.start_offsets.setdefault(key, offset)
         self.next_offsets.update(later.next_offsets)
@@ -493,7 +496,13 @@ class StreamConsumer:
                 union |= mask
                 matched_pairs += mask.bit_count()
             matched_bids = union.bit_count()
-            batch = self.aggregate_masks(documents, found.rule_ids, found.masks) if union else CounterBatch()
+            window = self._window
+            if union and window is not None and getattr(self.aggregate_masks, "adds_to_batch", False):
+                # straight into the open window's batch (no merge: measured ~10 us per bid); if
+                # anything below fails, the whole window is dropped and read again (abandon)
+                batch = self.aggregate_masks(documents, found.rule_ids, found.masks, batch=window.batch)  # type: ignore[call-arg]
+            else:
+                batch = self.aggregate_masks(documents, found.rule_ids, found.masks) if union else CounterBatch()
         else:
             matches: list[list[str]] = []
             if documents:
