@@ -24,6 +24,11 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+/* The word loops (AND / OR / AND-NOT over a batch's 128 words) are the evaluator's inner loops:
+ * setup.py builds with -O2, which does not vectorise loops of unknown length; -O3 does. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("O3")
+#endif
 #include <stdint.h>
 #include <math.h>
 #include <string.h>
@@ -32,7 +37,7 @@ typedef uint64_t u64;
 
 enum { OP_LEAF = 0, OP_ALL = 1, OP_NONE = 2, OP_BOOL = 3 };
 enum { KIND_FREE = 0, KIND_TERM = 1, KIND_MEMO = 2, KIND_PRE = 3, KIND_TERMS = 4, KIND_GEO = 5 };
-enum { MEMO_UNKNOWN = 0, MEMO_EMPTY = 1, MEMO_SET = 2 };
+enum { MEMO_UNKNOWN = 0, MEMO_EMPTY = 1, MEMO_SET = 2, MEMO_SEEN = 3 };
 /* Buffers per nesting depth: a child bool's result, the OR accumulator, the OR's pre, a PRE
  * leaf's result. */
 enum { SCRATCH_PER_DEPTH = 4, MAX_DEPTH = 256, ARENA_BLOCK = 64 };
@@ -471,6 +476,16 @@ static int leaf_mask(Ctx *c, int32_t id, const u64 *pre, u64 *tmp, const u64 **b
         c->state[id] = rc ? MEMO_SET : MEMO_EMPTY;
         c->memo[id] = (u64 *)words; /* the cache's words: never written through a memo */
         *buf = words;
+        return rc;
+    }
+    if (kind == KIND_TERMS && st == MEMO_UNKNOWN) {
+        /* Most terms leaves belong to one rule (at 100,000 rules: 75,000 distinct value sets):
+         * memoising each would write and re-read a batch-sized buffer per leaf (75 MB per batch).
+         * The first use computes into scratch; only a leaf used again is memoised. */
+        c->state[id] = MEMO_SEEN;
+        int rc = terms_mask(c, payload, tmp);
+        if (rc > 0)
+            *buf = tmp;
         return rc;
     }
     u64 *mem = arena_alloc(c);
