@@ -72,6 +72,12 @@ def start_redis(workdir: Path, aof: bool) -> tuple[subprocess.Popen[bytes], int]
             time.sleep(0.05)
 
 
+def server_cpu(client: redis.Redis) -> float:
+    """CPU seconds the redis-server has used (user + system): its cost per event on a shared machine."""
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def percentiles(samples: list[float]) -> str:
     ordered = sorted(samples)
     p50 = statistics.median(ordered)
@@ -112,7 +118,7 @@ def bench_writes(client: redis.Redis, args: argparse.Namespace) -> None:
     audiences = [f"aud-{i}@v1" for i in range(args.audiences)]
     weights = [1.0 / (i + 1) ** 0.5 for i in range(args.audiences)]  # skewed popularity
     start_ms = int(time.time() * 1000) - 3_600_000
-    t_agg = t_apply = t_masks = 0.0
+    t_agg = t_apply = t_masks = redis_cpu = 0.0
     events = pairs = payload = 0
     offset = 0
     for _ in range(args.batches):
@@ -127,9 +133,11 @@ def bench_writes(client: redis.Redis, args: argparse.Namespace) -> None:
         t_masks += time.perf_counter() - t_masks_start
         assert by_masks == batch
         payload += len(counters.encode_batch(batch, {("bids", 0): offset + len(docs)}, {("bids", 0): offset}))
+        cpu_before = server_cpu(client)
         t2 = time.perf_counter()
         assert counters.apply(batch, "bench", {("bids", 0): offset + len(docs)}, {("bids", 0): offset})
         t3 = time.perf_counter()
+        redis_cpu += server_cpu(client) - cpu_before
         t_agg += t1 - t0
         t_apply += t3 - t2
         events += len(docs)
@@ -140,7 +148,8 @@ def bench_writes(client: redis.Redis, args: argparse.Namespace) -> None:
     print(f"  aggregate():          {events / t_agg:>10,.0f} events/s  {pairs / t_agg:>11,.0f} pairs/s")
     print(f"  aggregate_masks():    {events / t_masks:>10,.0f} events/s  {pairs / t_masks:>11,.0f} pairs/s")
     print(f"  apply() (1 trip):     {events / t_apply:>10,.0f} events/s  {pairs / t_apply:>11,.0f} pairs/s  "
-          f"({t_apply / args.batches * 1000:.1f} ms/batch, payload {payload / args.batches / 1e6:.2f} MB/batch)")
+          f"({t_apply / args.batches * 1000:.1f} ms/batch, payload {payload / args.batches / 1e6:.2f} MB/batch, "
+          f"redis-server CPU {redis_cpu / events * 1e6:.1f} us/event)")
     total = t_agg + t_apply
     print(f"  both:                 {events / total:>10,.0f} events/s  {pairs / total:>11,.0f} pairs/s")
 
