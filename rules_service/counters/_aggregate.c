@@ -257,10 +257,11 @@ done:
 static PyObject *pack_members(PyObject *self, PyObject *args) {
     PyObject *members, *cache, *miss;
     if (!PyArg_ParseTuple(args, "OO!O:pack_members", &members, &PyDict_Type, &cache, &miss)) return NULL;
-    PyObject *seq = PySequence_Fast(members, "pack_members: members must be iterable"); /* a set: copied once */
+    /* a tuple copy: miss() runs Python code, which must not be able to resize what we walk */
+    PyObject *seq = PySequence_Tuple(members);
     if (seq == NULL) return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
+    PyObject **items = &PyTuple_GET_ITEM(seq, 0);
     PyObject **parts = PyMem_New(PyObject *, n + 1); /* strong references */
     Py_ssize_t got = 0, total = 0;
     PyObject *result = NULL;
