@@ -10,6 +10,8 @@
  *   - GEO leaves compute a geo_distance circle over batch.geo_sorted(field) (matcher.py's
  *     _geo_numpy: the same formula; a point within the tolerance of the limit is decided by the
  *     reference's scalar distance, so libm's last bits never change an answer);
+ *   - RANGE leaves bisect batch.field_values(field) as BatchIndex.range_mask does and OR the masks
+ *     in between (a bound another type than the values: matcher.py's evaluator decides);
  *   - MEMO leaves call their shared matcher evaluator once with pre = every document (their
  *     result does not depend on pre);
  *   - PRE leaves (phrase, per-document fallback) depend on pre: called with the current pre as
@@ -36,7 +38,7 @@
 typedef uint64_t u64;
 
 enum { OP_LEAF = 0, OP_ALL = 1, OP_NONE = 2, OP_BOOL = 3 };
-enum { KIND_FREE = 0, KIND_TERM = 1, KIND_MEMO = 2, KIND_PRE = 3, KIND_TERMS = 4, KIND_GEO = 5 };
+enum { KIND_FREE = 0, KIND_TERM = 1, KIND_MEMO = 2, KIND_PRE = 3, KIND_TERMS = 4, KIND_GEO = 5, KIND_RANGE = 6 };
 enum { MEMO_UNKNOWN = 0, MEMO_EMPTY = 1, MEMO_SET = 2, MEMO_SEEN = 3 };
 /* Buffers per nesting depth: a child bool's result, the OR accumulator, the OR's pre, a PRE
  * leaf's result. */
@@ -436,6 +438,91 @@ done:
     return rc;
 }
 
+/* bisect.bisect_left (right = 0) / bisect_right (right = 1) of x in the list values. */
+static Py_ssize_t bisect(PyObject *values, PyObject *x, int right)
+{
+    Py_ssize_t lo = 0, hi = PyList_GET_SIZE(values);
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        PyObject *item = PyList_GET_ITEM(values, mid);
+        Py_INCREF(item);
+        int below = right ? PyObject_RichCompareBool(x, item, Py_LT) : PyObject_RichCompareBool(item, x, Py_LT);
+        Py_DECREF(item);
+        if (below < 0)
+            return -1;
+        if (right ? below : !below)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return lo;
+}
+
+/* A RANGE leaf (payload: field, low, low_inclusive, high, high_inclusive, node or None when the
+ * bounds are fixed, matcher.py's evaluator): BatchIndex.range_mask over the sorted values. */
+static int range_leaf(Ctx *c, PyObject *spec, u64 *out)
+{
+    PyObject *name, *low, *high, *node, *fallback, *resolved = NULL, *fv = NULL, *low_r = NULL, *high_r = NULL;
+    int low_inc, high_inc, rc = -1;
+    if (!PyArg_ParseTuple(spec, "OOpOpOO", &name, &low, &low_inc, &high, &high_inc, &node, &fallback))
+        return -1;
+    if (node != Py_None) { /* date math on now: the bounds of this batch */
+        resolved = PyObject_CallMethod(c->batch, "resolved", "O", node);
+        if (!resolved || !(low = low_r = PyObject_GetAttrString(resolved, "low")) ||
+            !(high = high_r = PyObject_GetAttrString(resolved, "high")))
+            goto done;
+        PyObject *li = PyObject_GetAttrString(resolved, "low_inclusive");
+        PyObject *hi = li ? PyObject_GetAttrString(resolved, "high_inclusive") : NULL;
+        low_inc = li ? PyObject_IsTrue(li) : -1;
+        high_inc = hi ? PyObject_IsTrue(hi) : -1;
+        Py_XDECREF(li);
+        Py_XDECREF(hi);
+        if (low_inc < 0 || high_inc < 0)
+            goto done;
+    }
+    fv = PyObject_CallMethod(c->batch, "field_values", "O", name);
+    if (!fv)
+        goto done;
+    PyObject *values, *masks;
+    if (!PyArg_ParseTuple(fv, "O!O!", &PyList_Type, &values, &PyList_Type, &masks))
+        goto done;
+    Py_ssize_t n = PyList_GET_SIZE(values), start = 0, stop = n;
+    if (low != Py_None)
+        start = bisect(values, low, !low_inc);
+    if (start >= 0 && high != Py_None)
+        stop = bisect(values, high, high_inc);
+    if (start < 0 || stop < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_TypeError))
+            goto done;
+        PyErr_Clear(); /* values and bound of different types: the Python evaluator compares one by one */
+        rc = call_leaf(c, fallback, c->full_int, out);
+        goto done;
+    }
+    if (stop > PyList_GET_SIZE(masks))
+        stop = PyList_GET_SIZE(masks);
+    memset(out, 0, (size_t)c->nwords * sizeof(u64));
+    rc = 0;
+    for (Py_ssize_t i = start; i < stop; i++) {
+        const u64 *words;
+        int got = term_words(c, PyList_GET_ITEM(masks, i), &words);
+        if (got < 0) {
+            rc = -1;
+            goto done;
+        }
+        if (got) {
+            for (Py_ssize_t w = 0; w < c->nwords; w++)
+                out[w] |= words[w];
+            rc = 1;
+        }
+    }
+done:
+    Py_XDECREF(resolved);
+    Py_XDECREF(low_r);
+    Py_XDECREF(high_r);
+    Py_XDECREF(fv);
+    return rc;
+}
+
 /* A leaf's mask: 0 when empty, 1 with *buf set (bits outside pre may be set), -1 on error.
  * tmp receives a PRE leaf's result. */
 static int leaf_mask(Ctx *c, int32_t id, const u64 *pre, u64 *tmp, const u64 **buf)
@@ -494,6 +581,8 @@ static int leaf_mask(Ctx *c, int32_t id, const u64 *pre, u64 *tmp, const u64 **b
     int rc;
     if (kind == KIND_TERMS) {
         rc = terms_mask(c, payload, mem);
+    } else if (kind == KIND_RANGE) {
+        rc = range_leaf(c, payload, mem);
     } else if (kind == KIND_GEO) {
         rc = geo_mask(c, payload, mem);
     } else if (kind == KIND_MEMO) {

@@ -14,6 +14,8 @@ order, short-circuits and ``pre`` semantics, and whose leaves are ids in a :clas
 * ``GEO`` leaves are a geo_distance circle the C code computes over the batch's sorted points
   (``BatchIndex.geo_sorted``) as matcher.py's numpy evaluator does, points near the edge decided
   by the reference's scalar distance (``matcher.geo_circle_spec``);
+* ``RANGE`` leaves are bisected in the batch's sorted values (``BatchIndex.field_values``) as
+  ``BatchIndex.range_mask`` does, the masks in between ORed;
 * ``PRE`` leaves (phrase, the per-document fallback, geo without numpy) depend on ``pre`` and are
   called with the current one, as the closures are.
 
@@ -36,7 +38,7 @@ from itertools import accumulate
 from typing import Any
 
 from percolators.matcher import LEAF_COSTS, geo_circle_spec, leaf_evaluator, leaf_key
-from percolators.query import Bool, GeoDistance, MatchAll, MatchNone, Node, Phrase, Term, Terms
+from percolators.query import Bool, GeoDistance, MatchAll, MatchNone, Node, Phrase, Range, Term, Terms
 
 try:
     from percolators import _eval  # type: ignore[attr-defined, unused-ignore]
@@ -49,7 +51,7 @@ except ImportError:  # pragma: no cover - numpy is a core dependency
     np = None  # type: ignore[assignment]
 
 OP_LEAF, OP_ALL, OP_NONE, OP_BOOL = 0, 1, 2, 3
-KIND_FREE, KIND_TERM, KIND_MEMO, KIND_PRE, KIND_TERMS, KIND_GEO = 0, 1, 2, 3, 4, 5
+KIND_FREE, KIND_TERM, KIND_MEMO, KIND_PRE, KIND_TERMS, KIND_GEO, KIND_RANGE = 0, 1, 2, 3, 4, 5, 6
 _BOOL_HEADER = 6
 _COST_BOOL = 5
 
@@ -182,6 +184,9 @@ def _leaf(node: Node, table: LeafTable) -> tuple[int, Any]:
     if isinstance(node, GeoDistance) and np is not None:
         return KIND_GEO, geo_circle_spec(node)
     evaluator, _cost, key = leaf_evaluator(node)
+    if isinstance(node, Range):  # the evaluator decides when a bound's type differs from the values'
+        return KIND_RANGE, (node.field, node.low, node.low_inclusive, node.high, node.high_inclusive,
+                            node if node.uses_now else None, evaluator)
     if isinstance(node, Phrase) or key is None or isinstance(node, GeoDistance):
         return KIND_PRE, evaluator
     return KIND_MEMO, evaluator

@@ -17,8 +17,11 @@ from typing import Any
 import pytest
 
 from percolators import programs
+from percolators.batch import BatchIndex
+from percolators.document import index_document
 from percolators.embedded import EmbeddedPercolator
-from percolators.matcher import at_least
+from percolators.mapping import Mapping
+from percolators.matcher import at_least, compile_node
 from percolators.port import Rule
 from percolators.programs import (
     KIND_PRE,
@@ -31,9 +34,10 @@ from percolators.programs import (
     compile_program,
     leaf_ids,
 )
-from percolators.query import Bool, MatchAll, MatchNone, Node, Phrase, Term
+from percolators.query import Bool, MatchAll, MatchNone, Node, Phrase, Range, Term
 from percolators.scatter import scatter_python
 from percolators.workload import WORKLOAD_NOW, generate_documents, generate_rules
+from rules_service.schema import USER_MAPPING
 
 _eval = programs._eval
 needs_c = pytest.mark.skipif(_eval is None, reason="percolators._eval not built (pip install -e . compiles it)")
@@ -320,3 +324,32 @@ def test_rules_stored_without_the_c_evaluator_get_programs_when_it_is_back(monke
     assert all(stored.program for stored in engine.index.rules.values())
     engine.delete([r.id for r in rules])
     assert len(engine.index.leaves) == 0 and not engine.index._evaluators
+
+
+class MixedValuesBatch(BatchIndex):
+    """A batch whose field holds values of two types (a typed mapping never does): bisecting them
+    raises TypeError, and the C range leaf must hand over to the Python evaluator."""
+
+    def field_values(self, name: str) -> tuple[list[Any], list[int]]:
+        return [1, 5, "a"], [0b001, 0b010, 0b100]
+
+
+@needs_c
+def test_range_leaves_bisect_like_batch_range_mask_and_fall_back_on_mixed_types():
+    docs = [index_document({"age": age}, Mapping.from_json(USER_MAPPING)) for age in (17, 30, 45, 30, 64)] * 30
+    nodes: dict[str, Node] = {
+        "teen": Range("age", 13, True, 19, True),
+        "open_low": Range("age", None, True, 30, False),
+        "open_high": Range("age", 30, False, None, True),
+        "float_bounds": Range("age", 29.5, True, 45.0, True),
+        "empty": Range("age", 50, True, 40, True),
+        "all": Range("age", None, True, None, True),
+    }
+    ids = sorted(nodes)
+    for batch in (BatchIndex(docs, 0, None, ()), MixedValuesBatch(docs[:3], 0, None, ())):
+        table = LeafTable()
+        matched, masks = programs.run(Packed(ids, [compile_program(nodes[i], table) for i in ids]), None, table, batch)
+        got = dict(zip(matched, masks, strict=True))
+        expected = {i: compile_node(nodes[i])(batch, batch.all) & batch.all for i in ids}
+        assert {i: got.get(i, 0) for i in ids} == expected
+    assert expected["all"] == 0b111 and expected["open_low"] == 0b011  # the mixed batch: compared one by one
