@@ -6,7 +6,10 @@ with ``pre``). ``pre`` lets expensive clauses (geo distance, wildcard, phrase) l
 documents that survived the cheap conjuncts of their ``bool``.
 
 Semantics are Elasticsearch's as implemented by the reference matcher (``percolators.reference``);
-the equivalence tests run both on random workloads. Clauses whose exact semantics live in a
+the equivalence tests run both on random workloads.
+
+These closures are the Python twin of the C evaluator (``percolators.programs``, ``_eval.c``),
+which reuses their leaves and mirrors their interior nodes; the tests run both. Clauses whose exact semantics live in a
 per-document check (phrase positions, geo distance) call the reference matcher for the few
 documents that reach them, so the two can never disagree there.
 """

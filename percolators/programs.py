@@ -9,8 +9,8 @@ order, short-circuits and ``pre`` semantics, and whose leaves are ids in a :clas
 * ``TERM`` leaves are a ``(field, value)`` key the C code looks up in ``batch.terms``, ``TERMS``
   leaves a tuple of such keys whose masks it ORs;
 * ``MEMO`` leaves are matcher.py's shared leaf evaluators whose result does not depend on ``pre``
-  (terms, ranges, prefixes, wildcards, exists, case-insensitive terms, numpy geo): called once per
-  batch with every document, the mask memoised by leaf id for every rule using it;
+  (prefixes, wildcards, exists, case-insensitive terms): called once per batch with every
+  document, the mask memoised by leaf id for every rule using it;
 * ``GEO`` leaves are a geo_distance circle the C code computes over the batch's sorted points
   (``BatchIndex.geo_sorted``) as matcher.py's numpy evaluator does, points near the edge decided
   by the reference's scalar distance (``matcher.geo_circle_spec``);
@@ -21,8 +21,9 @@ order, short-circuits and ``pre`` semantics, and whose leaves are ids in a :clas
 
 Identical leaves of different rules get one id (reference counted: a leaf no rule uses any more
 frees its slot). :func:`run` evaluates many rules' programs (:class:`Packed` in one buffer) over a
-batch in one C call, in the order given, and returns the matching rules and their masks; :func:`run_lists` returns the
-per-document lists instead (the scatter of ``percolators.scatter``, fused: no mask becomes an int).
+batch in one C call, in the order given, and returns the matching rules and their masks;
+:func:`run_lists` returns the per-document lists instead (the scatter of ``percolators.scatter``,
+fused: no mask ever becomes an int).
 
 Encoding: ``LEAF id`` | ``ALL`` | ``NONE`` | ``BOOL total_len msm nreq nopt nnot <children>``.
 
