@@ -667,6 +667,10 @@ class _Child:
                 f"its error output ends with:\n{tail}")
 
     def stop(self) -> None:
+        if self.end is not None:  # it said its last word: let it close its log and connections
+            with contextlib.suppress(Exception):
+                self.stdin.close()
+                self.proc.wait(timeout=10)
         if self.proc.poll() is None:
             self.proc.terminate()
             try:

@@ -3,6 +3,7 @@ its per-partition checkpoints after a crash, stops on cancel, and reports a fail
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,6 +24,22 @@ PARALLEL = {"scan_workers": 2, "parallel_min_offsets": 0}
 
 class Crash(Exception):
     pass
+
+
+def _worker_children() -> list[int]:
+    """Our child processes running ``python -m workers.replay`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and b"workers.replay" in cmdline:
+            found.append(int(entry.name))
+    return found
 
 
 def _same_counters(env: Env, first: str, second: str) -> None:
@@ -69,6 +86,8 @@ def test_parallel_crash_resumes_per_partition_and_counts_like_a_clean_run(env: E
 
     with pytest.raises(Crash):
         env.coordinator(batch_size=100, on_batch=crash_after_three, **PARALLEL).run_pending()
+    if Path("/proc/self").exists():
+        assert _worker_children() == []  # the crash took the worker processes down with it
     assert (env.state.get(crashed["backfill"]["replay_id"]) or {}).get("status") == "running"
     resumed: list[int] = []
     env.coordinator(batch_size=100, on_batch=lambda p: resumed.append(p.scanned), **PARALLEL).run_pending()
