@@ -82,7 +82,7 @@ class ReplayCoordinator:
                  parallel_min_offsets: int = PARALLEL_MIN_OFFSETS) -> None:
         self.settings = settings
         # worker processes per scan (split by partition); they build their services from ``settings``
-        self.scan_workers = scan_workers if scan_workers is not None else max(1, os.cpu_count() or 1)
+        self.scan_workers = scan_workers if scan_workers is not None else _usable_cpus()
         self.parallel_min_offsets = parallel_min_offsets
         if redis is None:
             from rules_service.redis_conn import connect_redis
@@ -344,6 +344,14 @@ class ReplayCoordinator:
         if error:
             backfill["error"] = error
         self.store.set_backfill(audience_id, backfill, version=int(record["version"]))
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (a container's or taskset's limit, not the machine's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _rule(request: ReplayRequest) -> Any:
