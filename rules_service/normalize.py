@@ -305,6 +305,7 @@ def normalise_message(raw: bytes | str, log_timestamp_ms: int | None = None,
 _loads = orjson.loads
 JSONDecodeError = orjson.JSONDecodeError
 _strip = str.strip
+_fromkeys = dict.fromkeys
 _AGE_BAND_BY_AGE = tuple(age_band(age) for age in range(MAX_AGE + 1))
 
 
@@ -312,7 +313,10 @@ def _fast_document(bid: dict[str, Any], log_timestamp_ms: int | None, now_ms: in
     """The happy path of :func:`_careful_document` in one function; None means "not sure, ask the careful path".
 
     Never raises. Every value is checked with ``type(x) is ...`` before use; the first surprise returns
-    None. Keys are inserted in the careful path's order, so documents serialise to the same bytes.
+    None. The usual shapes (every device field, a complete device.geo, one app or site, a banner with w
+    and h, every document field) are built with one dict display each; anything else goes through the
+    ``_fast_*`` helpers, which follow the careful path field by field. Keys are inserted in the careful
+    path's order, so documents serialise to the same bytes.
     """
     user: Any = bid.get("user")
     device: Any = bid.get("device")
@@ -335,24 +339,30 @@ def _fast_document(bid: dict[str, Any], log_timestamp_ms: int | None, now_ms: in
         if type(user_id) is not str or not user_id:
             return None
 
-    # event time: ext.received_at, else the log timestamp, else now; only plausible times here
+    # event time: ext.received_at, else the log timestamp, else now (plausible times only); ext.exchange
     ms: Any = None
+    exchange: Any = None
     if ext is not None:
         if type(ext) is not dict:
             return None
         received = ext.get("received_at")
-        if received is not None:
-            if type(received) is int:
-                ms = received
-            elif type(received) is str:
-                if len(received) == 24:
-                    ms = _iso_z_ms(received)
-                elif received.isascii() and received.isdigit():
-                    ms = int(received)
-                if ms is None:
-                    return None
-            else:
+        if type(received) is int:
+            ms = received
+        elif received is not None:
+            if type(received) is not str:
                 return None
+            if len(received) == 24:
+                ms = _iso_z_ms(received)
+            elif received.isascii() and received.isdigit():
+                ms = int(received)
+            if ms is None:
+                return None
+        exchange = ext.get("exchange")
+        if type(exchange) is not str:
+            if exchange is not None:
+                return None
+        elif not exchange:
+            exchange = None
     if ms is None:
         if log_timestamp_ms is not None:
             ms = log_timestamp_ms
@@ -368,237 +378,132 @@ def _fast_document(bid: dict[str, Any], log_timestamp_ms: int | None, now_ms: in
     hit = _HOUR_CACHE.get(hour) or _hour_prefix(hour)
     second, millis = divmod(rest, 1000)
 
-    doc: dict[str, Any] = {"user_id": user_id}
+    age: Any = None
+    band: Any = None
+    gender: Any = None
+    occupation: Any = None
+    interests: Any = None
     user_geo: Any = None
     if user is not None:
-        value: Any = user.get("yob")
-        if value is not None:
-            if type(value) is not int:
+        age = user.get("yob")
+        if age is not None:
+            if type(age) is not int:
                 return None
-            age = hit[1] - value
+            age = hit[1] - age
             if not 0 <= age <= MAX_AGE:
                 return None
-            doc["age"] = age
             band = _AGE_BAND_BY_AGE[age]
-            if band is not None:
-                doc["age_band"] = band
-        value = user.get("gender")
-        if value is not None:
-            if type(value) is not str:
+        gender = user.get("gender")
+        if gender is not None:
+            if type(gender) is not str:
                 return None
-            name = _GENDERS.get(value)
-            if name is not None:
-                doc["gender"] = name
-        value = user.get("ext")
-        if value is not None:
-            if type(value) is not dict:
+            gender = _GENDERS.get(gender)
+        occupation = user.get("ext")
+        if occupation is not None:
+            if type(occupation) is not dict:
                 return None
-            value = value.get("occupation")
-            if type(value) is str:
-                if value:
-                    doc["occupation"] = value
-            elif value is not None:
-                return None
-        # interests: keywords split on commas, kwarray, data[].segment[].name; stripped, deduplicated, no ""
+            occupation = occupation.get("occupation")
+            if type(occupation) is not str:
+                if occupation is not None:
+                    return None
+            elif not occupation:
+                occupation = None
         keywords = user.get("keywords")
-        found: Any = None
-        if keywords is not None:
-            if type(keywords) is not str:
-                return None  # (a list under the 2.5 name: the careful path)
-            if keywords:
-                found = list(map(_strip, keywords.split(",")))
-        value = user.get("kwarray")
-        if value is not None:
-            if type(value) is not list:
-                return None
-            for item in value:
-                if type(item) is not str:
-                    return None
-            if found is None:
-                found = []
-            found.extend([item.strip() for item in value if item])
+        kwarray = user.get("kwarray")
         data = user.get("data")
-        if data is not None:
-            if type(data) is not list:
+        if kwarray is None and data is None and type(keywords) is str:
+            if keywords:  # interests: keywords split on commas, stripped, deduplicated, no ""
+                interests = list(_fromkeys(map(_strip, keywords.split(","))))
+                if "" in interests:
+                    interests.remove("")
+        elif keywords is not None or kwarray is not None or data is not None:
+            interests = _fast_interests(keywords, kwarray, data)
+            if interests is None:
                 return None
-            if found is None:
-                found = []
-            for provider in data:
-                if type(provider) is not dict:
-                    return None
-                segments = provider.get("segment")
-                if segments is None:
-                    continue
-                if type(segments) is not list:
-                    return None
-                for segment in segments:
-                    if type(segment) is not dict:
-                        return None
-                    name = segment.get("name")
-                    if type(name) is str:
-                        if name:
-                            found.append(name.strip())
-                    elif name is not None:
-                        return None
-        if found:
-            interests = list(dict.fromkeys(found))
-            if "" in interests:
-                interests.remove("")
-            if interests:
-                doc["interests"] = interests
+        if not interests:
+            interests = None
         user_geo = user.get("geo")
         if user_geo is not None and type(user_geo) is not dict:
             return None
 
+    language: Any = None
+    dev: Any = None
     device_geo: Any = None
     if device is not None:
-        value = device.get("language")
-        if type(value) is str and value:
-            doc["language"] = value
+        language = device.get("language")
+        if type(language) is not str or not language:
+            if language is not None and type(language) is not str:
+                return None
+            language = device.get("langb")
+            if type(language) is not str:
+                if language is not None:
+                    return None
+            elif not language:
+                language = None
+        os_ = device.get("os")
+        osv = device.get("osv")
+        make = device.get("make")
+        model = device.get("model")
+        carrier = device.get("carrier")
+        code = device.get("devicetype")
+        if (type(os_) is str and type(osv) is str and type(make) is str and type(model) is str
+                and type(carrier) is str and type(code) is int and os_ and osv and make and model and carrier):
+            type_name = _DEVICE_TYPES.get(code)
+            if type_name is not None:
+                dev = {"os": os_, "os_version": osv, "make": make, "model": model, "carrier": carrier,
+                       "type": type_name}
+            else:
+                dev = {"os": os_, "os_version": osv, "make": make, "model": model, "carrier": carrier}
         else:
-            if value is not None and type(value) is not str:
+            dev = _fast_device(os_, osv, make, model, carrier, code)
+            if dev is None:
                 return None
-            value = device.get("langb")
-            if type(value) is str:
-                if value:
-                    doc["language"] = value
-            elif value is not None:
-                return None
-        dev: dict[str, Any] = {}
-        value = device.get("os")
-        if type(value) is str:
-            if value:
-                dev["os"] = value
-        elif value is not None:
-            return None
-        value = device.get("osv")
-        if type(value) is str:
-            if value:
-                dev["os_version"] = value
-        elif value is not None:
-            return None
-        value = device.get("make")
-        if type(value) is str:
-            if value:
-                dev["make"] = value
-        elif value is not None:
-            return None
-        value = device.get("model")
-        if type(value) is str:
-            if value:
-                dev["model"] = value
-        elif value is not None:
-            return None
-        value = device.get("carrier")
-        if type(value) is str:
-            if value:
-                dev["carrier"] = value
-        elif value is not None:
-            return None
-        value = device.get("devicetype")
-        if type(value) is int:
-            name = _DEVICE_TYPES.get(value)
-            if name is not None:
-                dev["type"] = name
-        elif value is not None:
-            return None
-        if dev:
-            doc["device"] = dev
+            if not dev:
+                dev = None
         device_geo = device.get("geo")
         if device_geo is not None and type(device_geo) is not dict:
             return None
 
-    if device_geo is not None or user_geo is not None:
-        geo: dict[str, Any] = {}
-        location = None
-        for source in (device_geo, user_geo):  # device.geo's location, else user.geo's
-            if source is None:
-                continue
-            lat = source.get("lat")
-            lon = source.get("lon")
-            if lat is not None and type(lat) is not float and type(lat) is not int:
-                return None
-            if lon is not None and type(lon) is not float and type(lon) is not int:
-                return None
-            if lat is not None and lon is not None and -90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0:
-                location = {"lat": lat, "lon": lon}
-                break
-        if location is not None:
-            geo["location"] = location
-        for source_key, target in _GEO_FIELDS:  # each field from device.geo, else user.geo
-            value = device_geo.get(source_key) if device_geo is not None else None
-            if type(value) is str and value:
-                geo[target] = value
-                continue
-            if value is not None and type(value) is not str:
-                return None
-            if user_geo is not None:
-                value = user_geo.get(source_key)
-                if type(value) is str:
-                    if value:
-                        geo[target] = value
-                elif value is not None:
-                    return None
-        if geo:
-            doc["geo"] = geo
+    geo: Any = None
+    if device_geo is not None and user_geo is None:
+        lat = device_geo.get("lat")
+        lon = device_geo.get("lon")
+        city = device_geo.get("city")
+        postcode = device_geo.get("zip")
+        region = device_geo.get("region")
+        country = device_geo.get("country")
+        if (type(lat) is float and type(lon) is float and type(city) is str and type(postcode) is str
+                and type(region) is str and type(country) is str and city and postcode and region and country
+                and -90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0):
+            geo = {"location": {"lat": lat, "lon": lon}, "city": city, "postcode": postcode, "region": region,
+                   "country": country}
+    if geo is None and (device_geo is not None or user_geo is not None):
+        geo = _fast_geo(device_geo, user_geo)
+        if geo is None:
+            return None
+        if not geo:
+            geo = None
 
     app: Any = bid.get("app")
     site: Any = bid.get("site")
+    publisher: Any = None
     if app is not None or site is not None:
-        publisher: dict[str, Any] = {}
-        category: Any = None
-        if app is not None:
-            if type(app) is not dict:
+        source = app if site is None else site if app is None else None
+        if type(source) is dict:  # one of app or site (the usual case): bundle or domain, and one category
+            name = source.get("bundle" if source is app else "domain")
+            category = source.get("cat")
+            if type(name) is str and name and type(category) is list and len(category) == 1:
+                first = category[0]
+                if type(first) is str and first:
+                    publisher = {"bundle" if source is app else "domain": name, "category": [first]}
+        if publisher is None:
+            publisher = _fast_publisher(app, site)
+            if publisher is None:
                 return None
-            value = app.get("bundle")
-            if type(value) is str:
-                if value:
-                    publisher["bundle"] = value
-            elif value is not None:
-                return None
-            value = app.get("cat")
-            if value is not None:
-                if type(value) is not list:
-                    return None
-                for item in value:
-                    if type(item) is not str:
-                        return None
-                category = list(dict.fromkeys(value))
-                if "" in category:
-                    category.remove("")
-        if site is not None:
-            if type(site) is not dict:
-                return None
-            value = site.get("domain")
-            if type(value) is str:
-                if value:
-                    publisher["domain"] = value
-            elif value is not None:
-                return None
-            if not category:
-                value = site.get("cat")
-                if value is not None:
-                    if type(value) is not list:
-                        return None
-                    for item in value:
-                        if type(item) is not str:
-                            return None
-                    category = list(dict.fromkeys(value))
-                    if "" in category:
-                        category.remove("")
-        if category:
-            publisher["category"] = category
-        if publisher:
-            doc["publisher"] = publisher
+            if not publisher:
+                publisher = None
 
-    if ext is not None:
-        value = ext.get("exchange")
-        if type(value) is str:
-            if value:
-                doc["exchange"] = value
-        elif value is not None:
-            return None
-
+    slot: Any = None
     imps: Any = bid.get("imp")
     if imps is not None:
         if type(imps) is not list:
@@ -613,32 +518,213 @@ def _fast_document(bid: dict[str, Any], log_timestamp_ms: int | None, now_ms: in
                     return None
                 w = banner.get("w")
                 h = banner.get("h")
-                if (w is not None and type(w) is not int) or (h is not None and type(h) is not int):
-                    return None
-                if w is None or h is None:
-                    formats = banner.get("format")
-                    if formats is not None:
-                        if type(formats) is not list:
-                            return None
-                        if formats:
-                            first = formats[0]
-                            if type(first) is not dict:
-                                return None
-                            if w is None:
-                                w = first.get("w")
-                                if w is not None and type(w) is not int:
-                                    return None
-                            if h is None:
-                                h = first.get("h")
-                                if h is not None and type(h) is not int:
-                                    return None
-                if w is not None:
-                    doc["ad_slot"] = {"w": w} if h is None else {"w": w, "h": h}
-                elif h is not None:
-                    doc["ad_slot"] = {"h": h}
+                if type(w) is int and type(h) is int:
+                    slot = {"w": w, "h": h}
+                else:
+                    slot = _fast_slot(banner, w, h)
+                    if slot is None:
+                        return None
+                    if not slot:
+                        slot = None
 
-    doc["last_seen"] = f"{hit[0]}{_MMSS[second]}{_MILLIS[millis]}"
+    last_seen = f"{hit[0]}{_MMSS[second]}{_MILLIS[millis]}"
+    if (band is not None and gender is not None and occupation is not None and interests is not None
+            and language is not None and dev is not None and geo is not None and publisher is not None
+            and exchange is not None and slot is not None):  # every field: one presized dict
+        return {"user_id": user_id, "age": age, "age_band": band, "gender": gender, "occupation": occupation,
+                "interests": interests, "language": language, "device": dev, "geo": geo, "publisher": publisher,
+                "exchange": exchange, "ad_slot": slot, "last_seen": last_seen}
+    doc: dict[str, Any] = {"user_id": user_id}
+    if age is not None:
+        doc["age"] = age
+        if band is not None:
+            doc["age_band"] = band
+    if gender is not None:
+        doc["gender"] = gender
+    if occupation is not None:
+        doc["occupation"] = occupation
+    if interests is not None:
+        doc["interests"] = interests
+    if language is not None:
+        doc["language"] = language
+    if dev is not None:
+        doc["device"] = dev
+    if geo is not None:
+        doc["geo"] = geo
+    if publisher is not None:
+        doc["publisher"] = publisher
+    if exchange is not None:
+        doc["exchange"] = exchange
+    if slot is not None:
+        doc["ad_slot"] = slot
+    doc["last_seen"] = last_seen
     return doc
+
+
+# The _fast_* helpers handle the less usual shapes for _fast_document: None = bail out, {} or [] = nothing.
+
+
+def _fast_interests(keywords: Any, kwarray: Any, data: Any) -> list[str] | None:
+    found: list[str] = []
+    if keywords is not None:
+        if type(keywords) is not str:
+            return None  # (a list under the 2.5 name: the careful path)
+        if keywords:
+            found = list(map(_strip, keywords.split(",")))
+    if kwarray is not None:
+        if type(kwarray) is not list:
+            return None
+        for item in kwarray:
+            if type(item) is not str:
+                return None
+        found.extend([item.strip() for item in kwarray if item])
+    if data is not None:
+        if type(data) is not list:
+            return None
+        for provider in data:
+            if type(provider) is not dict:
+                return None
+            segments = provider.get("segment")
+            if segments is None:
+                continue
+            if type(segments) is not list:
+                return None
+            for segment in segments:
+                if type(segment) is not dict:
+                    return None
+                name = segment.get("name")
+                if type(name) is str:
+                    if name:
+                        found.append(name.strip())
+                elif name is not None:
+                    return None
+    interests = list(_fromkeys(found))
+    if "" in interests:
+        interests.remove("")
+    return interests
+
+
+def _fast_device(os_: Any, osv: Any, make: Any, model: Any, carrier: Any, code: Any) -> dict[str, Any] | None:
+    dev: dict[str, Any] = {}
+    for target, value in (("os", os_), ("os_version", osv), ("make", make), ("model", model),
+                          ("carrier", carrier)):
+        if type(value) is str:
+            if value:
+                dev[target] = value
+        elif value is not None:
+            return None
+    if type(code) is int:
+        type_name = _DEVICE_TYPES.get(code)
+        if type_name is not None:
+            dev["type"] = type_name
+    elif code is not None:
+        return None
+    return dev
+
+
+def _fast_geo(device_geo: dict[str, Any] | None, user_geo: dict[str, Any] | None) -> dict[str, Any] | None:
+    geo: dict[str, Any] = {}
+    for source in (device_geo, user_geo):  # device.geo's location, else user.geo's
+        if source is None:
+            continue
+        lat = source.get("lat")
+        lon = source.get("lon")
+        if (lat is not None and type(lat) is not float and type(lat) is not int) or (
+                lon is not None and type(lon) is not float and type(lon) is not int):
+            return None
+        if lat is not None and lon is not None and -90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0:
+            geo["location"] = {"lat": lat, "lon": lon}
+            break
+    for source_key, target in _GEO_FIELDS:  # each field from device.geo, else user.geo
+        value = device_geo.get(source_key) if device_geo is not None else None
+        if type(value) is str and value:
+            geo[target] = value
+            continue
+        if value is not None and type(value) is not str:
+            return None
+        if user_geo is not None:
+            value = user_geo.get(source_key)
+            if type(value) is str:
+                if value:
+                    geo[target] = value
+            elif value is not None:
+                return None
+    return geo
+
+
+def _fast_str_list(value: Any) -> list[str] | None:
+    """A category list without "" nor duplicates; None to bail out (not a list of strings)."""
+    if type(value) is not list:
+        return None
+    for item in value:
+        if type(item) is not str:
+            return None
+    category = list(_fromkeys(value))
+    if "" in category:
+        category.remove("")
+    return category
+
+
+def _fast_publisher(app: Any, site: Any) -> dict[str, Any] | None:
+    publisher: dict[str, Any] = {}
+    category: list[str] | None = None
+    if app is not None:
+        if type(app) is not dict:
+            return None
+        value = app.get("bundle")
+        if type(value) is str:
+            if value:
+                publisher["bundle"] = value
+        elif value is not None:
+            return None
+        value = app.get("cat")
+        if value is not None:
+            category = _fast_str_list(value)
+            if category is None:
+                return None
+    if site is not None:
+        if type(site) is not dict:
+            return None
+        value = site.get("domain")
+        if type(value) is str:
+            if value:
+                publisher["domain"] = value
+        elif value is not None:
+            return None
+        if not category:
+            value = site.get("cat")
+            if value is not None:
+                category = _fast_str_list(value)
+                if category is None:
+                    return None
+    if category:
+        publisher["category"] = category
+    return publisher
+
+
+def _fast_slot(banner: dict[str, Any], w: Any, h: Any) -> dict[str, Any] | None:
+    if (w is not None and type(w) is not int) or (h is not None and type(h) is not int):
+        return None
+    if w is None or h is None:
+        formats = banner.get("format")
+        if formats is not None:
+            if type(formats) is not list:
+                return None
+            if formats:
+                first = formats[0]
+                if type(first) is not dict:
+                    return None
+                if w is None:
+                    w = first.get("w")
+                    if w is not None and type(w) is not int:
+                        return None
+                if h is None:
+                    h = first.get("h")
+                    if h is not None and type(h) is not int:
+                        return None
+    if w is not None:
+        return {"w": w} if h is None else {"w": w, "h": h}
+    return {} if h is None else {"h": h}
 
 
 def _careful_document(bid: Mapping[str, Any], log_timestamp_ms: int | None, now_ms: int | None) -> dict[str, Any]:
