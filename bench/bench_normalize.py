@@ -59,7 +59,7 @@ def variants() -> dict[str, Callable[[list[bytes]], Any]]:
             message(raw, NOW_MS - i, NOW_MS)
 
     def loads_only(raws: list[bytes]) -> None:
-        for i, raw in enumerate(raws):  # same loop shape as the others
+        for _i, raw in enumerate(raws):  # same loop shape as the others
             loads(raw)
 
     return {"reference": reference, "current": current, "message": message_, "loads_only": loads_only}

@@ -240,24 +240,27 @@ def _hour_prefix(hour: int) -> tuple[str, int]:
     return hit
 
 
-# ISO 8601 event times as exchanges send them ("2026-11-22T10:00:00.123Z"): the part up to the dot
-# -> its epoch microseconds (cached per second, validated once by datetime.fromisoformat on a full
-# string), and "123Z" -> 123. The result is computed as the original does (float seconds * 1000,
-# truncated), so rounding is identical.
-_ISO_SECOND_CACHE: dict[str, int] = {}
-_ISO_MILLIS = {f"{i:03d}Z": i for i in range(1000)}
+# ISO 8601 event times as exchanges send them ("2026-11-22T10:00:00.123Z"): "2026-11-22T10:" -> the epoch
+# microseconds of that hour (cached; validated once by datetime.fromisoformat on a whole string of that hour),
+# "00:00." -> microseconds into the hour, "123Z" -> microseconds into the second (tables). The result is
+# computed as the original does (float seconds * 1000, truncated), so rounding is identical.
+_ISO_HOUR_CACHE: dict[str, int] = {}
+_ISO_MMSS = {f"{m:02d}:{s:02d}.": (m * 60 + s) * 1_000_000 for m in range(60) for s in range(60)}
+_ISO_MILLIS = {f"{i:03d}Z": i * 1000 for i in range(1000)}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _iso_z_ms(text: str) -> int | None:
     """Epoch millis of ``YYYY-MM-DDTHH:MM:SS.mmmZ``; None for any other shape (the careful path decides)."""
-    milli = _ISO_MILLIS.get(text[20:])
-    if milli is None or len(text) != 24:
+    in_hour = _ISO_MMSS.get(text[14:20])
+    in_second = _ISO_MILLIS.get(text[20:])
+    if in_hour is None or in_second is None or len(text) != 24:
         return None
-    prefix = text[:20]
-    base_us = _ISO_SECOND_CACHE.get(prefix)
+    prefix = text[:14]
+    base_us = _ISO_HOUR_CACHE.get(prefix)
     if base_us is None:
-        if not (prefix.isascii() and prefix[19] == "." and prefix[10] == "T"):
+        # hour 24 is refused outright: "24:00:00" may be valid where "24:01:00" is not
+        if not (prefix.isascii() and prefix[10] == "T" and prefix[13] == ":" and prefix[11:13] < "24"):
             return None
         try:
             parsed = datetime.fromisoformat(text)
@@ -265,11 +268,11 @@ def _iso_z_ms(text: str) -> int | None:
             return None
         if parsed.tzinfo is not UTC:
             return None
-        base_us = (parsed - _EPOCH) // _ONE_US - milli * 1000
-        if len(_ISO_SECOND_CACHE) > 8192:
-            _ISO_SECOND_CACHE.clear()
-        _ISO_SECOND_CACHE[prefix] = base_us
-    return int((base_us + milli * 1000) / 1_000_000 * 1000)
+        base_us = (parsed - _EPOCH) // _ONE_US - in_hour - in_second
+        if len(_ISO_HOUR_CACHE) > 8192:
+            _ISO_HOUR_CACHE.clear()
+        _ISO_HOUR_CACHE[prefix] = base_us
+    return int((base_us + in_hour + in_second) / 1_000_000 * 1000)
 
 
 _ONE_US = timedelta(microseconds=1)
@@ -374,9 +377,9 @@ def _fast_document(bid: dict[str, Any], log_timestamp_ms: int | None, now_ms: in
             return None
     if not _MIN_EVENT_MS <= ms < _MAX_EVENT_MS:
         return None
-    hour, rest = divmod(ms, 3_600_000)
+    hour = ms // 3_600_000
     hit = _HOUR_CACHE.get(hour) or _hour_prefix(hour)
-    second, millis = divmod(rest, 1000)
+    rest = ms - hour * 3_600_000  # millis within the hour: one machine word, so // and % are cheap
 
     age: Any = None
     band: Any = None
@@ -527,7 +530,7 @@ def _fast_document(bid: dict[str, Any], log_timestamp_ms: int | None, now_ms: in
                     if not slot:
                         slot = None
 
-    last_seen = f"{hit[0]}{_MMSS[second]}{_MILLIS[millis]}"
+    last_seen = f"{hit[0]}{_MMSS[rest // 1000]}{_MILLIS[rest % 1000]}"
     if (band is not None and gender is not None and occupation is not None and interests is not None
             and language is not None and dev is not None and geo is not None and publisher is not None
             and exchange is not None and slot is not None):  # every field: one presized dict

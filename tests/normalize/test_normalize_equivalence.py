@@ -327,6 +327,14 @@ def test_iso_millis_all_values() -> None:
             assert_same({"user": {"id": "u"}, "ext": {"received_at": f"{second}.{milli:03d}Z"}})
 
 
+def test_iso_every_second_of_an_hour() -> None:
+    rng = random.Random(4)
+    for hour in ("2026-11-22T10", "2028-02-29T23", "2026-W47-1T10", "2026-11-22T24", "2026-11-22T25"):
+        for second in range(3600):
+            text = f"{hour}:{second // 60:02d}:{second % 60:02d}.{rng.randrange(1000):03d}Z"
+            assert_same({"user": {"id": "u", "yob": 1990}, "ext": {"received_at": text}})
+
+
 def test_clock_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(time, "time", lambda: 1_795_860_000.4567)
     for bid in ({"user": {"id": "u", "yob": 1990}}, {"user": {"id": "u"}, "ext": {"exchange": "x"}}):
