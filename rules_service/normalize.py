@@ -6,7 +6,8 @@ intermediate objects. :func:`parse_bid` turns the raw bytes of a log message int
 :func:`normalise_message` does both in one call (what the stream worker should call).
 
 Two lanes, one behaviour. :func:`_fast_document` is a single function for the happy path: exact
-``type(x) is ...`` checks, no helper calls, timestamps from an hour cache. It never raises: on
+``type(x) is ...`` checks, one dict display per usual sub-object, no helper call on the usual shapes
+(``_fast_*`` helpers for the rarer ones), timestamps from an hour cache. It never raises: on
 anything unusual (a wrong type, a float where an int is expected, a Mapping that is not a dict, an
 ISO time it does not know, an implausible time) it returns None and :func:`_careful_document`, the
 original field-by-field code, produces the document or the error. So errors (their order, reason
