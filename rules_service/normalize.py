@@ -140,6 +140,18 @@ def _int(parent: Mapping[str, Any], key: str, path: str) -> int | None:
     raise _wrong(path, "an integer", value)
 
 
+#: ``ad_slot.w``/``h`` are ``integer`` fields: a size outside 0..2^31-1 is a bad bid (Elasticsearch
+#: would reject the document, and the last-seen record could not be encoded).
+MAX_SLOT_SIZE = 2**31 - 1
+
+
+def _size(parent: Mapping[str, Any], key: str, path: str) -> int | None:
+    value = _int(parent, key, path)
+    if value is not None and not 0 <= value <= MAX_SLOT_SIZE:
+        raise BadBidError(f"must be between 0 and {MAX_SLOT_SIZE}, got {value}", path)
+    return value
+
+
 def _num(parent: Mapping[str, Any], key: str, path: str) -> float | None:
     value = parent.get(key)
     if value is None:
@@ -522,7 +534,7 @@ def _fast_document(bid: dict[str, Any], log_timestamp_ms: int | None, now_ms: in
                     return None
                 w = banner.get("w")
                 h = banner.get("h")
-                if type(w) is int and type(h) is int:
+                if type(w) is int and type(h) is int and 0 <= w <= MAX_SLOT_SIZE and 0 <= h <= MAX_SLOT_SIZE:
                     slot = {"w": w, "h": h}
                 else:
                     slot = _fast_slot(banner, w, h)
@@ -726,6 +738,8 @@ def _fast_slot(banner: dict[str, Any], w: Any, h: Any) -> dict[str, Any] | None:
                     h = first.get("h")
                     if h is not None and type(h) is not int:
                         return None
+    if (w is not None and not 0 <= w <= MAX_SLOT_SIZE) or (h is not None and not 0 <= h <= MAX_SLOT_SIZE):
+        return None
     if w is not None:
         return {"w": w} if h is None else {"w": w, "h": h}
     return {} if h is None else {"h": h}
@@ -925,8 +939,8 @@ def _ad_slot(bid: Mapping[str, Any]) -> dict[str, int]:
     if banner is None:
         return {}
     slot: dict[str, int] = {}
-    w = _int(banner, "w", "imp[0].banner.w")
-    h = _int(banner, "h", "imp[0].banner.h")
+    w = _size(banner, "w", "imp[0].banner.w")
+    h = _size(banner, "h", "imp[0].banner.h")
     if w is None or h is None:
         formats = banner.get("format")
         if formats is not None:
@@ -937,9 +951,9 @@ def _ad_slot(bid: Mapping[str, Any]) -> dict[str, int]:
                 if type(first) is not dict:
                     raise _wrong("imp[0].banner.format[0]", "an object", first)
                 if w is None:
-                    w = _int(first, "w", "imp[0].banner.format[0].w")
+                    w = _size(first, "w", "imp[0].banner.format[0].w")
                 if h is None:
-                    h = _int(first, "h", "imp[0].banner.format[0].h")
+                    h = _size(first, "h", "imp[0].banner.format[0].h")
     if w is not None:
         slot["w"] = w
     if h is not None:

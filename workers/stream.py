@@ -97,12 +97,9 @@ class RuleSource(Protocol):
 
 
 def default_normaliser() -> Normaliser:
-    from rules_service.normalize import bid_to_document, parse_bid
+    from rules_service.normalize import normalise_message
 
-    def normalise(raw: bytes, log_timestamp_ms: int, now_ms: int) -> dict[str, Any]:
-        return bid_to_document(parse_bid(raw), log_timestamp_ms=log_timestamp_ms, now_ms=now_ms)
-
-    return normalise
+    return normalise_message
 
 
 def default_aggregator(dimensions: Sequence[str]) -> Aggregator:

@@ -2,7 +2,8 @@
 
 Do not edit or "fix" this module: tests/normalize/test_normalize_equivalence.py checks that the
 optimised normaliser gives byte-for-byte the same documents and the same errors (type, reason,
-field) as this one. The original module docstring follows.
+field) as this one. One deliberate change since: ad slot sizes outside 0..2^31-1 are rejected
+(``_size``), in both modules. The original module docstring follows.
 
 From an OpenRTB 2.5/2.6 BidRequest to the user document of :mod:`rules_service.schema`.
 
@@ -133,6 +134,18 @@ def _int(parent: Mapping[str, Any], key: str, path: str) -> int | None:
     if type(value) is float and value.is_integer():
         return int(value)
     raise _wrong(path, "an integer", value)
+
+
+#: ``ad_slot.w``/``h`` are ``integer`` fields: a size outside 0..2^31-1 is a bad bid (Elasticsearch
+#: would reject the document, and the last-seen record could not be encoded).
+MAX_SLOT_SIZE = 2**31 - 1
+
+
+def _size(parent: Mapping[str, Any], key: str, path: str) -> int | None:
+    value = _int(parent, key, path)
+    if value is not None and not 0 <= value <= MAX_SLOT_SIZE:
+        raise BadBidError(f"must be between 0 and {MAX_SLOT_SIZE}, got {value}", path)
+    return value
 
 
 def _num(parent: Mapping[str, Any], key: str, path: str) -> float | None:
@@ -409,8 +422,8 @@ def _ad_slot(bid: Mapping[str, Any]) -> dict[str, int]:
     if banner is None:
         return {}
     slot: dict[str, int] = {}
-    w = _int(banner, "w", "imp[0].banner.w")
-    h = _int(banner, "h", "imp[0].banner.h")
+    w = _size(banner, "w", "imp[0].banner.w")
+    h = _size(banner, "h", "imp[0].banner.h")
     if w is None or h is None:
         formats = banner.get("format")
         if formats is not None:
@@ -421,9 +434,9 @@ def _ad_slot(bid: Mapping[str, Any]) -> dict[str, int]:
                 if type(first) is not dict:
                     raise _wrong("imp[0].banner.format[0]", "an object", first)
                 if w is None:
-                    w = _int(first, "w", "imp[0].banner.format[0].w")
+                    w = _size(first, "w", "imp[0].banner.format[0].w")
                 if h is None:
-                    h = _int(first, "h", "imp[0].banner.format[0].h")
+                    h = _size(first, "h", "imp[0].banner.format[0].h")
     if w is not None:
         slot["w"] = w
     if h is not None:

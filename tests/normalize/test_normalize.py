@@ -9,7 +9,14 @@ from typing import Any
 import orjson
 import pytest
 
-from rules_service.normalize import BadBidError, bid_to_document, event_time_ms, format_timestamp_ms, parse_bid
+from rules_service.normalize import (
+    BadBidError,
+    bid_to_document,
+    event_time_ms,
+    format_timestamp_ms,
+    normalise_message,
+    parse_bid,
+)
 from rules_service.schema import USER_MAPPING
 
 NOW_MS = int(datetime(2026, 11, 22, 10, 0, 0, tzinfo=UTC).timestamp() * 1000)
@@ -275,6 +282,11 @@ def test_now_defaults_to_the_clock() -> None:
         ("imp[0].banner", {"format": {}}, "imp[0].banner.format"),
         ("imp[0].banner", {"format": [1]}, "imp[0].banner.format[0]"),
         ("imp[0].banner", {"format": [{"w": "1", "h": 2}]}, "imp[0].banner.format[0].w"),
+        # sizes beyond an integer field (a 1e300 would later break the last-seen record's encoding)
+        ("imp[0].banner.w", 1e300, "imp[0].banner.w"),
+        ("imp[0].banner.h", 2**31, "imp[0].banner.h"),
+        ("imp[0].banner.w", -1, "imp[0].banner.w"),
+        ("imp[0].banner", {"format": [{"w": 300, "h": 2**40}]}, "imp[0].banner.format[0].h"),
         ("ext", "x", "ext"),
         ("ext.exchange", 1, "ext.exchange"),
         ("ext.received_at", [], "ext.received_at"),
@@ -283,8 +295,12 @@ def test_now_defaults_to_the_clock() -> None:
     ],
 )
 def test_wrong_types_name_the_culprit(path: str, value: Any, field: str) -> None:
+    bid = _with(BID_25, path, value)
+    with pytest.raises(BadBidError) as fast_lane:  # the stream's entry point, fast lane first
+        normalise_message(orjson.dumps(bid), now_ms=NOW_MS)
+    assert fast_lane.value.field == field
     with pytest.raises(BadBidError) as info:
-        bid_to_document(_with(BID_25, path, value), now_ms=NOW_MS)
+        bid_to_document(bid, now_ms=NOW_MS)
     assert info.value.field == field
     assert str(info.value).startswith(field + ": ")
     assert info.value.to_dict() == {"reason": info.value.reason, "field": field}
