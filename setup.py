@@ -15,7 +15,13 @@ setup(
         # indexes a batch of plain JSON documents straight into postings (percolators.fast_index)
         Extension("percolators._walk", ["percolators/_walk.c"], optional=True, extra_compile_args=_FLAGS),
         # evaluates compiled rule programs over a batch and scatters masks to lists (percolators.programs)
-        Extension("percolators._eval", ["percolators/_eval.c"], optional=True, extra_compile_args=_FLAGS),
+        Extension(
+            "percolators._eval",
+            ["percolators/_eval.c"],
+            optional=True,
+            extra_compile_args=_FLAGS,
+            libraries=["m"],  # sin/cos/asin of the geo circle
+        ),
         # aggregates per-rule document masks into counter updates (rules_service.counters.aggregate)
         Extension(
             "rules_service.counters._aggregate",
