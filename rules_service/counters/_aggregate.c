@@ -36,14 +36,14 @@
 
 typedef struct {
     PyObject *users, *matches, *dims;
-    PyObject *uids;        /* list */
+    PyObject *uids;        /* tuple copy: Python code (__hash__, __eq__) may change the caller's lists */
     const int32_t *hour_codes;
     Py_ssize_t n_docs;
-    PyObject *hours, *days; /* lists of int */
+    PyObject *hours, *days; /* tuple copies */
     Py_ssize_t n_hours;
     const int32_t *doc_codes;
     Py_ssize_t width;
-    PyObject *code_dims, *code_values; /* lists of str */
+    PyObject *code_dims, *code_values; /* tuple copies */
     Py_ssize_t n_codes;
     int count_matches;
     PyObject *s_hour, *s_day; /* "hour", "day" */
@@ -62,14 +62,17 @@ static int add_users(Ctx *c, PyObject *key, const Py_ssize_t *docs, Py_ssize_t n
         if (PyErr_Occurred()) return -1;
         set = PySet_New(NULL);
         if (set == NULL) return -1;
-        int rc = PyDict_SetItem(c->users, key, set);
-        Py_DECREF(set); /* the dict holds it */
-        if (rc < 0) return -1;
+        if (PyDict_SetItem(c->users, key, set) < 0) {
+            Py_DECREF(set);
+            return -1;
+        }
+    } else {
+        Py_INCREF(set); /* our own reference: a user id's __hash__ may drop it from users */
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (PySet_Add(set, PyList_GET_ITEM(c->uids, docs[i])) < 0) return -1;
-    }
-    return 0;
+    int rc = 0;
+    for (Py_ssize_t i = 0; i < n && rc == 0; i++) rc = PySet_Add(set, PyTuple_GET_ITEM(c->uids, docs[i]));
+    Py_DECREF(set);
+    return rc;
 }
 
 /* matches[key] += n */
@@ -82,7 +85,9 @@ static int add_count(PyObject *dict, PyObject *key, Py_ssize_t n) {
     } else {
         PyObject *add = PyLong_FromSsize_t(n);
         if (add == NULL) return -1;
+        Py_INCREF(found); /* a non-int total's __add__ may remove it from the dict */
         total = PyNumber_Add(found, add);
+        Py_DECREF(found);
         Py_DECREF(add);
     }
     if (total == NULL) return -1;
@@ -113,7 +118,7 @@ static int add_counts(Ctx *c, PyObject *rid, PyObject *hour_key, PyObject *day_k
         Py_ssize_t count = c->counts[code];
         c->counts[code] = 0; /* ready for the next group, also on errors */
         if (rc < 0) continue;
-        PyObject *dkey = PyTuple_Pack(3, rid, day, PyList_GET_ITEM(c->code_dims, code));
+        PyObject *dkey = PyTuple_Pack(3, rid, day, PyTuple_GET_ITEM(c->code_dims, code));
         if (dkey == NULL) { rc = -1; continue; }
         PyObject *target = PyDict_GetItemWithError(c->dims, dkey); /* borrowed */
         if (target == NULL) {
@@ -125,17 +130,19 @@ static int add_counts(Ctx *c, PyObject *rid, PyObject *hour_key, PyObject *day_k
                 rc = -1;
                 continue;
             }
-            Py_DECREF(target); /* the dict holds it */
+        } else {
+            Py_INCREF(target); /* our own reference: a value's __hash__ may drop it from dims */
         }
         Py_DECREF(dkey);
-        if (add_count(target, PyList_GET_ITEM(c->code_values, code), count) < 0) rc = -1;
+        if (add_count(target, PyTuple_GET_ITEM(c->code_values, code), count) < 0) rc = -1;
+        Py_DECREF(target);
     }
     return rc;
 }
 
 /* One (rule, hour) group: users to the hour and day sketches, then the counts. */
 static int emit_group(Ctx *c, PyObject *rid, Py_ssize_t h, const Py_ssize_t *docs, Py_ssize_t n) {
-    PyObject *hour = PyList_GET_ITEM(c->hours, h), *day = PyList_GET_ITEM(c->days, h);
+    PyObject *hour = PyTuple_GET_ITEM(c->hours, h), *day = PyTuple_GET_ITEM(c->days, h);
     PyObject *hour_key = bucket_key(rid, c->s_hour, hour);
     PyObject *day_key = bucket_key(rid, c->s_day, day);
     int rc = -1;
@@ -150,11 +157,12 @@ done:
 }
 
 /* Every document of one rule's mask, grouped by hour (stable: document order within an hour). */
-static int emit_rule(Ctx *c, PyObject *rid, const uint64_t *words, Py_ssize_t n_words) {
+static int emit_rule(Ctx *c, PyObject *rid, const char *words, Py_ssize_t n_words) {
     Py_ssize_t n = 0;
     for (Py_ssize_t h = 0; h < c->n_hours; h++) c->group_len[h] = 0;
     for (Py_ssize_t w = 0; w < n_words; w++) {
-        uint64_t word = words[w];
+        uint64_t word;
+        memcpy(&word, words + w * 8, 8); /* a buffer may be any alignment (a memoryview slice) */
         while (word) {
             Py_ssize_t i = w * 64 + __builtin_ctzll(word);
             word &= word - 1;
@@ -187,32 +195,62 @@ static int emit_rule(Ctx *c, PyObject *rid, const uint64_t *words, Py_ssize_t n_
     return 0;
 }
 
+/* A tuple copy of a list argument: the lists are read while Python code (a key's __hash__ or
+ * __eq__) runs, which could shrink them under a borrowed pointer. */
+static PyObject *frozen(PyObject *list) { return PyList_AsTuple(list); }
+
+/* A private, aligned copy of an int32 buffer of n items (the caller's bytes-like object could
+ * change while Python code runs, after its codes were checked), or NULL. */
+static int32_t *copy_codes(const Py_buffer *view, Py_ssize_t n) {
+    int32_t *out = PyMem_New(int32_t, n + 1);
+    if (out == NULL) return NULL;
+    memcpy(out, view->buf, (size_t)n * 4);
+    return out;
+}
+
 static PyObject *emit(PyObject *self, PyObject *args) {
     Ctx c;
     memset(&c, 0, sizeof c);
-    PyObject *rule_ids;
+    PyObject *rule_list, *uid_list, *hour_list, *day_list, *dim_list, *value_list, *rule_ids = NULL;
     Py_buffer masks, hour_codes, doc_codes;
     Py_ssize_t n_words;
+    int32_t *hour_copy = NULL, *code_copy = NULL;
     if (!PyArg_ParseTuple(args, "O!O!O!O!y*nO!y*O!O!y*nO!O!p:emit", &PyDict_Type, &c.users, &PyDict_Type,
-                          &c.matches, &PyDict_Type, &c.dims, &PyList_Type, &rule_ids, &masks, &n_words,
-                          &PyList_Type, &c.uids, &hour_codes, &PyList_Type, &c.hours, &PyList_Type, &c.days,
-                          &doc_codes, &c.width, &PyList_Type, &c.code_dims, &PyList_Type, &c.code_values,
+                          &c.matches, &PyDict_Type, &c.dims, &PyList_Type, &rule_list, &masks, &n_words,
+                          &PyList_Type, &uid_list, &hour_codes, &PyList_Type, &hour_list, &PyList_Type, &day_list,
+                          &doc_codes, &c.width, &PyList_Type, &dim_list, &PyList_Type, &value_list,
                           &c.count_matches))
         return NULL;
     PyObject *result = NULL;
-    Py_ssize_t n_rules = PyList_GET_SIZE(rule_ids);
-    c.n_docs = PyList_GET_SIZE(c.uids);
-    c.n_hours = PyList_GET_SIZE(c.hours);
-    c.n_codes = PyList_GET_SIZE(c.code_dims);
-    c.hour_codes = hour_codes.buf;
-    c.doc_codes = doc_codes.buf;
-    if (n_words < 0 || masks.len != n_rules * n_words * 8 || hour_codes.len != c.n_docs * 4 ||
-        PyList_GET_SIZE(c.days) != c.n_hours || PyList_GET_SIZE(c.code_values) != c.n_codes || c.width < 0 ||
-        doc_codes.len != c.n_docs * c.width * 4 || n_words * 64 < c.n_docs) {
+    rule_ids = frozen(rule_list);
+    c.uids = rule_ids ? frozen(uid_list) : NULL;
+    c.hours = c.uids ? frozen(hour_list) : NULL;
+    c.days = c.hours ? frozen(day_list) : NULL;
+    c.code_dims = c.days ? frozen(dim_list) : NULL;
+    c.code_values = c.code_dims ? frozen(value_list) : NULL;
+    if (c.code_values == NULL) goto done;
+    Py_ssize_t n_rules = PyTuple_GET_SIZE(rule_ids);
+    c.n_docs = PyTuple_GET_SIZE(c.uids);
+    c.n_hours = PyTuple_GET_SIZE(c.hours);
+    c.n_codes = PyTuple_GET_SIZE(c.code_dims);
+    /* sizes are products of caller-given numbers: compare by division, never multiply first */
+    if (n_words < 0 || c.width < 0 || n_words > PY_SSIZE_T_MAX / 64 ||
+        (n_rules && masks.len / 8 / n_rules != n_words) || masks.len != (Py_ssize_t)((size_t)n_rules * n_words * 8) ||
+        hour_codes.len != c.n_docs * 4 || PyTuple_GET_SIZE(c.days) != c.n_hours ||
+        PyTuple_GET_SIZE(c.code_values) != c.n_codes || (c.width && doc_codes.len / 4 / c.width != c.n_docs) ||
+        doc_codes.len != (Py_ssize_t)((size_t)c.n_docs * c.width * 4) || n_words * 64 < c.n_docs) {
         PyErr_SetString(PyExc_ValueError, "emit: inconsistent sizes");
         goto done;
     }
-    for (Py_ssize_t i = 0; i < c.n_docs; i++) { /* codes index the lists: check once, trust after */
+    hour_copy = copy_codes(&hour_codes, c.n_docs);
+    code_copy = copy_codes(&doc_codes, c.n_docs * c.width);
+    if (hour_copy == NULL || code_copy == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    c.hour_codes = hour_copy;
+    c.doc_codes = code_copy;
+    for (Py_ssize_t i = 0; i < c.n_docs; i++) { /* codes index the tuples: check once, trust after */
         if (c.hour_codes[i] >= c.n_hours) {
             PyErr_SetString(PyExc_ValueError, "emit: hour code out of range");
             goto done;
@@ -235,12 +273,14 @@ static PyObject *emit(PyObject *self, PyObject *args) {
         if (!PyErr_Occurred()) PyErr_NoMemory();
         goto done;
     }
-    const uint64_t *words = masks.buf; /* little-endian hosts only: checked at import */
+    const char *words = masks.buf; /* little-endian words (checked at import), read with memcpy */
     for (Py_ssize_t k = 0; k < n_rules; k++) {
-        if (emit_rule(&c, PyList_GET_ITEM(rule_ids, k), words + k * n_words, n_words) < 0) goto done;
+        if (emit_rule(&c, PyTuple_GET_ITEM(rule_ids, k), words + k * n_words * 8, n_words) < 0) goto done;
     }
     result = Py_NewRef(Py_None);
 done:
+    PyMem_Free(hour_copy);
+    PyMem_Free(code_copy);
     PyMem_Free(c.docs);
     PyMem_Free(c.group_len);
     PyMem_Free(c.group_at);
@@ -248,6 +288,12 @@ done:
     PyMem_Free(c.touched);
     Py_XDECREF(c.s_hour);
     Py_XDECREF(c.s_day);
+    Py_XDECREF(rule_ids);
+    Py_XDECREF(c.uids);
+    Py_XDECREF(c.hours);
+    Py_XDECREF(c.days);
+    Py_XDECREF(c.code_dims);
+    Py_XDECREF(c.code_values);
     PyBuffer_Release(&masks);
     PyBuffer_Release(&hour_codes);
     PyBuffer_Release(&doc_codes);
@@ -284,6 +330,11 @@ static PyObject *pack_members(PyObject *self, PyObject *args) {
             goto done;
         }
         parts[got] = part;
+        if (PyBytes_GET_SIZE(part) > PY_SSIZE_T_MAX - total) { /* as bytes.join: no wrap-around */
+            got++;
+            PyErr_SetString(PyExc_OverflowError, "pack_members: join() result is too long");
+            goto done;
+        }
         total += PyBytes_GET_SIZE(part);
     }
     result = PyBytes_FromStringAndSize(NULL, total);

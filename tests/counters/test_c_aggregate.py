@@ -105,3 +105,70 @@ def test_no_leaks() -> None:
     finally:
         tracemalloc.stop()
     assert grown < 64_000, f"{grown} bytes left after 60 calls"
+
+
+# ----- safety: sizes, and Python code (a key's __hash__) changing what emit reads ----------------------
+
+def test_emit_refuses_sizes_whose_products_overflow() -> None:
+    # n_rules * n_words * 8 and n_docs * width * 4 wrapped to 0 and matched empty buffers: the walk
+    # then read far outside them
+    with pytest.raises(ValueError, match="inconsistent"):
+        _c.emit({}, {}, {}, ["a", "b"], b"", 2**62, [], b"", [], [], b"", 0, [], [], True)
+    with pytest.raises(ValueError, match="inconsistent"):
+        _c.emit({}, {}, {}, ["a"], b"\x01" + b"\x00" * 7, 1, ["u"], b"\x00" * 4, [0], [0], b"", 2**62, ["d"],
+                ["v"], True)
+
+
+class _Meddler(str):
+    """A user id whose hash runs arbitrary code, once."""
+
+    action = None
+
+    def __hash__(self) -> int:
+        action, type(self).action = type(self).action, None
+        if action is not None:
+            action()
+        return str.__hash__(self)
+
+    def __eq__(self, other: object) -> bool:
+        return str.__eq__(self, other)
+
+
+def _one_hour_emit(users: dict, uids: list, hour_codes: bytes | bytearray, rules: list[str], mask: int) -> None:
+    masks = b"".join(mask.to_bytes(8, "little") for _ in rules)
+    _c.emit(users, {}, {}, rules, masks, 1, uids, hour_codes, [7200], [0], b"", 0, [], [], True)
+
+
+def test_emit_survives_a_hash_that_empties_the_user_list() -> None:
+    uids: list = [_Meddler("u1"), "u2"]
+    _Meddler.action = uids.clear  # emit read uids[1] from the emptied list
+    users: dict = {}
+    _one_hour_emit(users, uids, b"\x00" * 8, ["r"], 0b11)
+    assert users == {("r", "hour", 7200): {"u1", "u2"}, ("r", "day", 0): {"u1", "u2"}}
+
+
+def test_emit_survives_a_hash_that_drops_the_set_it_fills() -> None:
+    users: dict = {}
+    _Meddler.action = users.clear  # the new set's only reference was the dict's (ASan: use after free)
+    _one_hour_emit(users, [_Meddler("u1")], b"\x00" * 4, ["r"], 0b1)
+    assert users == {("r", "day", 0): {"u1"}}
+
+
+def test_emit_checks_codes_once_and_keeps_them() -> None:
+    hour_codes = bytearray(8)
+
+    def corrupt() -> None:  # after the check: a code far past the hours (an out-of-bounds write)
+        hour_codes[0:4] = (1 << 30).to_bytes(4, "little")
+
+    _Meddler.action = corrupt
+    users: dict = {}
+    _one_hour_emit(users, [_Meddler("u1"), "u2"], hour_codes, ["r", "s"], 0b11)
+    assert users[("s", "hour", 7200)] == {"u1", "u2"}
+
+
+def test_emit_reads_unaligned_buffers() -> None:
+    masks = memoryview(b"\x00" + (0b101).to_bytes(8, "little"))[1:]
+    hours = memoryview(b"\x00" * 13)[1:]
+    users: dict = {}
+    _c.emit(users, {}, {}, ["r"], masks, 1, ["a", "b", "c"], hours, [3600], [0], b"", 0, [], [], True)
+    assert users[("r", "hour", 3600)] == {"a", "c"}
