@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import random
 import tracemalloc
+from collections.abc import Callable
 
 import pytest
 
@@ -122,7 +123,7 @@ def test_emit_refuses_sizes_whose_products_overflow() -> None:
 class _Meddler(str):
     """A user id whose hash runs arbitrary code, once."""
 
-    action = None
+    action: Callable[[], None] | None = None
 
     def __hash__(self) -> int:
         action, type(self).action = type(self).action, None
