@@ -115,6 +115,11 @@ static int words_from_long_slow(PyObject *v, u64 *out, Py_ssize_t nwords)
     Py_DECREF(top);
     if (!masked)
         return -1;
+    if (!PyLong_Check(masked)) { /* an int subclass's __mod__ can return anything */
+        PyErr_Format(PyExc_TypeError, "a mask's %% gave %.100s, not an int", Py_TYPE(masked)->tp_name);
+        Py_DECREF(masked);
+        return -1;
+    }
     int rc = _PyLong_AsByteArray((PyLongObject *)masked, (unsigned char *)out, (size_t)nwords * sizeof(u64), 1, 0
 #if PY_VERSION_HEX >= 0x030D0000
                                  , 1
@@ -178,7 +183,7 @@ typedef struct {
     CacheSlot *cache;     /* open addressing, a power of two in size */
     size_t cache_cap, cache_used;
     PyObject *batch;      /* borrowed */
-    PyObject *terms;      /* borrowed: batch.terms */
+    PyObject *terms;      /* owned: batch.terms (a leaf callback may rebind the attribute) */
     PyObject *full_int;   /* owned: batch.all */
     PyObject *payloads;   /* borrowed: the leaf table's payloads */
     char *kinds;          /* copy of the leaf table's kinds */
@@ -239,6 +244,7 @@ static void ctx_free(Ctx *c)
     PyMem_Free(c->memo);
     PyMem_Free(c->full);
     Py_XDECREF(c->full_int);
+    Py_XDECREF(c->terms);
 }
 
 /* ----- leaves ---------------------------------------------------------------------------------- */
@@ -290,10 +296,14 @@ static int term_words(Ctx *c, PyObject *v, const u64 **words)
         u64 *mem = arena_alloc(c);
         if (!mem)
             return -1;
-        int rc = words_from_long(v, mem, c->nwords);
-        if (rc < 0)
-            return -1;
+        /* v is borrowed from a dict or list, and the conversion may run Python code (an int
+         * subclass's __mod__) that removes it from there: hold it first */
         Py_INCREF(v);
+        int rc = words_from_long(v, mem, c->nwords);
+        if (rc < 0) {
+            Py_DECREF(v);
+            return -1;
+        }
         c->cache[i].key = v;
         c->cache[i].words = rc ? mem : NULL;
         c->cache_used++;
@@ -444,12 +454,16 @@ static Py_ssize_t bisect(PyObject *values, PyObject *x, int right)
     Py_ssize_t lo = 0, hi = PyList_GET_SIZE(values);
     while (lo < hi) {
         Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (mid >= PyList_GET_SIZE(values)) { /* shrunk by a comparison (Python code) */
+            PyErr_SetString(PyExc_RuntimeError, "batch values changed during a range lookup");
+            return -2;
+        }
         PyObject *item = PyList_GET_ITEM(values, mid);
         Py_INCREF(item);
         int below = right ? PyObject_RichCompareBool(x, item, Py_LT) : PyObject_RichCompareBool(item, x, Py_LT);
         Py_DECREF(item);
         if (below < 0)
-            return -1;
+            return -2;
         if (right ? below : !below)
             hi = mid;
         else
@@ -502,7 +516,7 @@ static int range_leaf(Ctx *c, PyObject *spec, u64 *out)
         stop = PyList_GET_SIZE(masks);
     memset(out, 0, (size_t)c->nwords * sizeof(u64));
     rc = 0;
-    for (Py_ssize_t i = start; i < stop; i++) {
+    for (Py_ssize_t i = start; i < stop && i < PyList_GET_SIZE(masks); i++) { /* (term_words may run code) */
         const u64 *words;
         int got = term_words(c, PyList_GET_ITEM(masks, i), &words);
         if (got < 0) {
@@ -523,6 +537,8 @@ done:
     return rc;
 }
 
+static int leaf_of_payload(Ctx *c, int32_t id, PyObject *payload, const u64 *pre, u64 *tmp, const u64 **buf);
+
 /* A leaf's mask: 0 when empty, 1 with *buf set (bits outside pre may be set), -1 on error.
  * tmp receives a PRE leaf's result. */
 static int leaf_mask(Ctx *c, int32_t id, const u64 *pre, u64 *tmp, const u64 **buf)
@@ -541,14 +557,22 @@ static int leaf_mask(Ctx *c, int32_t id, const u64 *pre, u64 *tmp, const u64 **b
     PyObject *payload = PyList_GetItem(c->payloads, id);
     if (!payload)
         return -1;
+    /* held for the whole leaf: every kind can run Python code (a method of the batch, a key's
+     * __hash__, an evaluator) that may replace the list's item and free it with its contents */
+    Py_INCREF(payload);
+    int rc = leaf_of_payload(c, id, payload, pre, tmp, buf);
+    Py_DECREF(payload);
+    return rc;
+}
+
+static int leaf_of_payload(Ctx *c, int32_t id, PyObject *payload, const u64 *pre, u64 *tmp, const u64 **buf)
+{
     char kind = c->kinds[id];
     if (kind == KIND_PRE) {
         PyObject *pre_int = long_from_words(pre, c->nwords);
         if (!pre_int)
             return -1;
-        Py_INCREF(payload);
         int rc = call_leaf(c, payload, pre_int, tmp);
-        Py_DECREF(payload);
         Py_DECREF(pre_int);
         if (rc > 0)
             *buf = tmp;
@@ -565,7 +589,7 @@ static int leaf_mask(Ctx *c, int32_t id, const u64 *pre, u64 *tmp, const u64 **b
         *buf = words;
         return rc;
     }
-    if (kind == KIND_TERMS && st == MEMO_UNKNOWN) {
+    if (kind == KIND_TERMS && c->state[id] == MEMO_UNKNOWN) {
         /* Most terms leaves belong to one rule (at 100,000 rules: 75,000 distinct value sets):
          * memoising each would write and re-read a batch-sized buffer per leaf (75 MB per batch).
          * The first use computes into scratch; only a leaf used again is memoised. */
@@ -586,9 +610,7 @@ static int leaf_mask(Ctx *c, int32_t id, const u64 *pre, u64 *tmp, const u64 **b
     } else if (kind == KIND_GEO) {
         rc = geo_mask(c, payload, mem);
     } else if (kind == KIND_MEMO) {
-        Py_INCREF(payload);
         rc = call_leaf(c, payload, c->full_int, mem);
-        Py_DECREF(payload);
     } else {
         PyErr_Format(PyExc_ValueError, "rule program refers to a free leaf slot %d", (int)id);
         return -1;
@@ -706,7 +728,11 @@ static int at_least(Ctx *c, const int32_t *code, Py_ssize_t *pc, Py_ssize_t end,
                     int depth)
 {
     Py_ssize_t nw = c->nwords;
-    u64 *acc = PyMem_Calloc((size_t)(k + 1) * (size_t)nw, sizeof(u64));
+    if (k > n) { /* more than there are: nothing (and no k + 1 buffers for a huge k) */
+        memset(mask, 0, (size_t)nw * sizeof(u64));
+        return 0;
+    }
+    u64 *acc = PyMem_Calloc((size_t)k + 1, (size_t)nw * sizeof(u64));
     if (!acc) {
         PyErr_NoMemory();
         return -1;
@@ -906,16 +932,15 @@ static int ctx_init(Ctx *c, PyObject *batch, PyObject *kinds, PyObject *payloads
     memset(c, 0, sizeof(*c));
     c->batch = batch;
     c->payloads = payloads;
-    c->nwords = size > 0 ? (size + 63) / 64 : 1;
-    PyObject *terms = PyObject_GetAttrString(batch, "terms");
-    if (!terms)
+    c->nwords = size > 0 ? size / 64 + (size % 64 != 0) : 1;
+    /* our own reference: a leaf evaluator (Python) may rebind batch.terms, freeing the dict */
+    c->terms = PyObject_GetAttrString(batch, "terms");
+    if (!c->terms)
         return -1;
-    Py_DECREF(terms); /* the batch keeps it alive for the call */
-    if (!PyDict_Check(terms)) {
+    if (!PyDict_Check(c->terms)) {
         PyErr_SetString(PyExc_TypeError, "batch.terms must be a dict");
         return -1;
     }
-    c->terms = terms;
     Py_buffer view;
     if (PyObject_GetBuffer(kinds, &view, PyBUF_SIMPLE) < 0)
         return -1;
@@ -1052,24 +1077,26 @@ static PyObject *scatter(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "size must be >= 0");
         return NULL;
     }
-    Py_ssize_t nwords = size > 0 ? (size + 63) / 64 : 1;
+    Py_ssize_t nwords = size > 0 ? size / 64 + (size % 64 != 0) : 1; /* (size + 63 could overflow) */
     Gather g = {size, nwords, NULL, NULL};
     PyObject *result = NULL;
-    PyObject *ids = PySequence_Fast(matched, "matched must be a sequence");
-    PyObject *ms = ids ? PySequence_Fast(masks, "masks must be a sequence") : NULL;
+    /* tuple copies: converting a mask may run Python code (an int subclass's __mod__) that
+     * changes the caller's lists */
+    PyObject *ids = PySequence_Tuple(matched);
+    PyObject *ms = ids ? PySequence_Tuple(masks) : NULL;
     u64 *words = PyMem_Malloc((size_t)nwords * sizeof(u64));
     if (!ms || !words) {
         if (!words)
             PyErr_NoMemory();
         goto done;
     }
-    if (PySequence_Fast_GET_SIZE(ids) != PySequence_Fast_GET_SIZE(ms)) {
+    if (PyTuple_GET_SIZE(ids) != PyTuple_GET_SIZE(ms)) {
         PyErr_SetString(PyExc_ValueError, "matched and masks differ in length");
         goto done;
     }
-    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(ids); i++) {
-        int rc = words_from_long(PySequence_Fast_GET_ITEM(ms, i), words, nwords);
-        if (rc < 0 || (rc && gather_add(&g, PySequence_Fast_GET_ITEM(ids, i), words) < 0))
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(ids); i++) {
+        int rc = words_from_long(PyTuple_GET_ITEM(ms, i), words, nwords);
+        if (rc < 0 || (rc && gather_add(&g, PyTuple_GET_ITEM(ids, i), words) < 0))
             goto done;
     }
     result = gather_lists(&g);

@@ -25,6 +25,7 @@ from percolators.matcher import at_least, compile_node
 from percolators.port import Rule
 from percolators.programs import (
     KIND_PRE,
+    KIND_RANGE,
     KIND_TERM,
     OP_BOOL,
     OP_LEAF,
@@ -353,3 +354,122 @@ def test_range_leaves_bisect_like_batch_range_mask_and_fall_back_on_mixed_types(
         expected = {i: compile_node(nodes[i])(batch, batch.all) & batch.all for i in ids}
         assert {i: got.get(i, 0) for i in ids} == expected
     assert expected["all"] == 0b111 and expected["open_low"] == 0b011  # the mixed batch: compared one by one
+
+
+# ----- safety: Python code run by the evaluator (leaves, a batch's methods, an int's __mod__) ----------
+
+class _MeddlingInt(int):
+    """A (negative) mask whose conversion, the public ``%`` path, runs code first."""
+
+    action: Any = None
+
+    def __mod__(self, other: Any) -> Any:
+        action, type(self).action = type(self).action, None
+        return int.__mod__(self, other) if action is None else action(self, other)
+
+
+def _cleared(target: Any) -> Any:
+    def act(value: int, other: int) -> int:
+        target.clear()
+        return int.__mod__(value, other)
+    return act
+
+
+@needs_c
+def test_scatter_survives_a_mask_that_empties_the_lists():
+    masks: list[Any] = [_MeddlingInt(-1), 0b10]
+    _MeddlingInt.action = _cleared(masks)  # scatter read masks[1] from the emptied list: segfault
+    assert _eval.scatter(["a", "b"], masks, 3) == [["a"], ["a", "b"], ["a"]]
+
+
+@needs_c
+def test_a_mask_whose_modulo_is_not_an_int_is_a_type_error():
+    _MeddlingInt.action = lambda value, other: "not an int"  # was read as the digits of an int
+    with pytest.raises(TypeError, match="not an int"):
+        _eval.scatter(["a"], [_MeddlingInt(-1)], 3)
+
+
+@needs_c
+def test_a_term_mask_dropped_by_its_own_conversion():
+    terms: dict[Any, int] = {("gender", "f"): _MeddlingInt(-1)}
+    _MeddlingInt.action = _cleared(terms)  # the cache took its reference after: use after free
+    table = LeafTable()
+    code = compile_program(Term("gender", "f"), table)
+    assert programs.run(Packed(["r"], [code]), None, table, TinyBatch(3, terms)) == (["r"], [0b111])
+
+
+@needs_c
+def test_a_leaf_that_rebinds_batch_terms():
+    table = LeafTable()
+    codes = [compile_program(Phrase("bio", ("x",)), table), compile_program(Term("gender", "f"), table)]
+    batch = TinyBatch(3, {("gender", "f"): 0b001})
+    reused: list[Any] = []
+
+    def rebind(batch_: Any, pre: int) -> int:
+        batch_.terms = {("gender", "f"): 0b010}  # the old dict's last reference was the batch's
+        reused.extend({("gender", "f"): 0b100} for _ in range(3))  # its memory, reused
+        return pre
+
+    table.payloads[leaf_ids(codes[0])[0]] = rebind
+    # terms are read once per call: the dict the call started with
+    assert programs.run(Packed(["a", "b"], codes), None, table, batch) == (["a", "b"], [0b111, 0b001])
+
+
+class _RangeBatch(TinyBatch):
+    def __init__(self, size: int, on_values: Any):
+        super().__init__(size, {})
+        self.on_values = on_values
+
+    def field_values(self, name: str) -> tuple[list[Any], list[int]]:
+        self.on_values()
+        return [10**20 + 1, 10**20 + 5, 10**20 + 9], [0b001, 0b010, 0b100]
+
+
+@needs_c
+def test_a_range_leaf_whose_payload_is_replaced_by_the_batch():
+    table = LeafTable()
+    code = compile_program(Range("n", 10**20 + 2, True, 10**20 + 9, False), table)
+    leaf = leaf_ids(code)[0]
+    assert table.kinds[leaf] == KIND_RANGE
+
+    spec = table.payloads[leaf]  # a private copy: the spec tuple holds the only references to its bounds
+    table.payloads[leaf] = (spec[0], int(str(10**20 + 2)), True, int(str(10**20 + 9)), False, None, spec[6])
+    del spec
+
+    reused: list[int] = []
+
+    def replace() -> None:  # frees the spec tuple and its bounds while the leaf reads them
+        table.payloads[leaf] = None
+        reused.extend(int(str(10**20 + 99 + i)) for i in range(4))  # the bounds' memory, reused
+
+    batch = _RangeBatch(3, replace)
+    assert programs.run(Packed(["r"], [code]), None, table, batch) == (["r"], [0b010])
+
+
+@needs_c
+def test_a_range_bound_that_empties_the_values_while_compared():
+    values = [1, 2, 3, 4, 5, 6, 7, 8]
+
+    class Bound(int):
+        def __lt__(self, other: Any) -> bool:
+            values.clear()  # bisect then read the emptied list
+            return int.__lt__(self, other)
+
+        def __gt__(self, other: Any) -> bool:
+            values.clear()
+            return int.__gt__(self, other)
+
+    class Batch(TinyBatch):
+        def field_values(self, name: str) -> tuple[list[Any], list[int]]:
+            return values, [1 << i for i in range(8)]
+
+    table = LeafTable()
+    code = compile_program(Range("n", Bound(3), True, None, False), table)
+    with pytest.raises(RuntimeError, match="changed"):
+        programs.run(Packed(["r"], [code]), None, table, Batch(8, {}))
+
+
+@needs_c
+def test_scatter_size_near_the_largest_index_is_a_memory_error():
+    with pytest.raises(MemoryError):
+        _eval.scatter([], [], sys.maxsize)
