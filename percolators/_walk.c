@@ -162,12 +162,16 @@ static int geo_value(PyObject *value, PyObject **out)
     PyObject *lat = PyDict_GetItemWithError(value, str_lat);
     if (lat == NULL)
         return PyErr_Occurred() ? FAIL : SLOW;
+    if (!PyFloat_CheckExact(lat))
+        return SLOW;
+    /* read now: the "lon" lookup may run a key's __eq__, which can remove (free) lat */
+    double a = PyFloat_AS_DOUBLE(lat);
     PyObject *lon = PyDict_GetItemWithError(value, str_lon);
     if (lon == NULL)
         return PyErr_Occurred() ? FAIL : SLOW;
-    if (!PyFloat_CheckExact(lat) || !PyFloat_CheckExact(lon))
+    if (!PyFloat_CheckExact(lon))
         return SLOW;
-    double a = PyFloat_AS_DOUBLE(lat), o = PyFloat_AS_DOUBLE(lon);
+    double o = PyFloat_AS_DOUBLE(lon);
     if (!(-90.0 <= a && a <= 90.0 && -180.0 <= o && o <= 180.0))
         return SLOW;
     /* quantize(): floor to the 32-bit cell (exact in a double), times the cell size */
@@ -478,13 +482,14 @@ static int lazy_fill(LazyDoc *self)
     Walk w = {PyDict_New(), self->date_fallback, NULL, 0, 0};
     if (w.values == NULL)
         return -1;
+    PyObject *values = NULL, *present = NULL, *phrases = NULL;
     int status = walk_obj(&w, self->source, self->plan);
     clear_pending(&w);
     PyMem_Free(w.pending);
     if (status == OK) {
-        self->values = w.values;
-        self->present = PyFrozenSet_New(w.values);
-        self->phrases = PyDict_New();
+        values = w.values;
+        present = PyFrozenSet_New(w.values);
+        phrases = PyDict_New();
     } else {
         Py_DECREF(w.values);
         if (status == FAIL)
@@ -492,17 +497,22 @@ static int lazy_fill(LazyDoc *self)
         PyObject *indexed = PyObject_CallOneArg(self->fallback, self->source);
         if (indexed == NULL)
             return -1;
-        self->values = PyObject_GetAttrString(indexed, "values");
-        self->present = PyObject_GetAttrString(indexed, "present");
-        self->phrases = PyObject_GetAttrString(indexed, "phrases");
+        values = PyObject_GetAttrString(indexed, "values");
+        present = PyObject_GetAttrString(indexed, "present");
+        phrases = PyObject_GetAttrString(indexed, "phrases");
         Py_DECREF(indexed);
     }
-    if (self->values == NULL || self->present == NULL || self->phrases == NULL) {
-        Py_CLEAR(self->values);
-        Py_CLEAR(self->present);
-        Py_CLEAR(self->phrases);
-        return -1;
+    if (values == NULL || present == NULL || phrases == NULL || self->values != NULL) {
+        /* an error, or Python code run by the walk (the date parser, a key's __eq__, the full
+         * indexer) read this document and filled it first: keep that one, drop ours */
+        Py_XDECREF(values);
+        Py_XDECREF(present);
+        Py_XDECREF(phrases);
+        return self->values != NULL ? 0 : -1;
     }
+    self->values = values;
+    self->present = present;
+    self->phrases = phrases;
     return 0;
 }
 

@@ -9,6 +9,7 @@ import enum
 import gc
 import math
 import random
+import sys
 import tracemalloc
 from collections import OrderedDict
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from percolators import fast_index
+from percolators.document import index_document
 from percolators.fast_index import FastIndexer
 from percolators.mapping import Mapping
 from percolators.workload import WORKLOAD_NOW, generate_documents
@@ -414,3 +416,53 @@ def test_masks_refuse_what_is_not_postings():
         fast_index._walk.mask_of([-1])
     with pytest.raises(TypeError):
         fast_index._walk.mask_of(["1"])
+
+
+# ----- safety: Python code run during a walk (a key's __eq__, the date parser) ---------------------------
+
+def _lazy(mapping: Mapping, doc: dict[str, Any], date_fallback: Any = None) -> Any:
+    indexer = FastIndexer(mapping)
+    docs: list[Any] = []
+    plan = indexer._c_plan(indexer.plan, {})
+    assert fast_index._walk.walk([doc], 0, plan, docs, [], indexer.index, date_fallback or indexer._date_or_none) == 1
+    return docs[0]
+
+
+def test_a_geo_key_whose_eq_frees_lat():
+    fired: list[Any] = []
+
+    class Lon(str):
+        def __hash__(self) -> int:
+            return hash("lon")
+
+        def __eq__(self, other: object) -> bool:
+            if armed and not fired:
+                del point["lat"]  # lat's last reference
+                fired.append(float("77.25"))  # its memory, reused
+            return str.__eq__("lon", other)
+
+    armed = False
+    point: dict[Any, Any] = {"lat": float("12.5"), Lon("lon"): 3.0}
+    lazy = _lazy(ODD_MAPPING, {"where": point})
+    armed = True
+    got = lazy.values["where"]
+    assert fired and got == index_document({"where": {"lat": 12.5, "lon": 3.0}}, ODD_MAPPING).values["where"]
+
+
+def test_a_document_read_while_it_is_being_filled():
+    indexer = FastIndexer(ODD_MAPPING)
+    seen: list[Any] = []
+    entered: list[str] = []
+
+    def date_fallback(text: str) -> Any:
+        if armed and not entered:
+            entered.append(text)
+            seen.append(lazy.values)  # re-enters the fill of the same document
+        return indexer._date_or_none(text)
+
+    armed = False
+    lazy = _lazy(ODD_MAPPING, {"when": "\uff12\uff10\uff12\uff10-01-02T03:04:05Z", "k": "x"}, date_fallback)
+    armed = True
+    same = lazy.values is seen[0]
+    count = sys.getrefcount(seen[0])  # seen, the document, the argument: no leaked reference
+    assert same and count == 3  # one values dict (the outer fill's replaced the inner one, leaking it)
