@@ -29,6 +29,8 @@ def test_environment_overrides_defaults_and_is_typed():
     ({"RULES_LOG_URL": "http://x"}, "RULES_LOG_URL"),
     ({"RULES_REDIS_URL": "http://x"}, "RULES_REDIS_URL"),
     ({"RULES_BATCH_SIZE": "0"}, "RULES_BATCH_SIZE"),
+    ({"RULES_STREAM_FLUSH_MS": "-1"}, "RULES_STREAM_FLUSH_MS"),
+    ({"RULES_STREAM_FLUSH_MS": "60000"}, "RULES_STREAM_FLUSH_MS"),
     ({"RULES_PERCOLATR_URL": "embedded:"}, "RULES_PERCOLATR_URL"),
 ])
 def test_bad_settings_name_the_variable(env, culprit):
@@ -41,3 +43,8 @@ def test_boolean_settings_parse_and_reject_garbage():
     assert load_settings(environ={}).STREAM_OVERLAP_APPLY is False
     with pytest.raises(ConfigError, match="RULES_STREAM_OVERLAP_APPLY"):
         load_settings(environ={"RULES_STREAM_OVERLAP_APPLY": "maybe"})
+
+
+def test_flush_window_setting():
+    assert load_settings(environ={}).STREAM_FLUSH_MS == 200
+    assert load_settings(environ={"RULES_STREAM_FLUSH_MS": "0"}).STREAM_FLUSH_MS == 0

@@ -36,11 +36,11 @@ from workers.stream import DEFAULT_GROUP, LatencyHistogram, StreamConsumer, Stre
 
 logger = logging.getLogger(__name__)
 
-#: The stream consumers' flush window (``StreamConsumer(flush_interval_ms=...)``): polled batches
-#: are merged and written to Redis in one atomic apply at most this often (plus one batch's time),
-#: which cuts Redis's CPU per bid (a rule's keys are written once per window) at the cost of this
-#: much latency; 200 ms keeps "bid in the log -> counters readable" well under a second.
-FLUSH_INTERVAL_MS = 200
+#: The stream consumers' flush window is ``RULES_STREAM_FLUSH_MS`` (``StreamConsumer(flush_interval_ms=...)``):
+#: polled batches are merged and written to Redis in one atomic apply at most this often (plus one
+#: batch's time), which cuts Redis's CPU per bid (a rule's keys are written once per window) at the
+#: cost of this much latency; the default 200 ms keeps "bid in the log -> counters readable" well
+#: under a second.
 #: A window is also written once it holds this many records.
 MAX_WINDOW_RECORDS = 20_000
 
@@ -75,7 +75,7 @@ def build_consumer(settings: Settings, *, partitions: Sequence[int] | None = Non
             batch_size=batch_size or settings.BATCH_SIZE, rules=rules, dimensions=settings.DIMENSIONS,
             fault_hook=self_kill_hook(os.environ.get(SELF_KILL_ENV, "")),
             overlap_apply=settings.STREAM_OVERLAP_APPLY,
-            flush_interval_ms=FLUSH_INTERVAL_MS, max_window_records=MAX_WINDOW_RECORDS,
+            flush_interval_ms=settings.STREAM_FLUSH_MS, max_window_records=MAX_WINDOW_RECORDS,
         )
         consumer.start()
         yield consumer
