@@ -37,7 +37,7 @@ from rules_service.counters.port import CounterBatch
 def _load_c() -> Any:
     """The C twin of aggregate_masks' emit step (rules_service/counters/_aggregate.c), if built."""
     try:
-        from rules_service.counters import _aggregate as module
+        from rules_service.counters import _aggregate as module  # type: ignore[attr-defined, unused-ignore]
     except ImportError:  # pragma: no cover - not built
         return None
     return module
@@ -380,38 +380,55 @@ def _emit_c(out: CounterBatch, live: Sequence[tuple[str, int]], n_words: int, us
 def _dimension_codes(docs: Sequence[Any], hours: Sequence[int], dimensions: Sequence[str]
                      ) -> tuple[list[list[int]], list[tuple[str, str]]]:
     """Per document (``hours[i] == -1``: skipped), the codes of its (dimension, value) pairs as
-    :func:`_dimension_pairs` gives them, and the pair of each code. Plain string values, the usual
-    case, take a fast path: one dict lookup per (dimension, value)."""
-    paths = [(dimension, tuple(dimension.split("."))) for dimension in dimensions]
-    code_of: dict[tuple[int, str], int] = {}
+    :func:`_dimension_pairs` gives them, and the pair of each code. Plain string values in plain
+    dicts, the usual case, take a fast path: a dict lookup or two and one code lookup per
+    dimension (this runs for every matched document of the stream and of replays)."""
+    split = [tuple(dimension.split(".")) for dimension in dimensions]
+    # per dimension: its top-level key, its second-level key or None, the rest of the path
+    plan: list[tuple[str, str, str | None, tuple[str, ...], dict[str, int]]] = [
+        (dimension, parts[0], parts[1] if len(parts) > 1 else None, parts[2:], {})
+        for dimension, parts in zip(dimensions, split, strict=True)
+    ]
     pair_of_code: list[tuple[str, str]] = []
     rows: list[list[int]] = []
+    append_row = rows.append
     for doc, hour in zip(docs, hours, strict=True):
         row: list[int] = []
-        rows.append(row)
+        append_row(row)
         if hour == -1:
             continue
-        for slot, (dimension, path) in enumerate(paths):
-            value: Any = doc
-            for part in path:
-                value = value.get(part) if isinstance(value, (dict, Mapping)) else None
-                if value is None:
-                    break
+        plain = type(doc) is dict
+        for dimension, first, second, rest, code_of in plan:
+            value: Any = doc.get(first) if plain else (doc.get(first) if isinstance(doc, Mapping) else None)
+            if second is not None and value is not None:
+                if type(value) is dict:
+                    value = value.get(second)
+                else:
+                    value = value.get(second) if isinstance(value, Mapping) else None
+                for part in rest:
+                    if value is None:
+                        break
+                    value = value.get(part) if isinstance(value, Mapping) else None
             if value is None:
                 continue
             if type(value) is str:
-                texts: Iterable[str] = (value,)
-            elif type(value) is list:
-                texts = [t for t in dict.fromkeys(_field_text(item) for item in value) if t is not None]
+                code = code_of.get(value)
+                if code is None:
+                    code = code_of[value] = len(pair_of_code)
+                    pair_of_code.append((dimension, value))
+                row.append(code)
+                continue
+            if type(value) is list:
+                texts: Iterable[str] = [t for t in dict.fromkeys(_field_text(item) for item in value) if t is not None]
             else:
                 text = _field_text(value)
                 if text is None:
                     continue
                 texts = (text,)
             for text in texts:
-                code = code_of.get((slot, text))
+                code = code_of.get(text)
                 if code is None:
-                    code = code_of[(slot, text)] = len(pair_of_code)
+                    code = code_of[text] = len(pair_of_code)
                     pair_of_code.append((dimension, text))
                 row.append(code)
     return rows, pair_of_code

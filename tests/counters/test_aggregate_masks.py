@@ -125,3 +125,32 @@ def test_unmatched_documents_are_ignored_and_matched_ones_checked() -> None:
         aggregate_masks([good], ["a@v1"], [], DIMS)
     assert aggregate_masks([], [], [], DIMS).is_empty()
     assert aggregate_masks([good], ["a@v1"], [0], DIMS).is_empty()
+
+
+def test_dimension_codes_agree_with_dimension_pairs_on_odd_documents() -> None:
+    """The coded fast path (stream and replays) gives each document the same (dimension, value)
+    pairs as the per-document reference, whatever the shapes: non-dicts on the path, lists with
+    duplicates and objects, numbers and booleans, empty strings, missing levels."""
+    import random
+
+    from rules_service.counters.aggregate import _dimension_codes, _dimension_pairs
+
+    dims = ["gender", "age_band", "device.os", "device.carrier", "geo.city", "exchange", "interests", "a.b.c"]
+    rnd = random.Random(1)
+    values: list[Any] = ["x", "", 1, 2.5, True, None, ["p", "q", "p", 3, None, {"z": 1}], {"k": "v"}, [], "é"]
+    docs = []
+    for _ in range(3000):
+        doc: dict[str, Any] = {
+            "gender": rnd.choice(values), "age_band": rnd.choice(values), "exchange": rnd.choice(values),
+            "interests": rnd.choice(values),
+            "device": rnd.choice([None, "str", {"os": rnd.choice(values), "carrier": rnd.choice(values)}]),
+            "geo": rnd.choice([{"city": rnd.choice(values)}, {}, 5]),
+            "a": rnd.choice([{"b": {"c": rnd.choice(values)}}, {"b": rnd.choice(values)}, None]),
+        }
+        docs.append({k: v for k, v in doc.items() if rnd.random() > 0.1})
+    hours = [rnd.choice([0, 0, 0, -1]) for _ in docs]
+    rows, pairs = _dimension_codes(docs, hours, dims)
+    for doc, hour, row in zip(docs, hours, rows, strict=True):
+        want = () if hour == -1 else tuple(_dimension_pairs(doc, dims))
+        assert tuple(pairs[code] for code in row) == want, doc
+    assert len(set(pairs)) == len(pairs)  # one code per distinct pair
