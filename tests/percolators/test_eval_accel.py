@@ -15,6 +15,8 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from percolators import programs
 from percolators.batch import BatchIndex
@@ -469,7 +471,36 @@ def test_a_range_bound_that_empties_the_values_while_compared():
         programs.run(Packed(["r"], [code]), None, table, Batch(8, {}))
 
 
+# ----- property tests: adversarial masks, C against Python --------------------------------------------
+
 @needs_c
-def test_scatter_size_near_the_largest_index_is_a_memory_error():
-    with pytest.raises(MemoryError):
-        _eval.scatter([], [], sys.maxsize)
+@settings(max_examples=200, deadline=None)
+@given(st.data(), st.integers(min_value=0, max_value=200))
+def test_property_scatter_equals_python(data, size):
+    masks = data.draw(st.lists(st.integers(min_value=0, max_value=(1 << size) - 1), max_size=12))
+    ids = [f"r{i}" for i in range(len(masks))]
+    expected: list[list[str]] = [[] for _ in range(size)]
+    scatter_python(ids, masks, expected)
+    assert _eval.scatter(ids, masks, size) == expected
+
+
+@needs_c
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=0, max_value=300), st.lists(st.integers(min_value=-(2**400), max_value=2**400),
+                                                          min_size=2, max_size=2))
+def test_property_term_masks_of_any_int(size, values):
+    # negative, zero, and bits beyond the batch: the closures' ``mask & pre`` semantics
+    table = LeafTable()
+    a_term, b_term = Term("g", "a"), Term("g", "b")
+    rules: list[Node] = [a_term, Bool(must=(a_term,), must_not=(b_term,)),
+                         Bool(should=(a_term, b_term), minimum_should_match=1),
+                         Bool(should=(a_term, b_term, MatchAll()), minimum_should_match=2)]
+    codes = [compile_program(rule, table) for rule in rules]
+    batch = TinyBatch(size, {table.term_key("g", "a"): values[0], table.term_key("g", "b"): values[1]})
+    full = batch.all
+    a, b = values[0] & full, values[1] & full
+    want = [a, a & ~b, a | b, a | b]
+    ids = [f"r{i}" for i in range(len(rules))]
+    expected = [(rid, mask) for rid, mask in zip(ids, want, strict=True) if mask]
+    got = programs.run(Packed(ids, codes), None, table, batch)
+    assert list(zip(*got, strict=True)) == expected

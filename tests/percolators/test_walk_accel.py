@@ -15,6 +15,8 @@ from collections import OrderedDict
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from percolators import fast_index
 from percolators.document import index_document
@@ -466,3 +468,39 @@ def test_a_document_read_while_it_is_being_filled():
     same = lazy.values is seen[0]
     count = sys.getrefcount(seen[0])  # seen, the document, the argument: no leaked reference
     assert same and count == 3  # one values dict (the outer fill's replaced the inner one, leaking it)
+
+
+# ----- property tests: adversarial documents and positions, C against Python ---------------------------
+
+_ODD_KEYS = ["k", "short_k", "nulled", "b", "s", "i", "l", "f", "d", "flag", "when", "day", "loose_when", "where",
+             "loose_where", "title", "obj", "obj.k", "unknown", "lat", "lon"]
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6),
+    st.sampled_from(["2020-02-29T23:59:59Z", "2021-02-29T00:00:00Z", "0001-01-01T00:00:00.000Z",
+                     "9999-12-31T23:59:59.999Z", "\u0661\u0669\u0667\u0660-01-01T00:00:00Z", "2020-01-01T24:00:00Z"]),
+    st.fixed_dictionaries({"lat": st.floats(-91, 91), "lon": st.floats(-181, 181)}),
+)
+_values = st.recursive(_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(_ODD_KEYS), inner, max_size=4)), max_leaves=8)
+_docs = st.dictionaries(st.sampled_from(_ODD_KEYS), _values, max_size=6)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_docs, min_size=1, max_size=5), st.sets(st.sampled_from(sorted(ODD_MAPPING.fields)), max_size=6))
+def test_property_adversarial_documents_index_identically(docs, fields):
+    geo = {name for name in fields if name in ODD_GEO}
+    _assert_same(ODD_MAPPING, docs, fields, geo)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=20_000), max_size=300))
+def test_property_mask_of_equals_the_python_one(positions):
+    from percolators import batch
+
+    got = fast_index._walk.mask_of(positions)
+    saved, batch.accelerator = batch.accelerator, None
+    try:
+        assert got == batch.mask_of(positions) == sum(1 << p for p in set(positions))
+    finally:
+        batch.accelerator = saved
