@@ -9,6 +9,8 @@ import tracemalloc
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rules_service.counters import aggregate as aggregate_module
 from rules_service.counters import redis_store
@@ -173,3 +175,46 @@ def test_emit_reads_unaligned_buffers() -> None:
     users: dict = {}
     _c.emit(users, {}, {}, ["r"], masks, 1, ["a", "b", "c"], hours, [3600], [0], b"", 0, [], [], True)
     assert users[("r", "hour", 3600)] == {"a", "c"}
+
+
+# ----- property tests: adversarial batches, C against Python ---------------------------------------------
+
+_dim_values = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=False), st.text(max_size=3),
+                        st.lists(st.one_of(st.text(max_size=2), st.integers(0, 2), st.none()), max_size=4),
+                        st.dictionaries(st.text(max_size=2), st.integers(), max_size=2))
+_docs = st.fixed_dictionaries(
+    {"user_id": st.text(min_size=1, max_size=4),
+     "last_seen": st.builds(lambda day, hour, minute: f"2026-11-{day:02d}T{hour:02d}:{minute:02d}:00.000Z",
+                            st.integers(1, 30), st.integers(0, 23), st.integers(0, 59))},
+    optional={"gender": _dim_values, "device": st.fixed_dictionaries({}, optional={"os": _dim_values}),
+              "interests": _dim_values})
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.data(), st.lists(_docs, min_size=1, max_size=140), st.integers(1, 6), st.booleans())
+def test_property_emit_equals_python(data: st.DataObject, docs: list[dict], rules: int,
+                                     count_matches: bool) -> None:
+    masks = [data.draw(st.integers(0, (1 << len(docs)) - 1)) for _ in range(rules)]
+    ids = [f"r{k}" for k in range(rules)]
+    dims = ("gender", "device.os", "interests")
+    saved = aggregate_module.USE_C
+    try:
+        aggregate_module.USE_C = True
+        fast = aggregate_masks(docs, ids, masks, dims, count_matches=count_matches)
+        aggregate_module.USE_C = False
+        slow = aggregate_masks(docs, ids, masks, dims, count_matches=count_matches)
+    finally:
+        aggregate_module.USE_C = saved
+    assert fast == slow
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.text(max_size=3), max_size=30), st.dictionaries(st.text(max_size=3), st.binary(max_size=5)))
+def test_property_pack_members_equals_join(members: list[str], cached: dict[str, bytes]) -> None:
+    def miss(key: str) -> bytes:
+        value = cache[key] = key.encode("utf-8", "surrogatepass") * 2
+        return value
+
+    cache = dict(cached)
+    expected = b"".join(cached.get(m, m.encode("utf-8", "surrogatepass") * 2) for m in members)
+    assert _c.pack_members(members, cache, miss) == expected
