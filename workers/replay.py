@@ -4,8 +4,10 @@ Kappa style: no batch system. A replay re-reads the topic the stream keeps (the 
 document of every user, key = user id, value = the JSON document the stream percolated) and runs
 the *same* percolator and counters code as the live stream over it:
 
-1. scan every partition from its log start to the end offsets observed when the scan began
-   (``Log.scan_compacted``; a resumed partition is read with a consumer from its checkpoint);
+1. scan every partition from its log start (a resumed partition: from its checkpoint) to the end
+   offsets observed when the scan began, reading the latest record of every user as of those
+   offsets only (``Log.scan_compacted``: superseded records are never seen, compacted or not, so
+   the result does not depend on the cleaner nor on the batch size; a deleted user is skipped);
 2. keep the users whose ``last_seen`` lies in a replayed request's window (see below); the
    timestamp is read from the tail of the raw JSON (the stream writes ``last_seen`` last), so the
    users outside every window are skipped without decoding their document;
@@ -65,7 +67,7 @@ from rules_service.counters.aggregate import aggregate, aggregate_masks
 from rules_service.counters.port import CounterBatch, Counters
 from rules_service.domain import LAST_SEEN_TOPIC
 from rules_service.normalize import format_timestamp_ms
-from workers.log.port import Log, Record, TopicPartition
+from workers.log.port import Log, Record
 
 __all__ = [
     "LIVE_GRACE_MS",
@@ -217,38 +219,14 @@ def last_seen_bytes(value: bytes) -> bytes | None:
 
 def _partition_batches(log: Log, topic: str, partition: int, start: int, begin: int, end: int,
                        batch_size: int) -> Iterator[list[Record]]:
-    """Records of one partition in [start, end), in batches. From the log start the backend's
-    fast ``scan_compacted`` is used; a resumed partition is read with a consumer from ``start``."""
+    """The latest record of every key of one partition as of the plan's ``end``, from ``start``
+    (the log start, or a resumed partition's checkpoint) on, in batches (``Log.scan_compacted``:
+    a key appears once whether or not the cleaner has run, and a resumed scan makes the same
+    choices as the run it resumes, since both judge "latest" against the same end)."""
     if start >= end:
         return
-    if start <= begin:
-        for batch in log.scan_compacted(topic, [partition], batch_size=batch_size):
-            if batch and batch[-1].offset >= end:
-                batch = [r for r in batch if r.offset < end]
-                if batch:
-                    yield batch
-                return
-            if batch:
-                yield batch
-        return
-    tp = TopicPartition(topic, partition)
-    consumer = log.consumer(None, auto_offset_reset="earliest")
-    try:
-        consumer.assign([tp])
-        consumer.seek(tp, start)
-        quiet_until: float | None = None
-        while consumer.position(tp) < end:
-            batch = [r for r in consumer.poll(max_records=batch_size, timeout_ms=200) if r.offset < end]
-            if batch:
-                quiet_until = None
-                yield batch
-                continue
-            # the tail may have been compacted away: stop after a quiet spell
-            quiet_until = quiet_until or time.monotonic() + 5.0
-            if time.monotonic() > quiet_until:
-                return
-    finally:
-        consumer.close()
+    yield from log.scan_compacted(topic, [partition], batch_size=batch_size, start_offsets={partition: start},
+                                  end_offsets={partition: end})
 
 
 def _percolator_mapping(percolator: Percolator) -> DocMapping | None:
@@ -381,14 +359,7 @@ class ReplayScan:
     def _process(self, records: Sequence[Record], active: Sequence[ReplayRequest], partition: int) -> None:
         progress = self.progress
         progress.records += len(records)
-        if len({r.key for r in records}) < len(records):
-            # a lazily compacted backend (Kafka before its cleaner ran): the latest record of a key wins
-            latest: dict[Any, Record] = {}
-            for r in records:
-                latest[r.key] = r
-            records_iter: Sequence[Record] = sorted(latest.values(), key=lambda r: r.offset)
-        else:
-            records_iter = records
+        records_iter = records  # one record per user: scan_compacted yields each key's latest only
         docs: list[dict[str, Any]] = []
         stamps: list[bytes] = []
         if active:

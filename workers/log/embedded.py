@@ -367,31 +367,140 @@ class EmbeddedLog(Log):
         return total
 
     def scan_compacted(self, topic: str, partitions: Iterable[int] | None = None,
-                       batch_size: int = 10_000) -> Iterator[list[Record]]:
-        """Fast path for replays: every record from the log start to the end offset at the time of
-        the call, in batches, partition after partition (offset order inside a partition).
+                       batch_size: int = 10_000, *, start_offsets: Mapping[int, int] | None = None,
+                       end_offsets: Mapping[int, int] | None = None) -> Iterator[list[Record]]:
+        """The latest record of every key below the end offsets (see the port's contract), in
+        batches, partition after partition (offset order inside a partition).
 
-        After a cleaner pass (:meth:`compact`) each live key appears once; records written since
-        then may add superseded values, in offset order; tombstones (value None) appear until
-        cleaned."""
+        The cleaner's checkpoint does most of the work: below a partition's ``cleaned_upto`` the
+        records are unique per key (a pass removed every superseded one, and nothing is ever
+        added below the mark), so only keys written again in the dirty tail
+        ``[cleaned_upto, end)`` can have superseded records. A partition without a dirty tail is
+        read exactly as stored (no extra cost per record). Otherwise the tail's keys and last
+        offsets go into a temporary table (the cleaner's own first step) and each row is probed
+        against it: a row is skipped when a later row of its key exists below the end. See
+        :func:`_scan_partition` for the cost and the concurrency argument."""
         handle = self._store.open_topic(topic)
         try:
             parts = range(handle.spec.partitions) if partitions is None else list(partitions)
-            ends = {p: _end_offset(handle.conn, p) for p in parts}
+            marks = {}
             for p in parts:
-                sql = f"SELECT offset, key, value, ts FROM {_table(p)} WHERE offset >= ? AND offset < ? " \
-                      "ORDER BY offset LIMIT ?"
-                position, end = 0, ends[p]
-                while position < end:
-                    records = _read(handle.conn, sql, (position, end, batch_size), topic, p)
-                    if not records:
-                        break
-                    position = records[-1].offset + 1
-                    yield records
+                # One snapshot for the partition's end and cleaner mark.
+                row = handle.conn.execute("SELECT next_offset, cleaned_upto FROM partitions WHERE partition=?",
+                                          (p,)).fetchone()
+                if row is None:
+                    raise LogError(f"topic {topic!r} has no partition {p}")
+                end = int(row[0]) if end_offsets is None else min(int(row[0]), int(end_offsets.get(p, row[0])))
+                start = 0 if start_offsets is None else max(0, int(start_offsets.get(p, 0)))
+                marks[p] = (start, end, int(row[1]))
+            for p in parts:
+                yield from _scan_partition(handle.conn, topic, p, *marks[p], batch_size)
         except sqlite3.Error as exc:
             raise LogUnavailableError(f"scanning topic {topic!r} failed: {exc}") from exc
         finally:
             handle.conn.close()
+
+
+#: Dirty-tail keys a scan holds in a Python dict (~140 bytes each: ~30 MB at the cap); a bigger
+#: tail goes into a temporary SQLite table (bounded memory, spills to disk) probed per row. Both
+#: cost about the same per row on a big tail (cache misses either way); the dict wins on small ones.
+SCAN_TAIL_DICT_MAX_KEYS = 200_000
+
+
+def _scan_partition(conn: sqlite3.Connection, topic: str, p: int, start: int, end: int, cleaned_upto: int,
+                    batch_size: int) -> Iterator[list[Record]]:
+    """One partition of :meth:`EmbeddedLog.scan_compacted`: rows in [start, end) that are the
+    last of their key below ``end``.
+
+    A row at offset ``o`` is superseded by a later row ``o' > o`` of its key below ``end``. Rows
+    below ``cleaned_upto`` are unique among themselves, so ``o'`` lies in the dirty tail
+    ``[max(start, cleaned_upto), end)`` (and ``o' > o >= start``): the tail's ``key -> last
+    offset`` decides every row, and with no tail the partition is read as stored. With a tail,
+    its keys and last offsets are read first (one pass over the tail, later rows overwriting
+    earlier ones in a dict), then every row read is looked up in the dict. A tail of more than
+    :data:`SCAN_TAIL_DICT_MAX_KEYS` keys goes into a temporary table instead (the cleaner's own
+    first step: ``key -> max(offset)``) and rows are filtered by a NOT EXISTS probe in SQL.
+    Measured on 1M keys of ~500 bytes (CPU time, busy shared machine): no tail ~1.25 us per
+    record (as before); a 1% tail ~1.65 us (dict); a 25% tail ~3.3 us per record kept (either
+    way: the per-row lookup misses the CPU caches). Unkeyed rows (delete topics) are never filtered.
+
+    Concurrency: producers append at or beyond ``end`` (ignored). The cleaner only deletes rows a
+    later row of their key supersedes: a deleted row superseded below ``end`` is one we skip
+    anyway; one superseded by a row written after the call was its key's latest below ``end``, so
+    that key goes missing (the race the port's contract allows). The cleaner moving its mark
+    meanwhile changes nothing: the tail was read from the mark taken with ``end``."""
+    tail_from = max(start, cleaned_upto)
+    table = _table(p)
+    sql = f"SELECT offset, key, value, ts FROM {table} WHERE offset >= ? AND offset < ? ORDER BY offset LIMIT ?"
+    tail: dict[bytes, int] | None = None
+    if tail_from < end:
+        tail = _tail_last_offsets(conn, table, tail_from, end)
+        if tail is None:
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS scan_tail (key BLOB PRIMARY KEY, last INTEGER NOT NULL)"
+                         " WITHOUT ROWID")
+            conn.execute("DELETE FROM temp.scan_tail")
+            conn.execute(f"INSERT INTO temp.scan_tail SELECT key, max(offset) FROM {table} "
+                         "WHERE offset >= ? AND offset < ? AND key IS NOT NULL GROUP BY key", (tail_from, end))
+            sql = (f"SELECT offset, key, value, ts FROM {table} AS t WHERE offset >= ? AND offset < ? AND NOT EXISTS "
+                   "(SELECT 1 FROM temp.scan_tail AS d WHERE d.key = t.key AND d.last > t.offset) "
+                   "ORDER BY offset LIMIT ?")
+    position = start
+    while position < end:
+        records, last_read = _read_latest(conn, sql, (position, end, batch_size), topic, p, tail)
+        if last_read is None:
+            break
+        position = last_read + 1  # the last row read, kept or not: filtered rows are never re-read
+        if records:
+            yield records
+
+
+def _tail_last_offsets(conn: sqlite3.Connection, table: str, lo: int, hi: int) -> dict[bytes, int] | None:
+    """``key -> last offset`` of the keyed rows in [lo, hi), or None past the dict's key cap."""
+    last: dict[bytes, int] = {}
+    cap = SCAN_TAIL_DICT_MAX_KEYS
+    position = lo
+    while position < hi:
+        rows = conn.execute(f"SELECT offset, key FROM {table} WHERE offset >= ? AND offset < ? ORDER BY offset "
+                            "LIMIT 100000", (position, hi)).fetchall()
+        if not rows:
+            break
+        for o, k in rows:
+            if k is not None:
+                last[k] = o  # offset order: the last write wins
+        if len(last) > cap:
+            return None
+        position = rows[-1][0] + 1
+    return last
+
+
+def _read_latest(conn: sqlite3.Connection, sql: str, params: tuple[int, ...], topic: str, partition: int,
+                 tail: dict[bytes, int] | None) -> tuple[list[Record], int | None]:
+    """``_read``, keeping only the rows ``tail`` does not supersede (all of them when None);
+    also returns the offset of the last row read (None when there was none)."""
+    if tail is None:
+        records = _read(conn, sql, params, topic, partition)
+        return records, (records[-1].offset if records else None)
+    paused = gc.isenabled()  # see _read
+    if paused:
+        gc.disable()
+    try:
+        rows = conn.execute(sql, params).fetchall()
+        if not rows:
+            return [], None
+        out: list[Record] = []
+        append = out.append
+        get = tail.get
+        for o, k, v, t in rows:
+            if k is not None and get(k, o) > o:
+                continue  # a later record of this key lies below the end
+            r = _new(Record)
+            _set(r, "__dict__", {"topic": topic, "partition": partition, "offset": o, "key": k, "value": v,
+                                 "timestamp_ms": t})
+            append(r)
+        return out, rows[-1][0]
+    finally:
+        if paused:
+            gc.enable()
 
 
 def _expired_prefix(rows: list[tuple[int, int]], cutoff: int) -> list[tuple[int, int]]:
