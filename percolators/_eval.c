@@ -855,8 +855,9 @@ static int gather_add(Gather *g, PyObject *rule_id, const u64 *mask)
     Py_ssize_t j = ch->count++, matches = 0;
     for (Py_ssize_t w = 0; w < g->nwords; w++) {
         u64 bits = mask[w];
-        if (w == g->nwords - 1 && g->size % 64) /* no document beyond the batch */
-            bits &= ((u64)1 << (g->size % 64)) - 1;
+        Py_ssize_t left = g->size - w * 64; /* no document beyond the batch (size 0: one word, none) */
+        if (left < 64)
+            bits &= left > 0 ? ((u64)1 << left) - 1 : 0;
         ch->rows[w * CHUNK_RULES + j] = bits;
         matches += __builtin_popcountll(bits);
     }

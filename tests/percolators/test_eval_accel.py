@@ -504,3 +504,10 @@ def test_property_term_masks_of_any_int(size, values):
     expected = [(rid, mask) for rid, mask in zip(ids, want, strict=True) if mask]
     got = programs.run(Packed(ids, codes), None, table, batch)
     assert list(zip(*got, strict=True)) == expected
+
+
+@needs_c
+def test_scatter_over_an_empty_batch_ignores_every_bit():
+    # size 0 still has one word, and its bits were not masked: written into a list of no documents
+    assert _eval.scatter(["a", "b"], [1, 1 << 63], 0) == []
+    assert _eval.scatter(["a"], [1 << 64 | 1], 1) == [["a"]]
