@@ -66,6 +66,9 @@ static int add_users(Ctx *c, PyObject *key, const Py_ssize_t *docs, Py_ssize_t n
             Py_DECREF(set);
             return -1;
         }
+    } else if (!PySet_Check(set)) { /* PySet_Add would fail as a SystemError, or grow a frozenset */
+        PyErr_Format(PyExc_TypeError, "emit: users[%R] is a %.100s, not a set", key, Py_TYPE(set)->tp_name);
+        return -1;
     } else {
         Py_INCREF(set); /* our own reference: a user id's __hash__ may drop it from users */
     }
@@ -130,6 +133,12 @@ static int add_counts(Ctx *c, PyObject *rid, PyObject *hour_key, PyObject *day_k
                 rc = -1;
                 continue;
             }
+        } else if (!PyDict_Check(target)) {
+            PyErr_Format(PyExc_TypeError, "emit: dimensions[%R] is a %.100s, not a dict", dkey,
+                         Py_TYPE(target)->tp_name);
+            Py_DECREF(dkey);
+            rc = -1;
+            continue;
         } else {
             Py_INCREF(target); /* our own reference: a value's __hash__ may drop it from dims */
         }

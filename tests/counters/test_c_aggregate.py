@@ -218,3 +218,15 @@ def test_property_pack_members_equals_join(members: list[str], cached: dict[str,
     cache = dict(cached)
     expected = b"".join(cached.get(m, m.encode("utf-8", "surrogatepass") * 2) for m in members)
     assert _c.pack_members(members, cache, miss) == expected
+
+
+def test_emit_into_a_batch_of_the_wrong_shape_is_a_type_error() -> None:
+    # PySet_Add on a frozenset held only by the dict grew the frozenset (its hash then stale)
+    users: dict = {("r", "hour", 7200): frozenset({"old"})}
+    with pytest.raises(TypeError, match="not a set"):
+        _one_hour_emit(users, ["u1"], b"\x00" * 4, ["r"], 0b1)
+    assert users == {("r", "hour", 7200): frozenset({"old"})}
+    dims: dict = {("r", 0, "d"): ["not a dict"]}
+    with pytest.raises(TypeError, match="not a dict"):
+        _c.emit({}, {}, dims, ["r"], b"\x01" + b"\x00" * 7, 1, ["u"], b"\x00" * 4, [7200], [0], b"\x00" * 4, 1,
+                ["d"], ["v"], True)
