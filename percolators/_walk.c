@@ -270,6 +270,10 @@ static int list_items(Walk *w, long kind, PyObject *entry, PyObject *list, PyObj
                 status = SLOW;
     }
     for (Py_ssize_t i = 0; i < n && status == OK; i++) {
+        if (PyList_GET_SIZE(list) != n) { /* changed by the date parser: stop before reading past it */
+            status = SLOW;
+            break;
+        }
         PyObject *item = PyList_GET_ITEM(list, i);
         Py_INCREF(item); /* the list may change under arbitrary code (a str subclass's __eq__) */
         status = scalar(w, kind, entry, item, &items[got]);

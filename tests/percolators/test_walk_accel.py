@@ -504,3 +504,16 @@ def test_property_mask_of_equals_the_python_one(positions):
         assert got == batch.mask_of(positions) == sum(1 << p for p in set(positions))
     finally:
         batch.accelerator = saved
+
+
+def test_a_date_parser_that_empties_the_list_it_parses():
+    indexer = FastIndexer(ODD_MAPPING)
+    dates = ["\uff12\uff10\uff12\uff10-01-02T03:04:05Z", "2020-01-01T00:00:00Z", "2021-01-01T00:00:00Z"]
+
+    def date_fallback(text: str) -> Any:
+        dates.clear()  # the walk read dates[1] from the emptied list
+        return indexer._date_or_none(text)
+
+    plan = indexer._c_plan(indexer.plan, {})
+    # the document changed under the walk: left to the full indexer, like any document it cannot read
+    assert fast_index._walk.walk([{"when": dates}], 0, plan, [], [], indexer.index, date_fallback) == 0
