@@ -45,6 +45,8 @@ those use the whole day (the range is rounded outward to days there).
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,7 +60,7 @@ from rules_service.counters import keys
 from rules_service.counters.keys import DAY, HOUR
 from rules_service.counters.port import CounterBatch, Counters, Granularity, SeriesPoint
 
-__all__ = ["APPLY_SCRIPT", "EncodedBatch", "RedisCounters"]
+__all__ = ["EncodedBatch", "RedisCounters"]
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
@@ -78,78 +80,6 @@ _pack_members: Any = _load_pack_members()
 
 #: Pack sketch members in C when it is built (tests set this to False for the Python reference).
 USE_C = True
-
-#: KEYS[1] = offsets hash. ARGV, flat (every value a string):
-#:   n_offsets, then n_offsets x (field, start_offset_or_"", next_offset),
-#:   n_sketches, then n_sketches x (HyperLogLog key, expireat),
-#:   n_hashes, then per hash: key, expireat, n_fields, then the n_fields fields, then their n_fields
-#:   increments (positive decimal strings; at most MAX_FIELDS_PER_CALL fields: a bigger hash is sent
-#:   as several entries, because Lua's unpack() is bounded by its C stack).
-APPLY_SCRIPT = """
--- offsets are non-negative decimal strings: compare exactly (Lua numbers are doubles)
-local function greater(a, b)
-  if #a ~= #b then return #a > #b end
-  return a > b
-end
-local okey = KEYS[1]
-local n_offsets = tonumber(ARGV[1])
-local first_offset = 2
-local i = first_offset + 3 * n_offsets
--- the sketches were PFADDed just before this script (same round trip, idempotent): give a new
--- one its deadline whether or not the counts below were already applied
-local n_sketches = tonumber(ARGV[i])
-i = i + 1
-for _ = 1, n_sketches do
-  if redis.call('TTL', ARGV[i]) == -1 then redis.call('EXPIREAT', ARGV[i], ARGV[i + 1]) end
-  i = i + 2
-end
-for k = 0, n_offsets - 1 do
-  local j = first_offset + 3 * k
-  if ARGV[j + 1] ~= '' then
-    local stored = redis.call('HGET', okey, ARGV[j])
-    if stored and greater(stored, ARGV[j + 1]) then
-      return 0
-    end
-  end
-end
-local n_hashes = tonumber(ARGV[i])
-i = i + 1
-local fmt = string.format
-for _ = 1, n_hashes do
-  local key, expire, n_fields = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  local first_field = i + 3
-  local first_increment = first_field + n_fields
-  local old = redis.call('HMGET', key, unpack(ARGV, first_field, first_increment - 1))
-  local args = {}
-  local fresh = false
-  for j = 1, n_fields do
-    local current = old[j]
-    args[2 * j - 1] = ARGV[first_field + j - 1]
-    if current then
-      -- '%d': a Lua number passed to redis.call would be printed with 14 significant digits
-      args[2 * j] = fmt('%d', tonumber(current) + tonumber(ARGV[first_increment + j - 1]))
-    else
-      fresh = true
-      args[2 * j] = ARGV[first_increment + j - 1]
-    end
-  end
-  redis.call('HSET', key, unpack(args))
-  -- a missing field: maybe a new key, give it its deadline (re-setting the same one is harmless)
-  if fresh then redis.call('EXPIREAT', key, expire) end
-  i = first_increment + n_fields
-end
-if n_offsets > 0 then
-  local args = {}
-  for k = 0, n_offsets - 1 do
-    local j = first_offset + 3 * k
-    args[#args + 1] = ARGV[j]
-    args[#args + 1] = ARGV[j + 2]
-  end
-  redis.call('HSET', okey, unpack(args))
-end
-return 1
-"""
-
 
 def _bulk(value: str | bytes) -> bytes:
     """One RESP bulk string."""
@@ -197,8 +127,19 @@ class _Heads(dict[_K, _V]):
 #: RESP bulk strings of small counts (a batch's increments are mostly small).
 _COUNT_BULKS = [_bulk(str(n)) for n in range(4096)]
 
-#: Fields of one hash per HMGET/HSET of the script (Lua's unpack() is bounded by its C stack: 8000).
-MAX_FIELDS_PER_CALL = 1000
+_HINCRBY = b"*4\r\n$7\r\nHINCRBY\r\n"
+_EXPIREAT = b"*3\r\n$8\r\nEXPIREAT\r\n"
+_MULTI = b"*1\r\n$5\r\nMULTI\r\n"
+_EXEC = b"*1\r\n$4\r\nEXEC\r\n"
+_UNWATCH = b"*1\r\n$7\r\nUNWATCH\r\n"
+_QUEUED = b"+QUEUED\r\n"
+
+#: Attempts of one apply whose transaction is aborted by a concurrent write of the offsets hash
+#: (another process of the same consumer name writing its partitions) before giving up.
+MAX_ATTEMPTS = 50
+
+#: Seconds after which the deadlines known to be set are forgotten (see ``RedisCounters``).
+DEADLINES_MEMORY_S = 300.0
 
 
 def _count_bulk(count: int) -> bytes:
@@ -221,15 +162,26 @@ def _floor_dimension_days(
 
 @dataclass
 class EncodedBatch:
-    """One batch as the commands of its round trip: ``pfadds`` (packed PFADD commands) and the
-    script's ARGV (packed bulk strings, ``argc`` of them; an item may hold several bulks)."""
+    """One batch as packed RESP commands (see the module docstring).
+
+    ``pfadds``: one PFADD per sketch; ``sketch_expires``: ``EXPIREAT key deadline`` for the
+    ``n_sketch_expires`` sketches whose deadline this client has not seen set; ``body``: the
+    transaction's ``n_body`` commands (one HINCRBY per field, EXPIREAT per hash not known to
+    have its deadline); ``offsets``: (field bulk, start offset or None, next-offset bulk);
+    ``deadlines``: key bulk -> deadline of every EXPIREAT sent, remembered once it succeeded.
+    """
 
     pfadds: list[bytes]
-    argv: list[bytes]
-    argc: int
+    sketch_expires: bytes
+    n_sketch_expires: int
+    body: bytes
+    n_body: int
+    offsets: list[tuple[bytes, int | None, bytes]]
+    sketch_deadlines: dict[bytes, int]
+    hash_deadlines: dict[bytes, int]
 
     def __len__(self) -> int:
-        return sum(map(len, self.pfadds)) + sum(map(len, self.argv))
+        return sum(map(len, self.pfadds)) + len(self.sketch_expires) + len(self.body)
 
 
 def _epoch(value: datetime) -> int:
@@ -254,6 +206,74 @@ def _utc(epoch_s: int) -> datetime:
 
 def _int(raw: Any) -> int:
     return int(raw) if raw is not None else 0
+
+
+def _beyond(stored: Any, start: int) -> bool:
+    """A stored offset (a decimal string) beyond a batch's start offset: exact, any size."""
+    return int(stored) > start
+
+
+def _raw_reader(conn: Any) -> Any:
+    """The hiredis reader of a redis-py connection when its socket can be read directly (nothing
+    buffered), else None: replies of known bytes are then skipped in bulk instead of parsed one
+    by one (~0.6 us each through ``read_response``, 50 per bid)."""
+    parser = getattr(conn, "_parser", None)
+    reader = getattr(parser, "_reader", None)
+    sock = getattr(conn, "_sock", None)
+    if reader is None or not isinstance(sock, socket.socket) or not hasattr(reader, "has_data"):
+        return None
+    return None if reader.has_data() else reader
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise redis.exceptions.ConnectionError("connection closed by the server")
+        got += n
+    return bytes(buf)
+
+
+def _skim(conn: Any, size: int, matches: Callable[[bytes], bool]) -> bool:
+    """Read the next ``size`` bytes of replies raw if they are what ``matches`` expects (True);
+    otherwise (or when the socket cannot be read directly) leave them to the parser (False). The
+    expected replies are the shortest possible, so an unexpected (error) reply never makes the
+    read wait for bytes that are not coming."""
+    reader = _raw_reader(conn)
+    if reader is None or size == 0:
+        return size == 0
+    raw = _recv_exactly(conn._sock, size)
+    if matches(raw):
+        return True
+    reader.feed(raw)  # hand everything back, in order, to the parser
+    return False
+
+
+def _read_integers(conn: Any, count: int) -> Exception | None:
+    """Read ``count`` replies that should be :0 or :1 (PFADD, EXPIREAT); the first error, if any."""
+    if _skim(conn, 4 * count, lambda raw: raw.replace(b":1\r\n", b":0\r\n") == b":0\r\n" * count):
+        return None
+    first_error: Exception | None = None
+    for _ in range(count):
+        try:
+            conn.read_response()
+        except redis.exceptions.ResponseError as exc:
+            first_error = first_error or exc
+    return first_error
+
+
+def _read_queued(conn: Any, count: int) -> None:
+    """Read the replies of MULTI and of ``count`` queued commands (a queueing error makes EXEC
+    fail, which raises there)."""
+    expected = b"+OK\r\n" + _QUEUED * count
+    if _skim(conn, len(expected), expected.__eq__):
+        return
+    for _ in range(count + 1):
+        with contextlib.suppress(redis.exceptions.ResponseError):  # EXEC answers EXECABORT, naming the cause
+            conn.read_response()
 
 
 class RedisCounters(Counters):
@@ -281,9 +301,16 @@ class RedisCounters(Counters):
         # the RESP bulks of a bucket's key and deadline, computed once per bucket: the same rules'
         # buckets come back batch after batch (f-strings, encode and format per key were ~1/3 of
         # encode_batch)
-        self._sketch_heads: _Heads[tuple[str, str, int], tuple[bytes, bytes]] = _Heads()
-        self._match_heads: _Heads[tuple[str, str, int], tuple[bytes, bytes, bytes]] = _Heads()
-        self._dimension_heads: _Heads[tuple[str, int], tuple[bytes, bytes]] = _Heads()
+        self._sketch_heads: _Heads[tuple[str, str, int], tuple[bytes, bytes, int]] = _Heads()
+        self._match_heads: _Heads[tuple[str, str, int], tuple[bytes, bytes, bytes, int]] = _Heads()
+        self._dimension_heads: _Heads[tuple[str, int], tuple[bytes, bytes, int]] = _Heads()
+        # key bulk -> deadline of the keys this client has seen get their EXPIREAT (see the module
+        # docstring: forgotten every DEADLINES_MEMORY_S, so a key deleted and re-created gets its
+        # deadline again)
+        self._deadlines_set: _Heads[bytes, int] = _Heads()
+        self._deadlines_since = clock()
+        #: transactions retried because another writer changed the offsets hash (WATCH)
+        self.retries = 0
 
     @classmethod
     def from_settings(cls, client: redis.Redis, settings: Any) -> RedisCounters:
@@ -301,19 +328,25 @@ class RedisCounters(Counters):
         offsets: Mapping[tuple[str, int], int],
         start_offsets: Mapping[tuple[str, int], int] | None = None,
     ) -> EncodedBatch:
-        """The commands of ``batch``'s round trip (exposed for the benchmark and tests)."""
+        """The commands of ``batch``'s write (exposed for the benchmark and tests)."""
         day_ret = self.day_retention_s
-        argv: list[bytes] = [_bulk(str(len(offsets)))]
+        encoded_offsets: list[tuple[bytes, int | None, bytes]] = []
         for (topic, partition), next_offset in offsets.items():
             start = None if start_offsets is None else start_offsets.get((topic, partition))
             if next_offset < 0 or (start is not None and start < 0):
                 raise ValueError(f"negative offset for {topic}:{partition}")
-            argv += (_bulk(keys.offset_field(topic, partition)), _bulk("" if start is None else str(int(start))),
-                     _bulk(str(int(next_offset))))
+            encoded_offsets.append((_bulk(keys.offset_field(topic, partition)),
+                                    None if start is None else int(start), _bulk(str(int(next_offset)))))
         if start_offsets:
             for topic, partition in start_offsets:
                 if (topic, partition) not in offsets:
                     raise ValueError(f"start offset for {topic}:{partition} without a next offset")
+
+        now = self.clock()
+        known = self._deadlines_set
+        if now - self._deadlines_since >= DEADLINES_MEMORY_S:
+            known.clear()
+            self._deadlines_since = now
 
         # C path: a batch-local cache in front of the client's, so the batch's few thousand users
         # stay in the CPU caches while each is looked up ~100 times (measured: ~4x faster)
@@ -328,7 +361,8 @@ class RedisCounters(Counters):
         join = b"".join
         pack = _pack_members if USE_C else None
         pfadds: list[bytes] = []
-        sketches: list[bytes] = []
+        expires: list[bytes] = []
+        sketch_deadlines: dict[bytes, int] = {}
         heads = self._sketch_heads
         for bucket_key, members in batch.users.items():
             if not members:
@@ -336,15 +370,16 @@ class RedisCounters(Counters):
             head = heads.get(bucket_key)
             if head is None:
                 head = heads.add(bucket_key, self._sketch_head(*bucket_key))
-            key_bulk = head[0]
+            key_bulk, expire_bulk, deadline = head
             body = pack(members, cache, miss) if pack is not None else join(map(sketch_member, members))
             pfadds.append(b"*%d\r\n$5\r\nPFADD\r\n%s%s" % (len(members) + 2, key_bulk, body))
-            sketches += head
-        argv.append(_bulk(str(len(sketches) // 2)))
-        argv += sketches
+            if key_bulk not in known and key_bulk not in sketch_deadlines:
+                sketch_deadlines[key_bulk] = deadline
+                expires += (_EXPIREAT, key_bulk, expire_bulk)
 
-        # per hash key bulk: (expireat bulk, {field bulk: increment}); fields unique within a hash
-        hashes: dict[bytes, tuple[bytes, dict[bytes, int]]] = {}
+        # per hash key bulk: (expireat bulk, deadline, {field bulk: increment}); fields unique
+        # within a hash, so one HINCRBY each
+        hashes: dict[bytes, tuple[bytes, int, dict[bytes, int]]] = {}
         match_heads, dimension_heads = self._match_heads, self._dimension_heads
         for bucket_key, count in batch.matches.items():
             if not count:
@@ -352,11 +387,11 @@ class RedisCounters(Counters):
             match_head = match_heads.get(bucket_key)
             if match_head is None:
                 match_head = match_heads.add(bucket_key, self._match_head(*bucket_key))
-            key_bulk, expire_bulk, field_bulk = match_head
+            key_bulk, expire_bulk, field_bulk, deadline = match_head
             entry = hashes.get(key_bulk)
             if entry is None:
-                entry = hashes[key_bulk] = (expire_bulk, {})
-            fields = entry[1]
+                entry = hashes[key_bulk] = (expire_bulk, deadline, {})
+            fields = entry[2]
             fields[field_bulk] = fields.get(field_bulk, 0) + count
         dimensions = batch.dimensions
         if any(day % DAY for (_, day, _) in dimensions):  # two buckets of one day would repeat fields
@@ -364,56 +399,54 @@ class RedisCounters(Counters):
         for (rid, day, dimension), values in dimensions.items():
             dimension_head = dimension_heads.get((rid, day))
             if dimension_head is None:
+                deadline = day - day % DAY + DAY + day_ret
                 dimension_head = dimension_heads.add((rid, day), (
-                    _bulk(keys.dimensions(rid, day)), _bulk(str(day - day % DAY + DAY + day_ret))))
+                    _bulk(keys.dimensions(rid, day)), _bulk(str(deadline)), deadline))
             entry = hashes.get(dimension_head[0])
             if entry is None:
-                entry = hashes[dimension_head[0]] = (dimension_head[1], {})
+                entry = hashes[dimension_head[0]] = (dimension_head[1], dimension_head[2], {})
             # (rid, day, dimension) is unique once days are floored, so its fields are new here; map
             # and zip keep the per-field loop in C
             counts = values.values()
             if 0 in counts:
                 values = {value: count for value, count in values.items() if count}
                 counts = values.values()
-            entry[1].update(zip(map(self._field_bulks(dimension), values), counts, strict=True))
-        argv.append(b"")  # the number of hash entries, known below
-        slot = len(argv) - 1
-        argc = len(argv)
-        entries = 0
+            entry[2].update(zip(map(self._field_bulks(dimension), values), counts, strict=True))
+
+        commands: list[bytes] = []
+        n_body = 0
+        hash_deadlines: dict[bytes, int] = {}
         count_bulk, small_counts = _count_bulk, _COUNT_BULKS.__getitem__
-        for key_bulk, (expire_bulk, fields) in hashes.items():
+        for key_bulk, (expire_bulk, deadline, fields) in hashes.items():
             if not fields:
                 continue
-            if len(fields) <= MAX_FIELDS_PER_CALL:
-                # one chunk of 2n bulks (argv items are sent concatenated; argc counts bulks)
-                field_counts = fields.values()
-                small = 0 <= min(field_counts) and max(field_counts) < len(_COUNT_BULKS)
-                tail = b"".join(map(small_counts if small else count_bulk, field_counts))
-                argv += (key_bulk, expire_bulk, count_bulk(len(fields)), b"".join(fields) + tail)
-                argc += 3 + 2 * len(fields)
-                entries += 1
-                continue
-            names = list(fields)
-            for lo in range(0, len(names), MAX_FIELDS_PER_CALL):
-                part = names[lo:lo + MAX_FIELDS_PER_CALL]
-                argv += (key_bulk, expire_bulk, count_bulk(len(part)))
-                argv += part
-                argv += [count_bulk(fields[name]) for name in part]
-                argc += 3 + 2 * len(part)
-                entries += 1
-        argv[slot] = _bulk(str(entries))
-        return EncodedBatch(pfadds, argv, argc)
+            # HINCRBY key f1 n1 HINCRBY key f2 n2 ...: the separator joins each field's bulks to the
+            # next command's head, all in C
+            hincrby = _HINCRBY + key_bulk
+            field_counts = fields.values()
+            small = 0 <= min(field_counts) and max(field_counts) < len(_COUNT_BULKS)
+            commands += (hincrby, hincrby.join(map(bytes.__add__, fields, map(small_counts if small else count_bulk,
+                                                                      field_counts))))
+            n_body += len(fields)
+            if key_bulk not in known:  # after the HINCRBYs: EXPIREAT on a missing key does nothing
+                hash_deadlines[key_bulk] = deadline
+                commands += (_EXPIREAT, key_bulk, expire_bulk)
+                n_body += 1
+        return EncodedBatch(pfadds, b"".join(expires), len(sketch_deadlines), b"".join(commands), n_body,
+                            encoded_offsets, sketch_deadlines, hash_deadlines)
 
-    def _sketch_head(self, rid: str, granularity: str, bucket: int) -> tuple[bytes, bytes]:
-        """(key, EXPIREAT) bulks of a sketch."""
+    def _sketch_head(self, rid: str, granularity: str, bucket: int) -> tuple[bytes, bytes, int]:
+        """(key, EXPIREAT bulks, deadline) of a sketch."""
         if granularity == "hour":
-            return _bulk(keys.hour_users(rid, bucket)), _bulk(str(bucket + HOUR + self.hour_retention_s))
-        if granularity == "day":
-            return _bulk(keys.day_users(rid, bucket)), _bulk(str(bucket + DAY + self.day_retention_s))
-        raise ValueError(f"unknown granularity {granularity!r}")
+            key, deadline = keys.hour_users(rid, bucket), bucket + HOUR + self.hour_retention_s
+        elif granularity == "day":
+            key, deadline = keys.day_users(rid, bucket), bucket + DAY + self.day_retention_s
+        else:
+            raise ValueError(f"unknown granularity {granularity!r}")
+        return _bulk(key), _bulk(str(deadline)), deadline
 
-    def _match_head(self, rid: str, granularity: str, bucket: int) -> tuple[bytes, bytes, bytes]:
-        """(hash key, EXPIREAT, field) bulks of a matched-bids count."""
+    def _match_head(self, rid: str, granularity: str, bucket: int) -> tuple[bytes, bytes, bytes, int]:
+        """(hash key, EXPIREAT, field bulks, deadline) of a matched-bids count."""
         if granularity == "hour":
             key, fld = keys.hour_matches(rid, bucket)
             expire = bucket - bucket % DAY + DAY + self.hour_retention_s
@@ -422,7 +455,7 @@ class RedisCounters(Counters):
             expire = keys.month_end(bucket) + self.day_retention_s
         else:
             raise ValueError(f"unknown granularity {granularity!r}")
-        return _bulk(key), _bulk(str(expire)), _bulk(fld)
+        return _bulk(key), _bulk(str(expire)), _bulk(fld), expire
 
     def _field_bulks(self, dimension: str) -> Callable[[str], bytes]:
         found = self._dimension_fields.get(dimension)
@@ -437,41 +470,64 @@ class RedisCounters(Counters):
         offsets: Mapping[tuple[str, int], int],
         start_offsets: Mapping[tuple[str, int], int] | None = None,
     ) -> bool:
-        """One round trip: a native multi-element ``PFADD`` per sketch (idempotent, so outside the
-        exactly-once check: a re-sent batch adds its users again, which changes nothing), then one
-        ``EVALSHA`` of :data:`APPLY_SCRIPT` with the counts and offsets (atomic, skipped when the
-        stored offsets show the batch was applied)."""
-        return bool(self.apply_encoded(self.encode_batch(batch, offsets, start_offsets), consumer))
+        """Write ``batch`` and ``offsets`` exactly once (see the module docstring): idempotent
+        PFADDs, then the counts and offsets in one MULTI/EXEC guarded by WATCH on the offsets."""
+        return self.apply_encoded(self.encode_batch(batch, offsets, start_offsets), consumer)
 
-    def apply_encoded(self, encoded: EncodedBatch, consumer: str) -> Any:
-        """Send an :class:`EncodedBatch` in one round trip; returns the script's reply (1 written,
-        0 already applied)."""
-        okey = keys.offsets(consumer)
-        sha = self._shas.get(APPLY_SCRIPT)
-        if sha is None:
-            sha = self._shas[APPLY_SCRIPT] = str(self.client.script_load(APPLY_SCRIPT))
-        tail = [_bulk(okey), *encoded.argv]
-        evalsha = [b"*%d\r\n$7\r\nEVALSHA\r\n%s$1\r\n1\r\n" % (encoded.argc + 4, _bulk(sha)), *tail]
+    def apply_encoded(self, encoded: EncodedBatch, consumer: str) -> bool:
+        """Write an :class:`EncodedBatch`: True when written, False when the stored offsets show
+        it was already applied."""
+        okey = _bulk(keys.offsets(consumer))
+        checks = [(field, start) for field, start, _ in encoded.offsets if start is not None]
+        transaction = [_MULTI, encoded.body]
+        queued = encoded.n_body
+        if encoded.offsets:
+            transaction.append(b"*%d\r\n$4\r\nHSET\r\n%s" % (2 + 2 * len(encoded.offsets), okey))
+            transaction += [field + next_bulk for field, _, next_bulk in encoded.offsets]
+            queued += 1
+        transaction.append(_EXEC)
+        check = b""
+        if checks:
+            check = b"*2\r\n$5\r\nWATCH\r\n%s*%d\r\n$5\r\nHMGET\r\n%s%s" % (
+                okey, 2 + len(checks), okey, b"".join(field for field, _ in checks))
         pool = self.client.connection_pool
         conn = pool.get_connection()
         try:
-            conn.send_packed_command([b"".join(encoded.pfadds + evalsha)])
-            first_error: Exception | None = None
-            for _ in encoded.pfadds:
-                try:
-                    conn.read_response()
-                except redis.exceptions.ResponseError as exc:
-                    first_error = first_error or exc
-            try:
-                reply = conn.read_response()
-            except redis.exceptions.NoScriptError:  # a restart or SCRIPT FLUSH: send the source once
-                del self._shas[APPLY_SCRIPT]
-                head = b"*%d\r\n$4\r\nEVAL\r\n%s$1\r\n1\r\n" % (encoded.argc + 4, _bulk(APPLY_SCRIPT))
-                conn.send_packed_command([head, *tail])
-                reply = conn.read_response()
+            # round trip 1: the idempotent sketch writes, and the check (WATCH, then the offsets)
+            first = [*encoded.pfadds, encoded.sketch_expires]
+            if not checks:
+                first += transaction  # nothing to check: one round trip
+            conn.send_packed_command([b"".join(first) + check])
+            first_error = _read_integers(conn, len(encoded.pfadds) + encoded.n_sketch_expires)
             if first_error is not None:
                 raise first_error
-            return reply
+            self._deadlines_set.update(encoded.sketch_deadlines)
+            for attempt in range(MAX_ATTEMPTS):
+                if not checks and attempt:
+                    raise redis.exceptions.WatchError("EXEC failed without a WATCH")
+                if checks:
+                    if attempt:
+                        conn.send_packed_command([check])
+                    conn.read_response()  # WATCH: OK
+                    stored = conn.read_response()
+                    if any(value is not None and _beyond(value, start)
+                           for value, (_, start) in zip(stored, checks, strict=True)):
+                        conn.send_packed_command([_UNWATCH])
+                        conn.read_response()
+                        return False
+                    # round trip 2: the counts and offsets, applied only if the offsets did not change
+                    conn.send_packed_command([b"".join(transaction)])
+                _read_queued(conn, queued)
+                reply = conn.read_response()
+                if reply is not None:
+                    for item in reply:
+                        if isinstance(item, Exception):
+                            raise item
+                    self._deadlines_set.update(encoded.hash_deadlines)
+                    return True
+                self.retries += 1  # another writer of this consumer's offsets came in between
+            raise redis.exceptions.WatchError(
+                f"offsets of {consumer!r} changed under {MAX_ATTEMPTS} attempts in a row (another writer?)")
         except BaseException:
             conn.disconnect()
             raise
