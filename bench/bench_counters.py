@@ -10,7 +10,8 @@ Write: batches of ``--batch`` events; each event matches ``--matches`` audiences
 users in one or two hours. Reported: events/s and (event, audience) pairs/s for aggregate() alone,
 (and aggregate_masks() on the same batch, checked equal; note this draw spreads matches over many
 rules with few events each, the worst case for the per-rule masks)
-for apply() alone (encode + one EVALSHA round trip) and for both, plus the payload size.
+for apply() alone (encode + PFADDs, WATCH check, MULTI/EXEC: two round trips) and for both, plus the
+payload size.
 
 Read: ``--read-rules`` rules get ``--days`` days of day buckets (``--users-per-day`` users each)
 and hour buckets for the hour retention, then ``summary()`` over ``--days`` days (the API's size
@@ -147,7 +148,7 @@ def bench_writes(client: redis.Redis, args: argparse.Namespace) -> None:
           f"(of {args.audiences}), {len(DIMENSIONS)} dimensions")
     print(f"  aggregate():          {events / t_agg:>10,.0f} events/s  {pairs / t_agg:>11,.0f} pairs/s")
     print(f"  aggregate_masks():    {events / t_masks:>10,.0f} events/s  {pairs / t_masks:>11,.0f} pairs/s")
-    print(f"  apply() (1 trip):     {events / t_apply:>10,.0f} events/s  {pairs / t_apply:>11,.0f} pairs/s  "
+    print(f"  apply():              {events / t_apply:>10,.0f} events/s  {pairs / t_apply:>11,.0f} pairs/s  "
           f"({t_apply / args.batches * 1000:.1f} ms/batch, payload {payload / args.batches / 1e6:.2f} MB/batch, "
           f"redis-server CPU {redis_cpu / events * 1e6:.1f} us/event)")
     total = t_agg + t_apply

@@ -242,8 +242,12 @@ def main() -> None:
         redis_cpu_after = redis.Redis.from_url(url).info("cpu")
         redis_cpu_s = sum(redis_cpu_after[k] - redis_cpu[k] for k in ("used_cpu_sys", "used_cpu_user"))
         # where Redis spends it: microseconds per bid inside each command (EVALSHA includes its calls)
-        commands = {name.removeprefix("cmdstat_"): stats["usec"] for name, stats in
-                    redis.Redis.from_url(url).info("commandstats").items() if stats["usec"] >= 1000}
+        command_stats = redis.Redis.from_url(url).info("commandstats")
+        commands = {name.removeprefix("cmdstat_"): stats["usec"] for name, stats in command_stats.items()
+                    if stats["usec"] >= 1000}
+        # one EXEC per counters write, plus one per retry (another process of the consumer group
+        # wrote its offsets between a write's WATCH and its EXEC): compare with "writes"
+        exec_calls = command_stats.get("cmdstat_exec", {}).get("calls", 0)
         per_command = {name: round(usec / max(1, summary["processed"]), 1) for name, usec in
                        sorted(commands.items(), key=lambda item: -item[1])}
         info = redis.Redis.from_url(url).info("memory")
@@ -253,7 +257,7 @@ def main() -> None:
              matched=summary["matched"], matches_per_bid=round(summary["matched"] / max(1, summary["processed"]), 1),
              dlq=summary["dlq"], batch_ms_p50=summary["batch_ms_p50"], batch_ms_p99=summary["batch_ms_p99"],
              stage_us_per_bid=summary["stage_us_per_bid"], stage_cpu_us_per_bid=summary.get("stage_cpu_us_per_bid"),
-             writes=summary.get("writes"), redis_command_us_per_bid=per_command,
+             writes=summary.get("writes"), redis_exec_calls=exec_calls, redis_command_us_per_bid=per_command,
              consumer_cpu_us_per_bid=summary.get("cpu_us_per_bid"),
              redis_cpu_us_per_bid=round(redis_cpu_s / max(1, summary["processed"]) * 1e6, 1),
              consumer_rss_mb=summary.get("rss_mb"), redis_used_mb=round(info["used_memory"] / 2**20, 1),
