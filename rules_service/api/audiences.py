@@ -7,6 +7,8 @@ Writes go to the store first and are then published as RuleChange messages on th
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Any
 
 import orjson
@@ -157,6 +159,28 @@ def update_audience(audience_id: str) -> Response:
 PENDING_TOMBSTONES = "pending_tombstones"
 
 
+logger = logging.getLogger(__name__)
+
+#: A worker learns of a deletion within about a second (rules sync) and may still write one flush
+#: window for the rule; a key it re-creates then would carry no expiry (each writer remembers the
+#: keys it already gave their deadline: rules_service.counters.redis_store). So the counters are
+#: swept a second time after this grace.
+LATE_WRITE_GRACE_S = 15.0
+
+
+def _sweep_counters_later(counters: Any, rule_ids: list[str], delay_s: float) -> None:
+    def sweep() -> None:
+        for rid in rule_ids:
+            try:
+                counters.delete_rule(rid)
+            except Exception:  # best effort: the first sweep already ran
+                logger.exception("second sweep of the counters of %s failed", rid)
+
+    timer = threading.Timer(delay_s, sweep)
+    timer.daemon = True
+    timer.start()
+
+
 @bp.delete("/audiences/<audience_id>")
 def delete_audience(audience_id: str) -> Response:
     """The document first (atomically, honouring If-Match), then tombstones for every version (the
@@ -199,8 +223,10 @@ def delete_audience(audience_id: str) -> Response:
                                status=503) from None
     if pending is not None:
         svc.redis.hdel(pending_key, field)
-    for version in versions:
-        svc.counters.delete_rule(rule_id(audience_id, version))
+    rule_ids = [rule_id(audience_id, version) for version in versions]
+    for rid in rule_ids:
+        svc.counters.delete_rule(rid)
+    _sweep_counters_later(svc.counters, rule_ids, LATE_WRITE_GRACE_S)
     return Response(status=204)
 
 

@@ -291,3 +291,27 @@ def test_percolator_down_is_503_and_nothing_created(api: ApiEnv) -> None:
     response = api.client.post("/v1/audiences", json={"name": "n", "rule": RULE}, headers=headers)
     assert response.status_code == 503 and "percolator" in response.get_json()["error"]["message"]
     assert api.client.get("/v1/audiences", headers=headers).get_json()["data"] == []
+
+
+def test_delete_sweeps_counters_again_after_late_writes(api: ApiEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that has not yet seen the tombstone may write one more window after the first
+    sweep (re-creating keys without their expiry): the second sweep removes it."""
+    import time
+    from datetime import UTC, datetime
+
+    from rules_service.api import audiences
+    from tests.api.fakes import batch_for
+
+    monkeypatch.setattr(audiences, "LATE_WRITE_GRACE_S", 0.2)
+    headers = api.advertiser()
+    created = api.create(headers)
+    rid = f"{created['id']}@v1"
+    assert api.client.delete(f"/v1/audiences/{created['id']}", headers=headers).status_code == 204
+    now = datetime.now(UTC)
+    api.counters.apply(batch_for(rid, [(now, "late", {})]), "t", {("bids", 0): 1})  # the late write
+    wide = (now.replace(year=now.year - 1), now.replace(year=now.year + 1))
+    assert api.counters.matches(rid, *wide) == 1
+    deadline = time.monotonic() + 5
+    while api.counters.matches(rid, *wide) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert api.counters.matches(rid, *wide) == 0
