@@ -381,6 +381,8 @@ class RedisCounters(Counters):
             if head is None:
                 head = heads.add(bucket_key, self._sketch_head(*bucket_key))
             key_bulk, expire_bulk, deadline = head
+            if deadline <= now:  # past its retention (a replay's old hours): Redis would drop it at once
+                continue
             body = pack(members, cache, miss) if pack is not None else join(map(sketch_member, members))
             pfadds.append(b"*%d\r\n$5\r\nPFADD\r\n%s%s" % (len(members) + 2, key_bulk, body))
             if key_bulk not in known and key_bulk not in sketch_deadlines:
@@ -398,6 +400,8 @@ class RedisCounters(Counters):
             if match_head is None:
                 match_head = match_heads.add(bucket_key, self._match_head(*bucket_key))
             key_bulk, expire_bulk, field_bulk, deadline = match_head
+            if deadline <= now:
+                continue
             entry = hashes.get(key_bulk)
             if entry is None:
                 entry = hashes[key_bulk] = (expire_bulk, deadline, {})
@@ -412,6 +416,8 @@ class RedisCounters(Counters):
                 deadline = day - day % DAY + DAY + day_ret
                 dimension_head = dimension_heads.add((rid, day), (
                     _bulk(keys.dimensions(rid, day)), _bulk(str(deadline)), deadline))
+            if dimension_head[2] <= now:
+                continue
             entry = hashes.get(dimension_head[0])
             if entry is None:
                 entry = hashes[dimension_head[0]] = (dimension_head[1], dimension_head[2], {})

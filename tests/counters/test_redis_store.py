@@ -237,3 +237,30 @@ def test_decoded_client(redis_url: str) -> None:
     assert counters.summary("a@v1", T0, T0 + timedelta(days=1)) == (1, 1)
     assert list(counters.rule_keys("a@v1"))
     decoded.close()
+
+
+def test_buckets_past_their_retention_are_not_written(client: redis.Redis) -> None:
+    """A replay over 90 days produces hour buckets older than the hour retention: Redis would drop
+    them at once (their deadline is past), so they are not sent at all; the day buckets are."""
+    now = datetime.now(UTC).replace(microsecond=0)  # the server expires by its own clock
+    counters = RedisCounters(client, hour_retention_days=14, day_retention_days=400, clock=now.timestamp)
+    old = int((now - timedelta(days=20)).timestamp())
+    old_hour, old_day = old - old % 3600, old - old % 86400
+    recent = int((now - timedelta(days=2)).timestamp())
+    recent_hour = recent - recent % 3600
+    batch = CounterBatch(
+        users={("r@v1", "hour", old_hour): {"u1"}, ("r@v1", "day", old_day): {"u1"},
+               ("r@v1", "hour", recent_hour): {"u2"}},
+        matches={("r@v1", "hour", old_hour): 1, ("r@v1", "day", old_day): 1, ("r@v1", "hour", recent_hour): 1},
+        dimensions={("r@v1", old_day, "gender"): {"male": 1}},
+    )
+    encoded = counters.encode_batch(batch, {("bids", 0): 1})
+    sent = b"".join(encoded.pfadds)
+    assert keys.hour_users("r@v1", old_hour).encode() not in sent
+    assert keys.day_users("r@v1", old_day).encode() in sent
+    assert counters.apply(batch, "w", {("bids", 0): 1})
+    assert not client.exists(keys.hour_users("r@v1", old_hour))
+    assert client.exists(keys.day_users("r@v1", old_day), keys.hour_users("r@v1", recent_hour)) == 2
+    assert client.exists(keys.dimensions("r@v1", old_day))
+    day_start = datetime.fromtimestamp(old_day, UTC)
+    assert counters.matches("r@v1", day_start, day_start + timedelta(days=1)) == 1  # from the day count
