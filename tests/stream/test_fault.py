@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 END = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
-BIDS = 24_000  # long enough that the faster stream cannot drain before the kills below land
+BIDS = 60_000  # long enough that the (fast) stream cannot drain before the kills below land
 SEED = 20261122
 
 RULES: dict[str, dict[str, Any]] = {
@@ -97,9 +97,11 @@ def worker_env(data_dir: Path, url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RULES_") or k.startswith("RULES_TEST_")}
     env.update({"RULES_DATA_DIR": str(data_dir), "RULES_REDIS_URL": url, "RULES_BIDS_PARTITIONS": "2",
                 "RULES_BATCH_SIZE": "100", "PYTHONPATH": str(ROOT),
+                # short flush windows: a kill lands between, inside and after many merged writes
+                "RULES_STREAM_FLUSH_MS": "50",
                 # besides the external kills: die in the narrow windows between producing, applying
                 # the counters and committing, which random external kills rarely hit
-                "RULES_TEST_SELF_KILL": "after_produce=0.04,after_apply=0.04"})
+                "RULES_TEST_SELF_KILL": "after_produce=0.01,after_apply=0.03"})
     return env
 
 
@@ -135,7 +137,7 @@ def test_kill_9_at_random_moments_equals_an_uninterrupted_run(tmp_path: Path, re
                 # a wider window let a fast worker drain the stream before enough kills landed)
                 while proc.poll() is None and stored_progress(faulted_url) == before:
                     time.sleep(0.01)
-                deadline = time.monotonic() + rng.uniform(0.0, 0.12)
+                deadline = time.monotonic() + rng.uniform(0.0, 0.08)
                 while proc.poll() is None and time.monotonic() < deadline:
                     time.sleep(0.01)
             if proc.poll() == -signal.SIGKILL:
