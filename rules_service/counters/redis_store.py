@@ -68,6 +68,7 @@ from typing import Any, TypeVar
 import redis
 
 from rules_service.counters import keys
+from rules_service.counters.aggregate import _aggregate as _aggregate_module
 from rules_service.counters.keys import DAY, HOUR
 from rules_service.counters.port import CounterBatch, Counters, Granularity, SeriesPoint
 
@@ -78,16 +79,8 @@ _V = TypeVar("_V")
 
 
 
-def _load_pack_members() -> Any:
-    """The C loop packing sketch members (rules_service/counters/_aggregate.c), if built."""
-    try:
-        from rules_service.counters._aggregate import pack_members
-    except ImportError:  # pragma: no cover - not built
-        return None
-    return pack_members
-
-
-_pack_members: Any = _load_pack_members()
+#: The C loop packing sketch members (rules_service/counters/_aggregate.c), None when not built.
+_pack_members: Any = getattr(_aggregate_module, "pack_members", None)
 
 #: Pack sketch members in C when it is built (tests set this to False for the Python reference).
 USE_C = True
