@@ -23,7 +23,11 @@ atomic on the server and written to the AOF as one block (a truncated block is d
 and a connection dropped before EXEC discards the queued commands: counts and offsets never
 disagree, so a worker killed at any moment resumes from the stored offsets and counts every bid
 exactly once (its users may have been added already: harmless). Not Redis Cluster safe (one
-transaction over many rules' hash tags and the offsets hash), as the script was not.
+transaction over many rules' hash tags and the offsets hash), as the script was not. A command
+failing inside EXEC (WRONGTYPE: a foreign value under a counter's key) does not roll the others
+back: the offsets and the other counts are committed, and ``apply`` raises
+:class:`PartiallyAppliedError` naming the keys whose counts were lost (the script stopped at the
+error with earlier hashes written and no offsets, so a retry counted those hashes twice).
 
 Deadlines are fixed by the bucket (see ``keys``), so setting one again is harmless; but an
 ``EXPIREAT`` per key per batch cost as much Redis CPU as the increments. So each client remembers
@@ -72,7 +76,7 @@ from rules_service.counters.aggregate import _aggregate as _aggregate_module
 from rules_service.counters.keys import DAY, HOUR
 from rules_service.counters.port import CounterBatch, Counters, Granularity, SeriesPoint
 
-__all__ = ["EncodedBatch", "RedisCounters"]
+__all__ = ["EncodedBatch", "PartiallyAppliedError", "RedisCounters"]
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
@@ -144,6 +148,40 @@ MAX_ATTEMPTS = 50
 
 #: Seconds after which the deadlines known to be set are forgotten (see ``RedisCounters``).
 DEADLINES_MEMORY_S = 300.0
+
+
+class PartiallyAppliedError(redis.exceptions.ResponseError):
+    """EXEC ran but some of its commands failed (e.g. WRONGTYPE: a key of a counter's name holds
+    another type). A transaction is not rolled back: the batch's offsets and its other counts are
+    committed (each counted once; a retry of the batch returns False), the failed commands' counts
+    are lost. Raised rather than returned so the loss is never silent; ``failures`` lists
+    (key, error message) of each failed command."""
+
+    def __init__(self, consumer: str, failures: list[tuple[str, str]]) -> None:
+        self.failures = failures
+        shown = "; ".join(f"{key}: {message}" for key, message in failures[:5])
+        more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
+        super().__init__(
+            f"batch of {consumer!r} committed with {len(failures)} failed command(s), their counts lost "
+            f"(offsets stored: do not expect a retry to write them): {shown}{more}")
+
+
+def _command_keys(packed: bytes) -> list[str]:
+    """The key (first argument) of each RESP command in ``packed`` (only read on the error path)."""
+    out: list[str] = []
+    pos = 0
+    while pos < len(packed):
+        end = packed.index(b"\r\n", pos)
+        n_args = int(packed[pos + 1:end])
+        pos = end + 2
+        args: list[bytes] = []
+        for _ in range(n_args):
+            end = packed.index(b"\r\n", pos)
+            size = int(packed[pos + 1:end])
+            args.append(packed[end + 2:end + 2 + size])
+            pos = end + 2 + size + 2
+        out.append(args[1].decode(errors="replace") if len(args) > 1 else "")
+    return out
 
 
 def _count_bulk(count: int) -> bytes:
@@ -529,9 +567,12 @@ class RedisCounters(Counters):
                 _read_queued(conn, queued)
                 reply = conn.read_response()
                 if reply is not None:
-                    for item in reply:
-                        if isinstance(item, Exception):
-                            raise item
+                    if any(isinstance(item, Exception) for item in reply):
+                        # committed anyway (no rollback in MULTI): say so, naming the keys
+                        names = [*_command_keys(encoded.body), keys.offsets(consumer)]
+                        raise PartiallyAppliedError(consumer, [
+                            (names[i] if i < len(names) else f"#{i}", str(item))
+                            for i, item in enumerate(reply) if isinstance(item, Exception)])
                     self._deadlines_set.update(encoded.hash_deadlines)
                     return True
                 self.retries += 1  # another writer of this consumer's offsets came in between

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -131,3 +132,22 @@ def test_big_counts_stay_exact(any_client: redis.Redis) -> None:
     assert any_client.hget(key, fld) == str(big + 5000).encode()
     with pytest.raises(ValueError, match="negative"):
         counters.apply(CounterBatch(matches={("a@v1", "day", DAY): -1}), "s", {})
+
+
+def test_a_command_failing_inside_exec_names_its_key_and_says_the_rest_was_committed(client: redis.Redis) -> None:
+    """WRONGTYPE on one hash inside EXEC: MULTI does not roll back, so the offsets and the other
+    counts are in; the error must say which key lost its counts, and a retry is a skip."""
+    from rules_service.counters.redis_store import PartiallyAppliedError
+
+    counters = RedisCounters(client, clock=lambda: H10)
+    poisoned = keys.dimensions("a@v1", DAY)
+    client.set(poisoned, "not a hash")
+    with pytest.raises(PartiallyAppliedError, match=re.escape(poisoned)) as info:
+        counters.apply(batch_of(["u1", "u2"]), "s", {("bids", 0): 2}, {("bids", 0): 0})
+    assert {key for key, _ in info.value.failures} == {poisoned}  # one per HINCRBY of its fields
+    assert "WRONGTYPE" in info.value.failures[0][1]
+    key, fld = keys.hour_matches("a@v1", H10)
+    assert client.hget(key, fld) == b"2"  # the other counts went in, once
+    assert counters.stored_offsets("s") == {("bids", 0): 2}
+    assert not counters.apply(batch_of(["u1", "u2"]), "s", {("bids", 0): 2}, {("bids", 0): 0})
+    assert client.hget(key, fld) == b"2"
