@@ -268,14 +268,21 @@ def _raw_reader(conn: Any) -> Any:
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    """``size`` bytes (replies split across recv calls are joined); socket errors raised as
+    redis-py's own read raises them (callers catch redis' TimeoutError and ConnectionError)."""
     buf = bytearray(size)
     view = memoryview(buf)
     got = 0
-    while got < size:
-        n = sock.recv_into(view[got:])
-        if not n:
-            raise redis.exceptions.ConnectionError("connection closed by the server")
-        got += n
+    try:
+        while got < size:
+            n = sock.recv_into(view[got:])
+            if not n:
+                raise redis.exceptions.ConnectionError("connection closed by the server")
+            got += n
+    except TimeoutError as exc:  # socket.timeout
+        raise redis.exceptions.TimeoutError("timeout reading from the socket") from exc
+    except OSError as exc:
+        raise redis.exceptions.ConnectionError(f"error reading from the socket: {exc}") from exc
     return bytes(buf)
 
 

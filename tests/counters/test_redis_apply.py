@@ -151,3 +151,24 @@ def test_a_command_failing_inside_exec_names_its_key_and_says_the_rest_was_commi
     assert counters.stored_offsets("s") == {("bids", 0): 2}
     assert not counters.apply(batch_of(["u1", "u2"]), "s", {("bids", 0): 2}, {("bids", 0): 0})
     assert client.hget(key, fld) == b"2"
+
+
+def test_a_timeout_while_skimming_replies_is_redis_s_timeout_and_the_retry_counts_once(redis_url: str) -> None:
+    """The raw reply read raises what redis-py raises (callers catch redis' TimeoutError), drops the
+    connection, and the batch sent again is counted once."""
+    slow = redis.Redis.from_url(redis_url, socket_timeout=0.2)
+    admin = redis.Redis.from_url(redis_url)
+    counters = RedisCounters(slow, clock=lambda: H10)
+    try:
+        assert counters.apply(batch_of(["u0"]), "s", {("bids", 0): 1}, {("bids", 0): 0})  # connected
+        admin.execute_command("CLIENT", "PAUSE", "600", "ALL")
+        with pytest.raises(redis.exceptions.TimeoutError):
+            counters.apply(batch_of(["u1"]), "s", {("bids", 0): 2}, {("bids", 0): 1})
+        admin.execute_command("CLIENT", "UNPAUSE")
+        assert counters.apply(batch_of(["u1"]), "s", {("bids", 0): 2}, {("bids", 0): 1})
+        key, fld = keys.hour_matches("a@v1", H10)
+        assert admin.hget(key, fld) == b"2"
+    finally:
+        admin.execute_command("CLIENT", "UNPAUSE")
+        slow.close()
+        admin.close()
