@@ -45,7 +45,7 @@ from rules_service.normalize import bid_to_document, format_timestamp_ms
 from workers.bidgen import BidGenerator
 from workers.log.embedded import EmbeddedLog
 from workers.log.port import Message
-from workers.replay import ReplayRequest, ReplayScan, plan_scan
+from workers.replay import DEFAULT_BATCH_SIZE, ReplayRequest, ReplayScan, plan_scan
 from workers.topics import ensure_topic
 
 DAY_MS = 86_400_000
@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--audiences", type=int, default=100, help="audiences of the shared-scan scenario")
     parser.add_argument("--days", type=int, default=90)
-    parser.add_argument("--batch-size", type=int, default=20_000)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--scenarios", default="one,workload-one,many,worst",
                         help="comma list of: one (the bench rule), workload-one (a generate_rules rule), many "
                              "(--audiences generate_rules rules), worst (a rule without any keyword term)")

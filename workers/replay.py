@@ -83,7 +83,10 @@ __all__ = [
 #: Users last seen up to this long after a version's creation are replayed too (see module doc).
 LIVE_GRACE_MS = 60_000
 DAY_MS = 86_400_000
-DEFAULT_BATCH_SIZE = 20_000
+#: Records per batch, and so per checkpoint. A replay's counter writes touch every (rule, day) bucket
+#: of its window whatever the batch size, so bigger batches amortise them: 50,000 took ~10% less CPU
+#: than 20,000 for 100 audiences over 90 days, at ~360 MB per scanning process.
+DEFAULT_BATCH_SIZE = 50_000
 #: A raw prefilter passing more than this share of a sample is not used (its cost buys nothing).
 PREFILTER_MAX_PASS_RATE = 0.6
 #: Scans with fewer offsets left than this run in one process (starting workers costs ~1 s).
