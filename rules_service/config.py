@@ -54,6 +54,10 @@ class Settings:
     #: The flush window: polled batches are merged into one atomic counters+offsets write at most
     #: this often (ms). Longer: less Redis CPU per bid, more latency; 0 writes every batch.
     STREAM_FLUSH_MS: int = 200
+    # Replay
+    #: Processes one big replay scan is split over, by partition (0: one per usable CPU). Lower it
+    #: where replays share the machine with live streaming.
+    REPLAY_WORKERS: int = 0
     # API
     MAX_REQUEST_BYTES: int = 1_000_000
     MAX_RULE_BYTES: int = 64_000
@@ -122,6 +126,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"{ENV_PREFIX}BIDS_PARTITIONS={settings.BIDS_PARTITIONS}: must be at least 1")
     if settings.BATCH_SIZE < 1:
         raise ConfigError(f"{ENV_PREFIX}BATCH_SIZE={settings.BATCH_SIZE}: must be at least 1")
+    if settings.REPLAY_WORKERS < 0:
+        raise ConfigError(f"{ENV_PREFIX}REPLAY_WORKERS={settings.REPLAY_WORKERS}: must be 0 (one per CPU) or more")
     if not 0 <= settings.STREAM_FLUSH_MS <= 10_000:
         raise ConfigError(f"{ENV_PREFIX}STREAM_FLUSH_MS={settings.STREAM_FLUSH_MS}: must be between 0 and 10000 (ms)")
 

@@ -30,6 +30,7 @@ def test_environment_overrides_defaults_and_is_typed():
     ({"RULES_REDIS_URL": "http://x"}, "RULES_REDIS_URL"),
     ({"RULES_BATCH_SIZE": "0"}, "RULES_BATCH_SIZE"),
     ({"RULES_STREAM_FLUSH_MS": "-1"}, "RULES_STREAM_FLUSH_MS"),
+    ({"RULES_REPLAY_WORKERS": "-2"}, "RULES_REPLAY_WORKERS"),
     ({"RULES_STREAM_FLUSH_MS": "60000"}, "RULES_STREAM_FLUSH_MS"),
     ({"RULES_PERCOLATR_URL": "embedded:"}, "RULES_PERCOLATR_URL"),
 ])

@@ -8,7 +8,7 @@ One coordinator runs at a time (a Redis lock with a lease, refreshed every batch
    has no live owner, its process crashed or stopped) from the checkpoint the counters stored;
 3. *claims every pending request at once* and runs them in ONE new scan (requests that arrive
    while a scan runs are picked up by the next loop iteration, in another shared scan); a big scan
-   is split by partition over ``scan_workers`` processes (default: one per CPU; see
+   is split by partition over ``scan_workers`` processes (default ``RULES_REPLAY_WORKERS``, 0: one per CPU; see
    ``workers.replay._run_parallel``), each checkpointing its own partitions;
 4. finishes each replay: ``done`` (and, for a version that was backfilling, reads switch to it:
    :func:`workers.replay_versions.complete_version`), ``cancelled`` or ``failed``;
@@ -82,7 +82,9 @@ class ReplayCoordinator:
                  parallel_min_offsets: int = PARALLEL_MIN_OFFSETS) -> None:
         self.settings = settings
         # worker processes per scan (split by partition); they build their services from ``settings``
-        self.scan_workers = scan_workers if scan_workers is not None else _usable_cpus()
+        if scan_workers is None:
+            scan_workers = settings.REPLAY_WORKERS or _usable_cpus()
+        self.scan_workers = scan_workers
         self.parallel_min_offsets = parallel_min_offsets
         if redis is None:
             from rules_service.redis_conn import connect_redis

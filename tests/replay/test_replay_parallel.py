@@ -151,3 +151,14 @@ def test_small_scans_stay_in_process(env: Env) -> None:
         assert sorted(p for g in scan._worker_groups() for p in g) == sorted(scan.plan.ends)
     finally:
         log.close()
+
+
+def test_scan_workers_come_from_the_setting(env: Env) -> None:
+    import dataclasses
+
+    from workers.replay_coordinator import ReplayCoordinator, _usable_cpus
+
+    assert env.coordinator().scan_workers == _usable_cpus()  # RULES_REPLAY_WORKERS=0: one per CPU
+    one = dataclasses.replace(env.settings, REPLAY_WORKERS=1)
+    assert ReplayCoordinator(one, redis=env.redis, log=env.log).scan_workers == 1
+    assert ReplayCoordinator(one, redis=env.redis, log=env.log, scan_workers=3).scan_workers == 3
