@@ -131,9 +131,6 @@ class LeafTable:
         for leaf_id in leaf_ids(program):
             self.release(leaf_id)
 
-    def kind_of(self, leaf_id: int) -> int:
-        return self.kinds[leaf_id]
-
 
 def compile_program(node: Node, table: LeafTable) -> bytes:
     """The program of a rule's query tree; its leaves are acquired in ``table``."""

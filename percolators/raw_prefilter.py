@@ -113,10 +113,6 @@ TRUE: Condition = ()
 FALSE: Condition = (frozenset(),)
 
 
-def _holds(atom: Atom, value: bytes) -> bool:
-    return atom in value if isinstance(atom, bytes) else atom(value)
-
-
 def _atom_key(atom: Atom) -> tuple[int, bytes]:
     """A total order on atoms (bytes and ranges do not compare)."""
     if isinstance(atom, bytes):
