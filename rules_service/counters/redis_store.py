@@ -111,12 +111,12 @@ class _FieldBulks(dict[str, bytes]):
 
     def __init__(self, dimension: str) -> None:
         super().__init__()
-        self.prefix = dimension + "="
+        self.dimension = dimension
 
     def __missing__(self, value: str) -> bytes:
         if len(self) >= 100_000:
             self.clear()
-        bulk = self[value] = _bulk(self.prefix + value)
+        bulk = self[value] = _bulk(keys.dimension_field(self.dimension, value))
         return bulk
 
 
