@@ -85,9 +85,15 @@ DEFAULT_GROUP = "stream"
 Normaliser = Callable[[bytes, int, int], dict[str, Any]]
 #: ``aggregate(documents, matches) -> CounterBatch``.
 Aggregator = Callable[[Sequence[Mapping[str, Any]], Sequence[Sequence[str]]], CounterBatch]
-#: ``aggregate_masks(documents, rule_ids, masks) -> CounterBatch`` (bit ``i`` of ``masks[k]``:
-#: ``documents[i]`` matched ``rule_ids[k]``; documents in no mask are ignored).
-MaskAggregator = Callable[[Sequence[Mapping[str, Any]], Sequence[str], Sequence[int]], CounterBatch]
+
+
+class MaskAggregator(Protocol):
+    """``aggregate_masks(documents, rule_ids, masks, batch=None) -> CounterBatch`` (bit ``i`` of
+    ``masks[k]``: ``documents[i]`` matched ``rule_ids[k]``; documents in no mask are ignored). Given
+    a ``batch``, the updates are added to it and it is returned (an open flush window's batch)."""
+
+    def __call__(self, documents: Sequence[Mapping[str, Any]], rule_ids: Sequence[str], masks: Sequence[int],
+                 batch: CounterBatch | None = None) -> CounterBatch: ...
 
 
 class RuleSource(Protocol):
@@ -118,7 +124,6 @@ def default_mask_aggregator(dimensions: Sequence[str]) -> MaskAggregator:
             batch: CounterBatch | None = None) -> CounterBatch:
         return aggregate_masks(documents, rule_ids, masks, dimensions=dimensions, batch=batch)
 
-    run.adds_to_batch = True  # type: ignore[attr-defined]  # see StreamConsumer.process
     return run
 
 
@@ -494,12 +499,13 @@ class StreamConsumer:
                 matched_pairs += mask.bit_count()
             matched_bids = union.bit_count()
             window = self._window
-            if union and window is not None and getattr(self.aggregate_masks, "adds_to_batch", False):
-                # straight into the open window's batch (no merge: measured ~10 us per bid); if
-                # anything below fails, the whole window is dropped and read again (abandon)
-                batch = self.aggregate_masks(documents, found.rule_ids, found.masks, batch=window.batch)  # type: ignore[call-arg]
+            if union:
+                # straight into the open window's batch, if any (no merge: measured ~10 us per bid);
+                # if anything below fails, the whole window is dropped and read again (abandon)
+                batch = self.aggregate_masks(documents, found.rule_ids, found.masks,
+                                             batch=None if window is None else window.batch)
             else:
-                batch = self.aggregate_masks(documents, found.rule_ids, found.masks) if union else CounterBatch()
+                batch = CounterBatch()
         else:
             matches: list[list[str]] = []
             if documents:
