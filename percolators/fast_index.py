@@ -67,6 +67,8 @@ class FastIndexer:
                 elif spec.type == "geo_point" and not spec.ignore_malformed:
                     kind = _GEO
             self._place(path, kind, spec.type)
+        #: the plan with no postings: what :meth:`index` walks (one document, nothing posted)
+        self._unposted_plan = self._batch_plan(self.plan, {})
 
     def _place(self, path: str, kind: int | None, ftype: str) -> None:
         parts = path.split(".")
@@ -84,44 +86,12 @@ class FastIndexer:
         if type(doc) is dict:
             values: dict[str, tuple[Any, ...]] = {}
             try:
-                self._walk(doc, self.plan, values)
+                self._walk_post(doc, self._unposted_plan, values, 0)  # the batch walk, posting nothing
             except _Slow:
                 pass
             else:
                 return IndexedDoc(values, {}, frozenset(values))
         return index_document(doc, self.mapping)
-
-    def _walk(self, obj: dict[str, Any], plan: dict[str, Any], values: dict[str, tuple[Any, ...]]) -> None:
-        for key, value in obj.items():
-            entry = plan.get(key)
-            if entry is None:
-                if "." in key:
-                    raise _Slow
-                continue  # unmapped: ignored
-            kind = entry[0]
-            vtype = type(value)
-            # the common cases inline: a string in a keyword field, an int in an integer field
-            if vtype is str and kind == _KEYWORD:
-                values[entry[1]] = (value,)
-            elif kind == _OBJECT:
-                if vtype is not dict:
-                    raise _Slow
-                self._walk(value, entry[2], values)
-            elif vtype is list:
-                if not value:
-                    continue
-                if kind == _KEYWORD:
-                    for item in value:
-                        if type(item) is not str:
-                            raise _Slow
-                    values[entry[1]] = tuple(dict.fromkeys(value)) if len(value) > 1 else (value[0],)
-                else:
-                    items = [self._scalar(kind, entry, item) for item in value]
-                    values[entry[1]] = tuple(dict.fromkeys(items)) if len(items) > 1 else (items[0],)
-            elif vtype is int and kind == _INTEGER and entry[2][0] <= value <= entry[2][1]:
-                values[entry[1]] = (value,)
-            else:
-                values[entry[1]] = (self._scalar(kind, entry, value),)
 
     # ----- a whole batch, straight into postings -----------------------------------------------
     def index_batch(
@@ -226,8 +196,9 @@ class FastIndexer:
     def _walk_post(
         self, obj: dict[str, Any], plan: dict[str, Any], values: dict[str, tuple[Any, ...]], pos: int
     ) -> None:
-        """``_walk`` that also appends ``pos`` to the postings of each value it indexes (for a
-        geo field, the point). On ``_Slow``, ``values`` holds exactly what was posted."""
+        """Walk ``obj`` with ``plan`` into ``values`` (leaf path -> indexed values), appending ``pos``
+        to the postings of each value it indexes (for a geo field, the point; leaves whose posting
+        is None are not posted). On ``_Slow``, ``values`` holds exactly what was posted."""
         for key, value in obj.items():
             entry = plan.get(key)
             if entry is None:
