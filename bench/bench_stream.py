@@ -250,6 +250,8 @@ def main() -> None:
         exec_calls = command_stats.get("cmdstat_exec", {}).get("calls", 0)
         per_command = {name: round(usec / max(1, summary["processed"]), 1) for name, usec in
                        sorted(commands.items(), key=lambda item: -item[1])}
+        calls_per_bid = {name.removeprefix("cmdstat_"): round(stats["calls"] / max(1, summary["processed"]), 2)
+                         for name, stats in command_stats.items() if stats["usec"] >= 1000}
         info = redis.Redis.from_url(url).info("memory")
         emit(phase="throughput", processes=args.processes, batch_size=args.batch_size,
              bids_per_s=summary["bids_per_s"], streaming_bids_per_s=summary["streaming_bids_per_s"],
@@ -258,6 +260,7 @@ def main() -> None:
              dlq=summary["dlq"], batch_ms_p50=summary["batch_ms_p50"], batch_ms_p99=summary["batch_ms_p99"],
              stage_us_per_bid=summary["stage_us_per_bid"], stage_cpu_us_per_bid=summary.get("stage_cpu_us_per_bid"),
              writes=summary.get("writes"), redis_exec_calls=exec_calls, redis_command_us_per_bid=per_command,
+             redis_calls_per_bid=calls_per_bid,
              consumer_cpu_us_per_bid=summary.get("cpu_us_per_bid"),
              redis_cpu_us_per_bid=round(redis_cpu_s / max(1, summary["processed"]) * 1e6, 1),
              consumer_rss_mb=summary.get("rss_mb"), redis_used_mb=round(info["used_memory"] / 2**20, 1),
