@@ -29,5 +29,14 @@ setup(
             optional=True,
             extra_compile_args=_FLAGS,
         ),
+        # packs a window's counter updates into the RESP commands of its Redis write (counters.redis_store)
+        Extension(
+            "rules_service.counters._encode",
+            ["rules_service/counters/_encode.c"],
+            optional=True,
+            extra_compile_args=_FLAGS,
+        ),
+        # the happy path of turning a BidRequest into a user document (rules_service.normalize)
+        Extension("rules_service._normalize", ["rules_service/_normalize.c"], optional=True, extra_compile_args=_FLAGS),
     ],
 )
