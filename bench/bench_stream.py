@@ -48,22 +48,32 @@ def emit(**figures: Any) -> None:
     print(json.dumps(figures), flush=True)
 
 
-def start_redis(workdir: Path, extra: list[str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+def start_redis(workdir: Path, extra: list[str] | None = None, *, tcp: bool = False
+                ) -> tuple[subprocess.Popen[bytes], str]:
+    """A redis-server with the embedded one's settings (rules_service.redis_conn): a unix socket
+    and an append-only file, unless ``tcp`` (a TCP port on 127.0.0.1, like a remote server)."""
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
+    if tcp:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        listen = ["--port", str(port), "--bind", "127.0.0.1"]
+        url = f"redis://127.0.0.1:{port}/0"
+    else:
+        path = workdir / "redis.sock"  # a short path under /tmp: sun_path holds 108 bytes
+        listen = ["--port", "0", "--unixsocket", str(path), "--unixsocketperm", "700"]
+        url = f"unix://{path}?db=0"
+    proc = subprocess.Popen([binary, *listen, "--dir", str(workdir),
                              "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", *(extra or [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
+    client = redis.Redis.from_url(url)
     for _ in range(200):
         try:
             client.ping()
             break
-        except redis.ConnectionError:
+        except (redis.ConnectionError, FileNotFoundError):
             time.sleep(0.05)
-    return proc, f"redis://127.0.0.1:{port}/0"
+    return proc, url
 
 
 def rule_changes(count: int) -> list[Message]:
@@ -193,6 +203,8 @@ def main() -> None:
                         help="event-time span of the bids (default: live traffic, bids / 20000 seconds)")
     parser.add_argument("--profile", action="store_true", help="drain in this process under cProfile")
     parser.add_argument("--keep", action="store_true", help="keep the data directory")
+    parser.add_argument("--tcp", action="store_true",
+                        help="talk to redis-server over TCP on 127.0.0.1 (default: a unix socket, as the embedded server)")
     parser.add_argument("--redis-arg", action="append", default=[], metavar="ARG",
                         help="extra redis-server argument, repeatable (e.g. --redis-arg=--hll-sparse-max-bytes "
                              "--redis-arg=1000); default: the same server settings as the embedded one")
@@ -203,7 +215,7 @@ def main() -> None:
     from workers.topics import ensure_topics
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-stream-"))
-    redis_proc, url = start_redis(workdir, args.redis_arg)
+    redis_proc, url = start_redis(workdir, args.redis_arg, tcp=args.tcp)
     try:
         settings = Settings(DATA_DIR=workdir / "data", REDIS_URL=url, BIDS_PARTITIONS=args.partitions,
                             BATCH_SIZE=args.batch_size)
