@@ -204,7 +204,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="drain in this process under cProfile")
     parser.add_argument("--keep", action="store_true", help="keep the data directory")
     parser.add_argument("--tcp", action="store_true",
-                        help="talk to redis-server over TCP on 127.0.0.1 (default: a unix socket, as the embedded server)")
+                        help="use TCP on 127.0.0.1 (default: a unix socket, like the embedded server)")
     parser.add_argument("--redis-arg", action="append", default=[], metavar="ARG",
                         help="extra redis-server argument, repeatable (e.g. --redis-arg=--hll-sparse-max-bytes "
                              "--redis-arg=1000); default: the same server settings as the embedded one")
