@@ -53,6 +53,10 @@ typedef struct {
     Py_ssize_t *group_at;  /* per hour: write position while grouping */
     Py_ssize_t *counts;    /* per code: count for the current (rule, hour) */
     Py_ssize_t *touched;   /* codes with a non-zero count */
+    int32_t *dim_of;       /* per code: the number of its dimension (distinct objects of code_dims) */
+    Py_ssize_t n_dims;
+    PyObject **targets;    /* per dimension number: its dims dict of the current group, or NULL */
+    int32_t *looked_up;    /* dimension numbers with a target in the current group */
 } Ctx;
 
 /* users[key] |= uids[docs]: a new set when the key is absent (one set per key, never shared). */
@@ -78,7 +82,8 @@ static int add_users(Ctx *c, PyObject *key, const Py_ssize_t *docs, Py_ssize_t n
     return rc;
 }
 
-/* matches[key] += n */
+/* dict[key] += n. An exact int total is added in C (the usual case); anything else (a big int,
+ * a caller's float) through PyNumber_Add, as Python's ``+`` would. */
 static int add_count(PyObject *dict, PyObject *key, Py_ssize_t n) {
     PyObject *found = PyDict_GetItemWithError(dict, key); /* borrowed */
     PyObject *total;
@@ -86,12 +91,18 @@ static int add_count(PyObject *dict, PyObject *key, Py_ssize_t n) {
         if (PyErr_Occurred()) return -1;
         total = PyLong_FromSsize_t(n);
     } else {
-        PyObject *add = PyLong_FromSsize_t(n);
-        if (add == NULL) return -1;
-        Py_INCREF(found); /* a non-int total's __add__ may remove it from the dict */
-        total = PyNumber_Add(found, add);
-        Py_DECREF(found);
-        Py_DECREF(add);
+        int overflow = 0;
+        long long old = PyLong_CheckExact(found) ? PyLong_AsLongLongAndOverflow(found, &overflow) : -1;
+        if (PyLong_CheckExact(found) && !overflow && old <= PY_SSIZE_T_MAX - n && old >= PY_SSIZE_T_MIN) {
+            total = PyLong_FromSsize_t((Py_ssize_t)old + n); /* n >= 0: only the top can overflow */
+        } else {
+            PyObject *add = PyLong_FromSsize_t(n);
+            if (add == NULL) return -1;
+            Py_INCREF(found); /* a non-int total's __add__ may remove it from the dict */
+            total = PyNumber_Add(found, add);
+            Py_DECREF(found);
+            Py_DECREF(add);
+        }
     }
     if (total == NULL) return -1;
     int rc = PyDict_SetItem(dict, key, total);
@@ -103,7 +114,29 @@ static PyObject *bucket_key(PyObject *rid, PyObject *granularity, PyObject *buck
     return PyTuple_Pack(3, rid, granularity, bucket);
 }
 
-/* The counts of one (rule, hour) group: matches and dimension values. */
+/* dims[(rid, day, dimension)], created empty when absent: a new (strong) reference, or NULL. */
+static PyObject *dimension_target(Ctx *c, PyObject *rid, PyObject *day, PyObject *dimension) {
+    PyObject *dkey = PyTuple_Pack(3, rid, day, dimension);
+    if (dkey == NULL) return NULL;
+    PyObject *target = PyDict_GetItemWithError(c->dims, dkey); /* borrowed */
+    if (target == NULL) {
+        if (!PyErr_Occurred()) {
+            target = PyDict_New();
+            if (target != NULL && PyDict_SetItem(c->dims, dkey, target) < 0) Py_CLEAR(target);
+        }
+    } else if (!PyDict_Check(target)) {
+        PyErr_Format(PyExc_TypeError, "emit: dimensions[%R] is a %.100s, not a dict", dkey, Py_TYPE(target)->tp_name);
+        target = NULL;
+    } else {
+        Py_INCREF(target); /* our own reference: a value's __hash__ may drop it from dims */
+    }
+    Py_DECREF(dkey);
+    return target;
+}
+
+/* The counts of one (rule, hour) group: matches and dimension values. A group touches a few
+ * dimensions but many values (cities): each dimension's target dict is looked up once per group
+ * (dim_of[code] numbers the distinct dimensions), not once per value. */
 static int add_counts(Ctx *c, PyObject *rid, PyObject *hour_key, PyObject *day_key, PyObject *day,
                       const Py_ssize_t *docs, Py_ssize_t n) {
     if (add_count(c->matches, hour_key, n) < 0 || add_count(c->matches, day_key, n) < 0) return -1;
@@ -116,36 +149,21 @@ static int add_counts(Ctx *c, PyObject *rid, PyObject *hour_key, PyObject *day_k
         }
     }
     int rc = 0;
+    Py_ssize_t n_looked_up = 0;
     for (Py_ssize_t t = 0; t < n_touched; t++) {
         Py_ssize_t code = c->touched[t];
         Py_ssize_t count = c->counts[code];
         c->counts[code] = 0; /* ready for the next group, also on errors */
         if (rc < 0) continue;
-        PyObject *dkey = PyTuple_Pack(3, rid, day, PyTuple_GET_ITEM(c->code_dims, code));
-        if (dkey == NULL) { rc = -1; continue; }
-        PyObject *target = PyDict_GetItemWithError(c->dims, dkey); /* borrowed */
-        if (target == NULL) {
-            if (PyErr_Occurred()) { Py_DECREF(dkey); rc = -1; continue; }
-            target = PyDict_New();
-            if (target == NULL || PyDict_SetItem(c->dims, dkey, target) < 0) {
-                Py_XDECREF(target);
-                Py_DECREF(dkey);
-                rc = -1;
-                continue;
-            }
-        } else if (!PyDict_Check(target)) {
-            PyErr_Format(PyExc_TypeError, "emit: dimensions[%R] is a %.100s, not a dict", dkey,
-                         Py_TYPE(target)->tp_name);
-            Py_DECREF(dkey);
-            rc = -1;
-            continue;
-        } else {
-            Py_INCREF(target); /* our own reference: a value's __hash__ may drop it from dims */
+        PyObject **target = &c->targets[c->dim_of[code]];
+        if (*target == NULL) {
+            *target = dimension_target(c, rid, day, PyTuple_GET_ITEM(c->code_dims, code));
+            if (*target == NULL) { rc = -1; continue; }
+            c->looked_up[n_looked_up++] = c->dim_of[code];
         }
-        Py_DECREF(dkey);
-        if (add_count(target, PyTuple_GET_ITEM(c->code_values, code), count) < 0) rc = -1;
-        Py_DECREF(target);
+        if (add_count(*target, PyTuple_GET_ITEM(c->code_values, code), count) < 0) rc = -1;
     }
+    for (Py_ssize_t d = 0; d < n_looked_up; d++) Py_CLEAR(c->targets[c->looked_up[d]]);
     return rc;
 }
 
@@ -202,6 +220,26 @@ static int emit_rule(Ctx *c, PyObject *rid, const char *words, Py_ssize_t n_word
         at += c->group_len[h];
     }
     return 0;
+}
+
+/* dim_of[code]: the same number for codes whose dimension is the same object (the usual case: the
+ * caller's dimension strings). Looked for among the last few numbers only, so a caller passing a new
+ * string per code costs a lookup per code (still correct: equal keys find the same dict), not a
+ * quadratic search. */
+#define DIMS_SEARCHED 32
+static void number_dimensions(Ctx *c) {
+    c->n_dims = 0;
+    for (Py_ssize_t code = 0; code < c->n_codes; code++) {
+        PyObject *dimension = PyTuple_GET_ITEM(c->code_dims, code);
+        Py_ssize_t d = c->n_dims - 1;
+        while (d >= 0 && d >= c->n_dims - DIMS_SEARCHED && c->targets[d] != dimension) d--;
+        if (d < 0 || d < c->n_dims - DIMS_SEARCHED) {
+            d = c->n_dims++;
+            c->targets[d] = dimension; /* borrowed, only while numbering; cleared below */
+        }
+        c->dim_of[code] = (int32_t)d;
+    }
+    for (Py_ssize_t d = 0; d < c->n_dims; d++) c->targets[d] = NULL;
 }
 
 /* A tuple copy of a list argument: the lists are read while Python code (a key's __hash__ or
@@ -276,12 +314,17 @@ static PyObject *emit(PyObject *self, PyObject *args) {
     c.group_at = PyMem_New(Py_ssize_t, c.n_hours + 1);
     c.counts = PyMem_Calloc(c.n_codes + 1, sizeof(Py_ssize_t));
     c.touched = PyMem_New(Py_ssize_t, c.n_codes + 1);
+    c.dim_of = PyMem_New(int32_t, c.n_codes + 1);
+    c.looked_up = PyMem_New(int32_t, c.n_codes + 1);
+    c.targets = PyMem_Calloc(c.n_codes + 1, sizeof(PyObject *));
     c.s_hour = PyUnicode_InternFromString("hour");
     c.s_day = PyUnicode_InternFromString("day");
-    if (!c.docs || !c.group_len || !c.group_at || !c.counts || !c.touched || !c.s_hour || !c.s_day) {
+    if (!c.docs || !c.group_len || !c.group_at || !c.counts || !c.touched || !c.dim_of || !c.looked_up ||
+        !c.targets || !c.s_hour || !c.s_day) {
         if (!PyErr_Occurred()) PyErr_NoMemory();
         goto done;
     }
+    number_dimensions(&c);
     const char *words = masks.buf; /* little-endian words (checked at import), read with memcpy */
     for (Py_ssize_t k = 0; k < n_rules; k++) {
         if (emit_rule(&c, PyTuple_GET_ITEM(rule_ids, k), words + k * n_words * 8, n_words) < 0) goto done;
@@ -295,6 +338,9 @@ done:
     PyMem_Free(c.group_at);
     PyMem_Free(c.counts);
     PyMem_Free(c.touched);
+    PyMem_Free(c.dim_of);
+    PyMem_Free(c.looked_up);
+    PyMem_Free(c.targets); /* all NULL again: each group clears what it looked up */
     Py_XDECREF(c.s_hour);
     Py_XDECREF(c.s_day);
     Py_XDECREF(rule_ids);

@@ -230,3 +230,30 @@ def test_emit_into_a_batch_of_the_wrong_shape_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="not a dict"):
         _c.emit({}, {}, dims, ["r"], b"\x01" + b"\x00" * 7, 1, ["u"], b"\x00" * 4, [7200], [0], b"\x00" * 4, 1,
                 ["d"], ["v"], True)
+
+
+# ----- emit's dimension targets (one lookup per dimension and group) and its int fast path ----------------
+
+def test_emit_counts_values_of_dimensions_given_as_distinct_string_objects() -> None:
+    # codes of one dimension usually share one string object; here every code has its own (equal) one,
+    # more of them than emit searches for a shared number: every count must still land in the same dict
+    n_codes = 100
+    code_dims = ["".join(["dim", str(k % 3)]) for k in range(n_codes)]
+    code_values = [f"v{k}" for k in range(n_codes)]
+    codes = b"".join(k.to_bytes(4, "little", signed=True) for k in range(n_codes))  # one document, every code
+    dims: dict = {}
+    _c.emit({}, {}, dims, ["r", "s"], (1).to_bytes(8, "little") * 2, 1, ["u"], b"\x00" * 4, [7200], [0], codes,
+            n_codes, code_dims, code_values, True)
+    expected = {(rid, 0, f"dim{d}"): {f"v{k}": 1 for k in range(d, n_codes, 3)} for rid in "rs" for d in range(3)}
+    assert dims == expected
+
+
+def test_emit_adds_to_totals_of_any_number_type_like_python() -> None:
+    big = 2**70
+    matches: dict = {("r", "hour", 7200): big, ("r", "day", 0): 2**63 - 1}
+    dims: dict = {("r", 0, "d"): {"v": 1.5}}
+    _c.emit({}, matches, dims, ["r"], (0b11).to_bytes(8, "little"), 1, ["u", "w"], b"\x00" * 8, [7200], [0],
+            b"\x00" * 8, 1, ["d"], ["v"], True)
+    assert matches == {("r", "hour", 7200): big + 2, ("r", "day", 0): 2**63 + 1}
+    assert dims == {("r", 0, "d"): {"v": 3.5}}
+    assert type(dims[("r", 0, "d")]["v"]) is float
