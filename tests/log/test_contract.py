@@ -163,6 +163,40 @@ def test_tombstones_and_timestamps_round_trip(backend: Backend) -> None:
     consumer.close()
 
 
+def test_send_rows_is_send_batch_without_message_objects(backend: Backend) -> None:
+    topic = backend.make_topic(partitions=4)
+    producer = backend.log.producer()
+    assert producer.send_rows(topic, []) == []
+    rows: list[tuple[bytes | None, bytes | None, int | None]] = [
+        (f"user-{k}".encode(), f"{k}:{i}".encode(), 1_600_000_000_000 + i) for i in range(3) for k in range(10)]
+    rows += [(b"user-0", None, None), (None, b"no key", None), (None, b"no key either", None)]
+    acks = producer.send_rows(topic, rows)
+    assert len(acks) == len(rows)
+    for (key, _value, _ts), (partition, _offset) in zip(rows[:-2], acks[:-2], strict=True):
+        assert key is not None and partition == partition_for(key, 4)
+    assert acks[-2][0] != acks[-1][0]  # round-robin without a key
+    consumer = backend.log.consumer(None)
+    consumer.assign(backend.log.partitions(topic))
+    records = drain(consumer, len(rows))
+    got = {(r.partition, r.offset): r for r in records}
+    assert set(got) == set(acks)  # each row acknowledged at the position it was read from
+    for (key, value, ts), at in zip(rows, acks, strict=True):
+        record = got[at]
+        assert (record.key, record.value) == (key, value)
+        if backend.supports_timestamps:
+            if ts is None:  # defaults to the send time, as in send_batch
+                assert abs(record.timestamp_ms - time.time() * 1000) < 60_000
+            else:
+                assert record.timestamp_ms == ts
+    by_key: dict[bytes, list[bytes | None]] = {}
+    for r in sorted(records, key=lambda r: (r.partition, r.offset)):
+        if r.key is not None:
+            by_key.setdefault(r.key, []).append(r.value)
+    assert by_key[b"user-0"] == [b"0:0", b"0:1", b"0:2", None]  # in order within the key's partition
+    producer.close()
+    consumer.close()
+
+
 # -- offsets, seeking, lag ----------------------------------------------------------------------
 def test_offsets_seek_and_clamping(backend: Backend) -> None:
     topic = backend.make_topic()

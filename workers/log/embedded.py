@@ -697,6 +697,59 @@ def _checkpoint(conn: sqlite3.Connection, busy_timeout_ms: int) -> None:
         conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
 
 
+_Row = tuple[int, bytes | None, bytes | None, int]  # offset, key, value, ts: a partition table's row
+
+
+def _place_messages(spec: TopicSpec, messages: Sequence[Message], next_offsets: list[int],
+                    rr: Iterator[int]) -> tuple[list[list[_Row]], list[tuple[int, int]]]:
+    """Partition and number ``messages`` (advancing ``next_offsets``): each partition's rows and
+    the (partition, offset) of every message. Raises LogError on a bad partition or a missing key."""
+    n = spec.partitions
+    compact = spec.cleanup_policy == "compact"
+    now = _now_ms()
+    by_partition: list[list[_Row]] = [[] for _ in range(n)]
+    acks: list[tuple[int, int]] = []
+    ack = acks.append
+    for i, m in enumerate(messages):
+        p = m.partition
+        key = m.key
+        if p is None:
+            p = crc32(key) % n if key is not None else next(rr) % n  # == partition_for(key, n)
+        elif not 0 <= p < n:
+            raise LogError(f"topic {spec.name!r} has {n} partitions; message {i} asks for partition {p}")
+        if key is None and compact:
+            raise LogError(f"topic {spec.name!r} is compacted: message {i} has no key")
+        offset = next_offsets[p]
+        next_offsets[p] = offset + 1
+        ts = m.timestamp_ms
+        by_partition[p].append((offset, key, m.value, now if ts is None else ts))
+        ack((p, offset))
+    return by_partition, acks
+
+
+def _place_rows(spec: TopicSpec, rows: Sequence[tuple[bytes | None, bytes | None, int | None]],
+                next_offsets: list[int], rr: Iterator[int]) -> tuple[list[list[_Row]], list[tuple[int, int]]]:
+    """:func:`_place_messages` for ``(key, value, timestamp_ms)`` rows (placed by key): the
+    stream's path, with no attribute lookups nor partition checks per row."""
+    n = spec.partitions
+    now = _now_ms()
+    if spec.cleanup_policy == "compact":
+        for i, row in enumerate(rows):
+            if row[0] is None:
+                raise LogError(f"topic {spec.name!r} is compacted: message {i} has no key")
+    by_partition: list[list[_Row]] = [[] for _ in range(n)]
+    appenders = [part.append for part in by_partition]
+    acks: list[tuple[int, int]] = []
+    ack = acks.append
+    for key, value, ts in rows:
+        p = crc32(key) % n if key is not None else next(rr) % n  # == partition_for(key, n)
+        offset = next_offsets[p]
+        next_offsets[p] = offset + 1
+        appenders[p]((offset, key, value, now if ts is None else ts))
+        ack((p, offset))
+    return by_partition, acks
+
+
 class EmbeddedProducer(Producer):
     """Appends batches; one transaction per (topic, batch). Thread-safe."""
 
@@ -719,6 +772,16 @@ class EmbeddedProducer(Producer):
     def send_batch(self, topic: str, messages: Sequence[Message]) -> list[tuple[int, int]]:
         if not messages:
             return []
+        return self._send(topic, messages, None)
+
+    def send_rows(self, topic: str, rows: Sequence[tuple[bytes | None, bytes | None, int | None]]
+                  ) -> list[tuple[int, int]]:
+        if not rows:
+            return []
+        return self._send(topic, None, rows)
+
+    def _send(self, topic: str, messages: Sequence[Message] | None,
+              rows: Sequence[tuple[bytes | None, bytes | None, int | None]] | None) -> list[tuple[int, int]]:
         with self._lock:
             if self._closed:
                 raise LogError("producer is closed")
@@ -727,7 +790,7 @@ class EmbeddedProducer(Producer):
             if paused:
                 gc.disable()
             try:
-                result = self._append(handle, topic, messages)
+                result = self._append(handle, topic, messages, rows)
             finally:
                 if paused:
                     gc.enable()
@@ -764,42 +827,30 @@ class EmbeddedProducer(Producer):
         self._cleaners[topic] = thread
         thread.start()
 
-    def _append(self, handle: _Topic, topic: str, messages: Sequence[Message]) -> list[tuple[int, int]]:
+    def _append(self, handle: _Topic, topic: str, messages: Sequence[Message] | None,
+                rows: Sequence[tuple[bytes | None, bytes | None, int | None]] | None) -> list[tuple[int, int]]:
         # Hot path (150k+ msgs/s): one pass over the messages inside the write transaction,
-        # placing, numbering and building rows at once.
-        spec = handle.spec
-        n = spec.partitions
-        compact = spec.cleanup_policy == "compact"
-        now = _now_ms()
+        # placing, numbering and building rows at once; then one executemany per partition.
+        n = handle.spec.partitions
         rr = self._round_robin.get(topic)
         if rr is None:
             rr = self._round_robin[topic] = itertools.count()
         conn = handle.conn
-        acks: list[tuple[int, int]] = []
-        ack = acks.append
-        rows: dict[int, list[tuple[int, bytes | None, bytes | None, int]]] = {}
+        count = len(rows) if rows is not None else len(messages or ())
         try:
             with _write_transaction(conn):
                 appended = _now_ms()  # write time, once we hold the lock: what tombstone retention judges by
-                next_offsets = dict(conn.execute("SELECT partition, next_offset FROM partitions").fetchall())
-                for i, m in enumerate(messages):
-                    p = m.partition
-                    key = m.key
-                    if p is None:
-                        p = crc32(key) % n if key is not None else next(rr) % n  # == partition_for(key, n)
-                    elif not 0 <= p < n:
-                        raise LogError(f"topic {topic!r} has {n} partitions; message {i} asks for partition {p}")
-                    if key is None and compact:
-                        raise LogError(f"topic {topic!r} is compacted: message {i} has no key")
-                    offset = next_offsets[p]
-                    next_offsets[p] = offset + 1
-                    ts = m.timestamp_ms
-                    part_rows = rows.get(p)
-                    if part_rows is None:
-                        part_rows = rows[p] = []
-                    part_rows.append((offset, key, m.value, now if ts is None else ts))
-                    ack((p, offset))
-                for p, part_rows in rows.items():
+                next_offsets = [0] * n
+                for p, next_offset in conn.execute("SELECT partition, next_offset FROM partitions").fetchall():
+                    next_offsets[p] = next_offset
+                if rows is None:
+                    assert messages is not None
+                    by_partition, acks = _place_messages(handle.spec, messages, next_offsets, rr)
+                else:
+                    by_partition, acks = _place_rows(handle.spec, rows, next_offsets, rr)
+                for p, part_rows in enumerate(by_partition):
+                    if not part_rows:
+                        continue
                     conn.executemany(f"INSERT INTO {_table(p)} (offset, key, value, ts) VALUES (?, ?, ?, ?)",
                                      part_rows)
                     first, last = part_rows[0][0], part_rows[-1][0]
@@ -810,7 +861,7 @@ class EmbeddedProducer(Producer):
                                  "SELECT ?, ?, ?, max_ts, ? FROM partitions WHERE partition=?",
                                  (p, first, last, appended, p))
         except sqlite3.Error as exc:
-            raise LogUnavailableError(f"writing {len(messages)} messages to {topic!r} failed: {exc}") from exc
+            raise LogUnavailableError(f"writing {count} messages to {topic!r} failed: {exc}") from exc
         return acks
 
     def close(self) -> None:

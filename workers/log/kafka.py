@@ -291,6 +291,15 @@ class KafkaProducer(Producer):
         return self._client
 
     def send_batch(self, topic: str, messages: Sequence[Message]) -> list[tuple[int, int]]:
+        return self._send(topic, [(m.key, m.value, m.timestamp_ms, m.partition) for m in messages])
+
+    def send_rows(self, topic: str, rows: Sequence[tuple[bytes | None, bytes | None, int | None]]
+                  ) -> list[tuple[int, int]]:
+        return self._send(topic, [(key, value, ts, None) for key, value, ts in rows])
+
+    def _send(self, topic: str, messages: Sequence[tuple[bytes | None, bytes | None, int | None, int | None]]
+              ) -> list[tuple[int, int]]:
+        """Send (key, value, timestamp_ms, partition) rows; see send_batch."""
         if not messages:
             return []
         from kafka.errors import KafkaError, UnknownTopicOrPartitionError
@@ -300,18 +309,17 @@ class KafkaProducer(Producer):
             producer = self._producer()
             futures = []
             try:
-                for i, m in enumerate(messages):
-                    p = m.partition
+                for i, (key, value, timestamp_ms, p) in enumerate(messages):
                     if p is None:
-                        if m.key is not None:
-                            p = partition_for(m.key, n)
+                        if key is not None:
+                            p = partition_for(key, n)
                         else:
                             counter = self._round_robin.setdefault(topic, itertools.count())
                             p = next(counter) % n
                     elif not 0 <= p < n:
                         raise LogError(f"topic {topic!r} has {n} partitions; message {i} asks for partition {p}")
-                    futures.append(producer.send(topic, value=m.value, key=m.key, partition=p,
-                                                 timestamp_ms=m.timestamp_ms))
+                    futures.append(producer.send(topic, value=value, key=key, partition=p,
+                                                 timestamp_ms=timestamp_ms))
                 producer.flush(timeout=self._log.request_timeout_ms / 1000)
                 out = []
                 for future in futures:

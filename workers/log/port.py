@@ -121,6 +121,14 @@ class Producer(abc.ABC):
 
         Raises TopicNotFoundError, LogUnavailableError."""
 
+    def send_rows(self, topic: str, rows: Sequence[tuple[bytes | None, bytes | None, int | None]]
+                  ) -> list[tuple[int, int]]:
+        """``send_batch`` of one ``Message(value, key, timestamp_ms)`` per ``(key, value,
+        timestamp_ms)`` row, placed by key (round-robin without one): the same guarantees, results
+        and exceptions. For hot paths, which would otherwise build a Message per row (~0.7 us
+        each); backends override it to skip them too."""
+        return self.send_batch(topic, [Message(value=value, key=key, timestamp_ms=ts) for key, value, ts in rows])
+
     def send(self, topic: str, value: bytes | None, key: bytes | None = None,
              timestamp_ms: int | None = None) -> tuple[int, int]:
         """Append one message (a batch of one)."""
