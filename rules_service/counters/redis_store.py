@@ -61,6 +61,7 @@ those use the whole day (the range is rounded outward to days there).
 from __future__ import annotations
 
 import contextlib
+import math
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -86,7 +87,20 @@ _V = TypeVar("_V")
 #: The C loop packing sketch members (rules_service/counters/_aggregate.c), None when not built.
 _pack_members: Any = getattr(_aggregate_module, "pack_members", None)
 
-#: Pack sketch members in C when it is built (tests set this to False for the Python reference).
+
+def _load_encode() -> Any:
+    """The C twin of encode_batch's loops (rules_service/counters/_encode.c), if built."""
+    try:
+        from rules_service.counters import _encode as module  # type: ignore[attr-defined, unused-ignore]
+    except ImportError:  # pragma: no cover - not built
+        return None
+    return module
+
+
+#: The C encoder, None when not built (tests set it to None to run the pack_members path).
+_encode: Any = _load_encode()
+
+#: Encode in C when it is built (tests set this to False for the Python reference).
 USE_C = True
 
 def _bulk(value: str | bytes) -> bytes:
@@ -188,6 +202,18 @@ def _count_bulk(count: int) -> bytes:
     if count < 0:
         raise ValueError(f"negative count {count}")
     return _COUNT_BULKS[count] if count < 4096 else _bulk(str(count))
+
+
+def _cutoff(now: float) -> int | None:
+    """The integer ``c`` with ``deadline <= now`` <=> ``deadline <= c`` for every int deadline (C's
+    comparison), or None when ``now`` is not a finite number in 62 bits."""
+    if type(now) is int:
+        cutoff = now
+    elif type(now) is float and math.isfinite(now):
+        cutoff = math.floor(now)
+    else:
+        return None
+    return cutoff if -(2**62) < cutoff < 2**62 else None
 
 
 def _floor_dimension_days(
@@ -377,7 +403,6 @@ class RedisCounters(Counters):
         start_offsets: Mapping[tuple[str, int], int] | None = None,
     ) -> EncodedBatch:
         """The commands of ``batch``'s write (exposed for the benchmark and tests)."""
-        day_ret = self.day_retention_s
         encoded_offsets: list[tuple[bytes, int | None, bytes]] = []
         for (topic, partition), next_offset in offsets.items():
             start = None if start_offsets is None else start_offsets.get((topic, partition))
@@ -395,7 +420,40 @@ class RedisCounters(Counters):
         if now - self._deadlines_since >= DEADLINES_MEMORY_S:
             known.clear()
             self._deadlines_since = now
+        if USE_C and _encode is not None:
+            fast = self._encode_in_c(batch, now)
+            if fast is not None:
+                pfadds, sketch_expires, sketch_deadlines, body, n_body, hash_deadlines = fast
+                return EncodedBatch(pfadds, sketch_expires, len(sketch_deadlines), body, n_body, encoded_offsets,
+                                    sketch_deadlines, hash_deadlines)
+        return self._encode_in_python(batch, now, encoded_offsets)
 
+    def _encode_in_c(self, batch: CounterBatch, now: float) -> tuple[Any, ...] | None:
+        """encode_batch's loops in C (``_encode.c``), on the same caches; None when the batch is
+        not of the shape the C code handles (then the Python path encodes it)."""
+        cutoff = _cutoff(now)
+        if cutoff is None:
+            return None
+        result: tuple[Any, ...] | None = _encode.encode(
+            batch.users, batch.matches, batch.dimensions, cutoff, self._deadlines_set,
+            self._sketch_heads, self._sketch_head_miss, self._match_heads, self._match_head_miss,
+            self._dimension_heads, self._dimension_head_miss, self._sketch_members, self._dimension_fields,
+            self._field_cache)
+        return result
+
+    def _sketch_head_miss(self, bucket_key: tuple[str, str, int]) -> tuple[bytes, bytes, int]:
+        return self._sketch_heads.add(bucket_key, self._sketch_head(*bucket_key))
+
+    def _match_head_miss(self, bucket_key: tuple[str, str, int]) -> tuple[bytes, bytes, bytes, int]:
+        return self._match_heads.add(bucket_key, self._match_head(*bucket_key))
+
+    def _dimension_head_miss(self, rid_day: tuple[str, int]) -> tuple[bytes, bytes, int]:
+        return self._dimension_heads.add(rid_day, self._dimension_head(*rid_day))
+
+    def _encode_in_python(self, batch: CounterBatch, now: float,
+                          encoded_offsets: list[tuple[bytes, int | None, bytes]]) -> EncodedBatch:
+        """The reference of encode_batch's loops (the C path must give the same bytes)."""
+        known = self._deadlines_set
         # C path: a batch-local cache in front of the client's, so the batch's few thousand users
         # stay in the CPU caches while each is looked up ~100 times (measured: ~4x faster)
         shared = self._sketch_members
@@ -451,9 +509,7 @@ class RedisCounters(Counters):
         for (rid, day, dimension), values in dimensions.items():
             dimension_head = dimension_heads.get((rid, day))
             if dimension_head is None:
-                deadline = day - day % DAY + DAY + day_ret
-                dimension_head = dimension_heads.add((rid, day), (
-                    _bulk(keys.dimensions(rid, day)), _bulk(str(deadline)), deadline))
+                dimension_head = dimension_heads.add((rid, day), self._dimension_head(rid, day))
             if dimension_head[2] <= now:
                 continue
             entry = hashes.get(dimension_head[0])
@@ -511,11 +567,19 @@ class RedisCounters(Counters):
             raise ValueError(f"unknown granularity {granularity!r}")
         return _bulk(key), _bulk(str(expire)), _bulk(fld), expire
 
-    def _field_bulks(self, dimension: str) -> Callable[[str], bytes]:
+    def _dimension_head(self, rid: str, day: int) -> tuple[bytes, bytes, int]:
+        """(hash key, EXPIREAT bulk, deadline) of a day's dimensions hash."""
+        deadline = day - day % DAY + DAY + self.day_retention_s
+        return _bulk(keys.dimensions(rid, day)), _bulk(str(deadline)), deadline
+
+    def _field_cache(self, dimension: str) -> _FieldBulks:
         found = self._dimension_fields.get(dimension)
         if found is None:
             found = self._dimension_fields[dimension] = _FieldBulks(dimension)
-        return found.__getitem__
+        return found
+
+    def _field_bulks(self, dimension: str) -> Callable[[str], bytes]:
+        return self._field_cache(dimension).__getitem__
 
     def apply(
         self,
