@@ -406,9 +406,435 @@ done:
     return result;
 }
 
+/* ------------------------------------------------------------------ prepare: the per-document step
+ *
+ * prepare(docs, union_bytes, dimensions, paths, want_dims)
+ *     -> (uids, hour_codes, hours, doc_codes, width, code_dims, code_values) | None
+ *
+ * The per-document work of aggregate_masks before emit, for the usual batch: plain dicts (as the
+ * normaliser and orjson make them) with a str user_id and an ISO 8601 UTC last_seen of ASCII digits.
+ * Same values as the Python loop and _dimension_codes (numbering included): the user id of each
+ * document ("" when not counted), its hour code (int32, -1 when not counted), the distinct hours
+ * (sorted), and the documents x width int32 matrix of (dimension, value) codes padded with -1
+ * (b"" and 0 when there are none, or when want_dims is false), with each code's dimension and value.
+ *
+ * None means "not the usual batch, run the Python loop": a document that is not a dict (None is fine
+ * when no rule matched it), a matched document without a usable user_id or last_seen (Python raises
+ * the error naming it), a last_seen it cannot read as Python does, a Mapping that is not a dict on a
+ * dimension's path, or any exception on the way. Nothing is half done: the caller's data is only read.
+ *
+ *   docs: list or tuple; union_bytes: bit i (little-endian words) set when a rule matched docs[i];
+ *   dimensions: list of str; paths: list of tuples of str, each dimension split on ".".
+ */
+
+typedef struct {
+    int32_t *items;
+    Py_ssize_t len, cap;
+} IntVec;
+
+static int vec_push(IntVec *v, int32_t x) {
+    if (v->len == v->cap) {
+        Py_ssize_t cap = v->cap ? v->cap * 2 : 256;
+        int32_t *items = PyMem_Resize(v->items, int32_t, cap);
+        if (items == NULL) return -1;
+        v->items = items;
+        v->cap = cap;
+    }
+    v->items[v->len++] = x;
+    return 0;
+}
+
+/* Days from 1970-01-01 to y-m-01 in the proleptic Gregorian calendar (as date.toordinal()). */
+static long long days_to_month(long long y, long long m) {
+    y -= m <= 2;
+    long long era = (y >= 0 ? y : y - 399) / 400;
+    long long yoe = y - era * 400;
+    long long doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5;
+    long long doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + doe - 719468;
+}
+
+static int digits(const Py_UCS1 *s, Py_ssize_t at, Py_ssize_t n, long long *out) {
+    long long v = 0;
+    for (Py_ssize_t k = at; k < at + n; k++) {
+        if (s[k] < '0' || s[k] > '9') return -1;
+        v = v * 10 + (s[k] - '0');
+    }
+    *out = v;
+    return 0;
+}
+
+/* hour_of_last_seen() for ASCII text: 0 and *hour, or -1 for anything else (Python decides: an error,
+ * or a spelling int() accepts, like "+1" or "1_0"). Day and hour are not range-checked, as timegm. */
+static int hour_of(PyObject *text, long long *hour) {
+    if (!PyUnicode_IS_ASCII(text)) return -1;
+    const Py_UCS1 *s = PyUnicode_1BYTE_DATA(text);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    if (n < 13) return -1;
+    if (s[n - 1] != 'Z' && !(n >= 6 && memcmp(s + n - 6, "+00:00", 6) == 0)) return -1;
+    long long y, mo, d, h;
+    if (s[4] != '-' || s[7] != '-' || s[10] != 'T' || digits(s, 0, 4, &y) || digits(s, 5, 2, &mo) ||
+        digits(s, 8, 2, &d) || digits(s, 11, 2, &h))
+        return -1;
+    if (y < 1 || mo < 1 || mo > 12) return -1; /* date() refuses them */
+    *hour = ((days_to_month(y, mo) + d - 1) * 24 + h) * 3600;
+    return 0;
+}
+
+typedef struct {
+    PyObject *dims;       /* tuple of str */
+    PyObject *paths;      /* tuple of tuples of str */
+    PyObject *code_of;    /* list, per dimension: dict text -> code */
+    PyObject *code_dims, *code_values; /* lists */
+    IntVec flat;          /* every document's codes, one after the other */
+    int32_t *stamp;       /* per code: the last list that used it (a list counts each value once) */
+    Py_ssize_t stamp_cap, lists;
+} Prep;
+
+/* The value at a dimension's path (new reference), NULL with *unusual = 0 when absent, NULL with
+ * *unusual = 1 for a Mapping that is not a dict (Python's isinstance decides) or an error. */
+static PyObject *walk(PyObject *doc, PyObject *parts, int *unusual) {
+    PyObject *value = Py_NewRef(doc);
+    *unusual = 0;
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(parts); k++) {
+        PyObject *next;
+        if (PyDict_CheckExact(value)) {
+            next = PyDict_GetItemWithError(value, PyTuple_GET_ITEM(parts, k));
+            if (next == NULL && PyErr_Occurred()) *unusual = 1;
+            Py_XINCREF(next);
+        } else if (value == Py_None || PyUnicode_CheckExact(value) || PyLong_CheckExact(value) ||
+                   PyFloat_CheckExact(value) || PyBool_Check(value) || PyList_CheckExact(value) ||
+                   PyTuple_CheckExact(value)) {
+            next = NULL; /* not a Mapping: the path stops here */
+        } else {
+            next = NULL;
+            *unusual = 1;
+        }
+        Py_DECREF(value);
+        if (next == NULL) return NULL;
+        value = next;
+    }
+    if (value == Py_None) Py_CLEAR(value);
+    return value;
+}
+
+/* _field_text(): a new reference to the text of a str, bool, int or float (exact types), else NULL
+ * (an error is set only when str() failed). */
+static PyObject *field_text(PyObject *value) {
+    if (PyUnicode_CheckExact(value)) return Py_NewRef(value);
+    if (PyBool_Check(value)) return PyUnicode_FromString(value == Py_True ? "true" : "false");
+    if (PyLong_CheckExact(value) || PyFloat_CheckExact(value)) return PyObject_Str(value);
+    return NULL;
+}
+
+/* Append the code of (dimension d, text) to the flat codes, numbering a new pair; list_serial > 0:
+ * skip a code this list already gave. */
+static int push_code(Prep *p, Py_ssize_t d, PyObject *text, Py_ssize_t list_serial) {
+    PyObject *code_of = PyList_GET_ITEM(p->code_of, d);
+    PyObject *found = PyDict_GetItemWithError(code_of, text); /* borrowed */
+    Py_ssize_t code;
+    if (found != NULL) {
+        code = PyLong_AsSsize_t(found);
+    } else {
+        if (PyErr_Occurred()) return -1;
+        code = PyList_GET_SIZE(p->code_values);
+        if (code >= INT32_MAX) {
+            PyErr_SetString(PyExc_OverflowError, "prepare: too many dimension values");
+            return -1;
+        }
+        PyObject *number = PyLong_FromSsize_t(code);
+        int rc = number == NULL ? -1 : PyDict_SetItem(code_of, text, number);
+        Py_XDECREF(number);
+        if (rc < 0 || PyList_Append(p->code_dims, PyTuple_GET_ITEM(p->dims, d)) < 0 ||
+            PyList_Append(p->code_values, text) < 0)
+            return -1;
+    }
+    if (list_serial) {
+        if (code >= p->stamp_cap) {
+            Py_ssize_t cap = (code + 1) * 2;
+            int32_t *stamp = PyMem_Resize(p->stamp, int32_t, cap);
+            if (stamp == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            memset(stamp + p->stamp_cap, 0, (size_t)(cap - p->stamp_cap) * sizeof *stamp);
+            p->stamp = stamp;
+            p->stamp_cap = cap;
+        }
+        if (p->stamp[code] == list_serial) return 0;
+        p->stamp[code] = (int32_t)list_serial;
+    }
+    if (vec_push(&p->flat, (int32_t)code) < 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+/* One document's codes (the order of _dimension_codes). 0, or -1 with *unusual for a fallback. */
+static int doc_codes(Prep *p, PyObject *doc, int *unusual) {
+    for (Py_ssize_t d = 0; d < PyTuple_GET_SIZE(p->dims); d++) {
+        PyObject *value = walk(doc, PyTuple_GET_ITEM(p->paths, d), unusual);
+        if (*unusual) return -1;
+        if (value == NULL) continue;
+        int rc = 0;
+        if (PyList_CheckExact(value)) {
+            if (++p->lists == INT32_MAX) { /* stamps compare equal within one list only: start again */
+                if (p->stamp_cap) memset(p->stamp, 0, (size_t)p->stamp_cap * sizeof *p->stamp);
+                p->lists = 1;
+            }
+            PyObject *items = PyList_AsTuple(value); /* str() of an item cannot shrink it, but be sure */
+            if (items == NULL) rc = -1;
+            for (Py_ssize_t k = 0; items && k < PyTuple_GET_SIZE(items) && rc == 0; k++) {
+                PyObject *text = field_text(PyTuple_GET_ITEM(items, k));
+                if (text == NULL) {
+                    if (PyErr_Occurred()) rc = -1;
+                    continue;
+                }
+                rc = push_code(p, d, text, p->lists);
+                Py_DECREF(text);
+            }
+            Py_XDECREF(items);
+        } else {
+            PyObject *text = field_text(value);
+            if (text != NULL) {
+                rc = push_code(p, d, text, 0);
+                Py_DECREF(text);
+            } else if (PyErr_Occurred()) {
+                rc = -1;
+            }
+        }
+        Py_DECREF(value);
+        if (rc < 0) {
+            *unusual = 1;
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* The distinct hours so far (unsorted), and each document's index into them. */
+typedef struct {
+    long long *hours;
+    Py_ssize_t n, cap;
+} Hours;
+
+static Py_ssize_t hour_index(Hours *h, long long hour) {
+    for (Py_ssize_t k = h->n - 1; k >= 0; k--) /* a batch has one or two hours, the last one likely */
+        if (h->hours[k] == hour) return k;
+    if (h->n == h->cap) {
+        Py_ssize_t cap = h->cap ? h->cap * 2 : 8;
+        long long *hours = PyMem_Resize(h->hours, long long, cap);
+        if (hours == NULL) return -1;
+        h->hours = hours;
+        h->cap = cap;
+    }
+    h->hours[h->n] = hour;
+    return h->n++;
+}
+
+static int compare_hours(const void *a, const void *b) {
+    long long x = *(const long long *)a, y = *(const long long *)b;
+    return (x > y) - (x < y);
+}
+
+/* The documents x width matrix of codes padded with -1, as bytes (b"" and width 0 when empty). */
+static PyObject *code_matrix(const Prep *p, const Py_ssize_t *row_start, Py_ssize_t n_docs, Py_ssize_t *width) {
+    Py_ssize_t widest = 0;
+    for (Py_ssize_t i = 0; i < n_docs; i++)
+        if (row_start[i + 1] - row_start[i] > widest) widest = row_start[i + 1] - row_start[i];
+    *width = PyList_GET_SIZE(p->code_values) && widest ? widest : 0;
+    if (*width == 0) return PyBytes_FromStringAndSize(NULL, 0);
+    if (n_docs > PY_SSIZE_T_MAX / 4 / widest) return PyErr_NoMemory();
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n_docs * widest * 4);
+    if (out == NULL) return NULL;
+    int32_t *cells = (int32_t *)PyBytes_AS_STRING(out); /* bytes data is aligned enough for int32 */
+    for (Py_ssize_t i = 0; i < n_docs; i++) {
+        Py_ssize_t len = row_start[i + 1] - row_start[i];
+        memcpy(cells + i * widest, p->flat.items + row_start[i], (size_t)len * 4);
+        for (Py_ssize_t j = len; j < widest; j++) cells[i * widest + j] = -1;
+    }
+    return out;
+}
+
+/* Everything prepare() returns, from the per-document arrays (hour_of_doc: first-seen order). */
+static PyObject *prepared(Prep *p, PyObject *uids, const int32_t *hour_of_doc, Hours *hours,
+                          const Py_ssize_t *row_start, Py_ssize_t n_docs) {
+    Py_ssize_t n_hours = hours->n, width = 0;
+    int32_t *rank = PyMem_New(int32_t, n_hours + 1); /* first-seen index -> sorted index */
+    long long *sorted = PyMem_New(long long, n_hours + 1);
+    PyObject *hour_list = PyList_New(n_hours), *codes = NULL, *matrix = NULL, *result = NULL;
+    if (rank == NULL || sorted == NULL || hour_list == NULL) {
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        goto done;
+    }
+    if (n_hours) memcpy(sorted, hours->hours, (size_t)n_hours * sizeof *sorted);
+    qsort(sorted, (size_t)n_hours, sizeof *sorted, compare_hours);
+    for (Py_ssize_t k = 0; k < n_hours; k++) {
+        Py_ssize_t lo = 0, hi = n_hours - 1; /* distinct values: the one equal is found */
+        while (lo < hi) {
+            Py_ssize_t mid = (lo + hi) / 2;
+            if (sorted[mid] < hours->hours[k]) lo = mid + 1;
+            else hi = mid;
+        }
+        rank[k] = (int32_t)lo;
+        PyObject *hour = PyLong_FromLongLong(sorted[k]);
+        if (hour == NULL) goto done;
+        PyList_SET_ITEM(hour_list, k, hour);
+    }
+    codes = PyBytes_FromStringAndSize(NULL, n_docs * 4);
+    if (codes == NULL) goto done;
+    int32_t *out = (int32_t *)PyBytes_AS_STRING(codes);
+    for (Py_ssize_t i = 0; i < n_docs; i++) out[i] = hour_of_doc[i] < 0 ? -1 : rank[hour_of_doc[i]];
+    matrix = code_matrix(p, row_start, n_docs, &width);
+    if (matrix == NULL) goto done;
+    result = Py_BuildValue("(OOOOnOO)", uids, codes, hour_list, matrix, width, p->code_dims, p->code_values);
+done:
+    PyMem_Free(rank);
+    PyMem_Free(sorted);
+    Py_XDECREF(hour_list);
+    Py_XDECREF(codes);
+    Py_XDECREF(matrix);
+    return result;
+}
+
+/* One document: its user id into uids[i], its hour into hour_of_doc[i], its codes (want_dims).
+ * 0, or -1 with *unusual (Python decides) or with an error set. */
+static int prepare_doc(Prep *p, PyObject *doc, int counted, PyObject *keys[2], int want_dims, Hours *hours,
+                       PyObject *uids, Py_ssize_t i, int32_t *hour_of_doc, int *unusual) {
+    if (!PyDict_CheckExact(doc)) {
+        if (doc == Py_None && !counted) return 0; /* a stand-in for a rejected document */
+        *unusual = 1;
+        return -1;
+    }
+    PyObject *uid = PyDict_GetItemWithError(doc, keys[0]);
+    Py_XINCREF(uid); /* our own: a key's __eq__ in the next lookup could drop it from doc */
+    PyObject *last_seen = uid || !PyErr_Occurred() ? PyDict_GetItemWithError(doc, keys[1]) : NULL;
+    Py_XINCREF(last_seen);
+    int rc = 0;
+    long long hour;
+    if (PyErr_Occurred()) {
+        *unusual = 1;
+        rc = -1;
+    } else if (uid == NULL || !PyUnicode_CheckExact(uid) || PyUnicode_GET_LENGTH(uid) == 0 || last_seen == NULL ||
+               !PyUnicode_CheckExact(last_seen)) {
+        if (counted) { /* Python raises the error naming it */
+            *unusual = 1;
+            rc = -1;
+        }
+    } else if (hour_of(last_seen, &hour) < 0) {
+        *unusual = 1; /* Python raises, or reads a spelling we do not */
+        rc = -1;
+    } else {
+        Py_ssize_t k = hour_index(hours, hour);
+        if (k < 0) {
+            PyErr_NoMemory();
+            rc = -1;
+        } else {
+            hour_of_doc[i] = (int32_t)k;
+            PyList_SetItem(uids, i, Py_NewRef(uid)); /* drops the placeholder */
+            if (want_dims) rc = doc_codes(p, doc, unusual);
+        }
+    }
+    Py_XDECREF(uid);
+    Py_XDECREF(last_seen);
+    return rc;
+}
+
+static PyObject *prepare(PyObject *self, PyObject *args) {
+    PyObject *doc_seq, *dim_list, *path_list;
+    Py_buffer uni;
+    int want_dims;
+    if (!PyArg_ParseTuple(args, "Oy*O!O!p:prepare", &doc_seq, &uni, &PyList_Type, &dim_list, &PyList_Type,
+                          &path_list, &want_dims))
+        return NULL;
+    Prep p;
+    memset(&p, 0, sizeof p);
+    Hours hours = {0};
+    PyObject *docs = NULL, *uids = NULL, *empty = NULL, *result = NULL, *keys[2] = {NULL, NULL};
+    Py_ssize_t *row_start = NULL, n_docs = 0;
+    int32_t *hour_of_doc = NULL;
+    int unusual = 0;
+    if (!PyList_CheckExact(doc_seq) && !PyTuple_CheckExact(doc_seq)) {
+        unusual = 1;
+        goto done;
+    }
+    docs = PySequence_Tuple(doc_seq); /* a copy: Python code (a key's __eq__) must not shrink it */
+    p.dims = docs ? PyList_AsTuple(dim_list) : NULL;
+    p.paths = p.dims ? PyList_AsTuple(path_list) : NULL;
+    if (p.paths == NULL) goto done;
+    n_docs = PyTuple_GET_SIZE(docs);
+    Py_ssize_t n_dims = PyTuple_GET_SIZE(p.dims);
+    if (uni.len % 8 || uni.len / 8 != (n_docs + 63) / 64 || PyTuple_GET_SIZE(p.paths) != n_dims) {
+        PyErr_SetString(PyExc_ValueError, "prepare: inconsistent sizes");
+        goto done;
+    }
+    for (Py_ssize_t d = 0; d < n_dims; d++) {
+        PyObject *parts = PyTuple_GET_ITEM(p.paths, d);
+        if (!PyTuple_CheckExact(parts) || PyTuple_GET_SIZE(parts) == 0) {
+            PyErr_SetString(PyExc_TypeError, "prepare: a path is not a non-empty tuple");
+            goto done;
+        }
+    }
+    uids = PyList_New(n_docs);
+    empty = PyUnicode_FromStringAndSize(NULL, 0);
+    keys[0] = PyUnicode_InternFromString("user_id");
+    keys[1] = PyUnicode_InternFromString("last_seen");
+    p.code_of = PyList_New(n_dims);
+    p.code_dims = PyList_New(0);
+    p.code_values = PyList_New(0);
+    row_start = PyMem_New(Py_ssize_t, n_docs + 1);
+    hour_of_doc = PyMem_New(int32_t, n_docs + 1);
+    if (!uids || !empty || !keys[0] || !keys[1] || !p.code_of || !p.code_dims || !p.code_values || !row_start ||
+        !hour_of_doc) {
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n_docs; i++) PyList_SET_ITEM(uids, i, Py_NewRef(empty));
+    for (Py_ssize_t d = 0; d < n_dims; d++) {
+        PyObject *code_of = PyDict_New();
+        if (code_of == NULL) goto done;
+        PyList_SET_ITEM(p.code_of, d, code_of);
+    }
+    const unsigned char *matched = uni.buf; /* little-endian words: document i is byte i / 8, bit i % 8 */
+    for (Py_ssize_t i = 0; i < n_docs; i++) {
+        row_start[i] = p.flat.len;
+        hour_of_doc[i] = -1;
+        if (prepare_doc(&p, PyTuple_GET_ITEM(docs, i), (matched[i / 8] >> (i % 8)) & 1, keys, want_dims, &hours,
+                        uids, i, hour_of_doc, &unusual) < 0)
+            goto done;
+    }
+    row_start[n_docs] = p.flat.len;
+    result = prepared(&p, uids, hour_of_doc, &hours, row_start, n_docs);
+done:
+    if (unusual) { /* not an error: the caller runs the Python loop, which raises or reads it */
+        PyErr_Clear();
+        Py_CLEAR(result);
+        result = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&uni);
+    Py_XDECREF(docs);
+    Py_XDECREF(uids);
+    Py_XDECREF(empty);
+    Py_XDECREF(keys[0]);
+    Py_XDECREF(keys[1]);
+    Py_XDECREF(p.dims);
+    Py_XDECREF(p.paths);
+    Py_XDECREF(p.code_of);
+    Py_XDECREF(p.code_dims);
+    Py_XDECREF(p.code_values);
+    PyMem_Free(p.flat.items);
+    PyMem_Free(p.stamp);
+    PyMem_Free(hours.hours);
+    PyMem_Free(row_start);
+    PyMem_Free(hour_of_doc);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"pack_members", pack_members, METH_VARARGS, "Concatenate the cached bytes of each member (see the module)."},
     {"emit", emit, METH_VARARGS, "Fill a CounterBatch's dicts from per-rule document masks (see the module)."},
+    {"prepare", prepare, METH_VARARGS, "The per-document step of aggregate_masks for plain dicts, or None."},
     {NULL, NULL, 0, NULL},
 };
 

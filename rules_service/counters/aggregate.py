@@ -288,48 +288,22 @@ def _aggregate_masks(docs: Sequence[Mapping[str, Any]], rule_ids: Sequence[str],
     if union >> size:
         raise ValueError(f"a mask has bits beyond the {size} documents")
 
-    user_ids: list[str] = []
-    hours: list[int] = []
-    for i, doc in enumerate(docs):
-        uid = doc.get("user_id") if isinstance(doc, Mapping) else None
-        last_seen = doc.get("last_seen") if isinstance(doc, Mapping) else None
-        if type(uid) is not str or not uid or type(last_seen) is not str:
-            if not (union >> i) & 1:  # not matched by any rule: ignored
-                user_ids.append("")
-                hours.append(-1)
-                continue
-            if type(uid) is not str or not uid:
-                raise ValueError(f"document without a user_id: {doc!r:.200}")
-            raise ValueError(f"document of user {uid!r} without a last_seen time")
-        user_ids.append(uid)
-        hours.append(hour_of_last_seen(last_seen))
-    distinct_hours = sorted(set(hours) - {-1})
-    hour_code = {h: k for k, h in enumerate(distinct_hours)}
-    codes_of_hour = np.fromiter((hour_code.get(h, -1) for h in hours), dtype=np.int64, count=size)
-
-    # per document, its (dimension, value) codes: a padded matrix, code ``n_codes`` = nothing
-    want_dims = count_matches and bool(dimensions)
-    pair_of_code: list[tuple[str, str]] = []
-    doc_codes = None
-    if want_dims:
-        rows, pair_of_code = _dimension_codes(docs, hours, dimensions)
-        widest = max(map(len, rows), default=0)
-        n_codes = len(pair_of_code)
-        if n_codes and widest:
-            doc_codes = np.full((size, widest), n_codes, dtype=np.int64)
-            if all(len(row) == widest for row in rows):  # the usual case: every document has every dimension
-                doc_codes[:] = rows
-            else:
-                for i, row in enumerate(rows):
-                    if row:
-                        doc_codes[i, : len(row)] = row
-
-    # the rule x word matrix of the masks (64 documents per little-endian word), in rule chunks
     n_words = (size + 63) // 64
-    width = n_words * 8
+    want_dims = count_matches and bool(dimensions)
     if USE_C and _aggregate is not None:
-        _emit_c(out, live, n_words, user_ids, codes_of_hour, distinct_hours, doc_codes, pair_of_code, count_matches)
+        paths = [tuple(dimension.split(".")) for dimension in dimensions]
+        prepared = _aggregate.prepare(docs, union.to_bytes(n_words * 8, "little"), list(dimensions), paths,
+                                      want_dims)
+        if prepared is None:  # an unusual batch (see _aggregate.c): the Python twin reads it, or raises
+            prepared = _prepared_for_c(*_prepare(docs, union, dimensions, want_dims))
+        uids, hour_codes, hours, codes, code_width, code_dims, code_values = prepared
+        _emit_c(out, live, n_words, uids, hour_codes, hours, codes, code_width, code_dims, code_values,
+                count_matches)
         return out
+
+    user_ids, codes_of_hour, distinct_hours, doc_codes, pair_of_code = _prepare(docs, union, dimensions, want_dims)
+    # the rule x word matrix of the masks (64 documents per little-endian word), in rule chunks
+    width = n_words * 8
     uid_array = np.array(user_ids, dtype=object)
     rules_per_chunk = max(1, _WORDS_PER_CHUNK // n_words)
     hour_words = None
@@ -356,25 +330,82 @@ def _aggregate_masks(docs: Sequence[Mapping[str, Any]], rule_ids: Sequence[str],
     return out
 
 
-def _emit_c(out: CounterBatch, live: Sequence[tuple[str, int]], n_words: int, user_ids: list[str],
-            codes_of_hour: Any, distinct_hours: Sequence[int], doc_codes: Any,
-            pair_of_code: Sequence[tuple[str, str]], count_matches: bool) -> None:
-    """The per-(rule, document) work of aggregate_masks in C (see ``_aggregate.c``); same result as
-    the numpy + Python path below it."""
+def _prepare(docs: Sequence[Any], union: int, dimensions: Sequence[str], want_dims: bool
+             ) -> tuple[list[str], Any, list[int], Any, list[tuple[str, str]]]:
+    """The per-document step of aggregate_masks (the reference of ``_aggregate.prepare``): each
+    document's user id ("" when no rule matched it and it has none), the code of its event hour among
+    the sorted distinct hours (-1: not counted), and its (dimension, value) codes as a padded matrix
+    (code ``len(pair_of_code)`` = nothing; None when no document has any). Raises ValueError for a
+    matched document without a usable ``user_id`` or ``last_seen``."""
     import numpy as np
 
-    width = n_words * 8
-    masks = b"".join(mask.to_bytes(width, "little") for _, mask in live)
+    user_ids: list[str] = []
+    hours: list[int] = []
+    for i, doc in enumerate(docs):
+        uid = doc.get("user_id") if isinstance(doc, Mapping) else None
+        last_seen = doc.get("last_seen") if isinstance(doc, Mapping) else None
+        if type(uid) is not str or not uid or type(last_seen) is not str:
+            if not (union >> i) & 1:  # not matched by any rule: ignored
+                user_ids.append("")
+                hours.append(-1)
+                continue
+            if type(uid) is not str or not uid:
+                raise ValueError(f"document without a user_id: {doc!r:.200}")
+            raise ValueError(f"document of user {uid!r} without a last_seen time")
+        user_ids.append(uid)
+        hours.append(hour_of_last_seen(last_seen))
+    size = len(user_ids)
+    distinct_hours = sorted(set(hours) - {-1})
+    hour_code = {h: k for k, h in enumerate(distinct_hours)}
+    codes_of_hour = np.fromiter((hour_code.get(h, -1) for h in hours), dtype=np.int64, count=size)
+
+    # per document, its (dimension, value) codes: a padded matrix, code ``n_codes`` = nothing
+    pair_of_code: list[tuple[str, str]] = []
+    doc_codes = None
+    if want_dims:
+        rows, pair_of_code = _dimension_codes(docs, hours, dimensions)
+        widest = max(map(len, rows), default=0)
+        n_codes = len(pair_of_code)
+        if n_codes and widest:
+            doc_codes = np.full((size, widest), n_codes, dtype=np.int64)
+            if all(len(row) == widest for row in rows):  # the usual case: every document has every dimension
+                doc_codes[:] = rows
+            else:
+                for i, row in enumerate(rows):
+                    if row:
+                        doc_codes[i, : len(row)] = row
+    return user_ids, codes_of_hour, distinct_hours, doc_codes, pair_of_code
+
+
+def _prepared_for_c(user_ids: list[str], codes_of_hour: Any, distinct_hours: list[int], doc_codes: Any,
+                    pair_of_code: list[tuple[str, str]]) -> tuple[list[str], bytes, list[int], bytes, int, list[str],
+                                                                  list[str]]:
+    """:func:`_prepare`'s result in the shape ``_aggregate.prepare`` returns and ``_aggregate.emit``
+    reads: int32 bytes, codes padded with -1 (b"" and width 0 without codes), dimensions and values
+    of the codes as two lists."""
+    import numpy as np
+
     if doc_codes is None:
         codes, code_width = b"", 0
-    else:  # the Python path pads with ``len(pair_of_code)`` ("no value"), C with -1
+    else:
         padded = np.where(doc_codes == len(pair_of_code), -1, doc_codes).astype(np.int32)
-        codes, code_width = padded.tobytes(), padded.shape[1]
+        codes, code_width = padded.tobytes(), int(padded.shape[1])
+    return (user_ids, codes_of_hour.astype(np.int32).tobytes(), distinct_hours, codes, code_width,
+            [d for d, _ in pair_of_code], [v for _, v in pair_of_code])
+
+
+def _emit_c(out: CounterBatch, live: Sequence[tuple[str, int]], n_words: int, user_ids: list[str],
+            hour_codes: bytes, distinct_hours: list[int], codes: bytes, code_width: int, code_dims: list[str],
+            code_values: list[str], count_matches: bool) -> None:
+    """The per-(rule, document) work of aggregate_masks in C (see ``_aggregate.c``); same result as
+    the numpy + Python path. ``hour_codes`` and ``codes`` are int32 bytes, codes padded with -1."""
+    width = n_words * 8
+    masks = b"".join(mask.to_bytes(width, "little") for _, mask in live)
     assert _aggregate is not None
     _aggregate.emit(
-        out.users, out.matches, out.dimensions, [rid for rid, _ in live], masks, n_words, user_ids,
-        codes_of_hour.astype(np.int32).tobytes(), list(distinct_hours), [h - h % DAY for h in distinct_hours],
-        codes, code_width, [d for d, _ in pair_of_code], [v for _, v in pair_of_code], count_matches)
+        out.users, out.matches, out.dimensions, [rid for rid, _ in live], masks, n_words, user_ids, hour_codes,
+        distinct_hours, [h - h % DAY for h in distinct_hours], codes, code_width, code_dims, code_values,
+        count_matches)
 
 
 def _dimension_codes(docs: Sequence[Any], hours: Sequence[int], dimensions: Sequence[str]
