@@ -245,7 +245,7 @@ def main() -> None:
             summary.pop("e2e_hist", None)
             summary.pop("batch_hist", None)
             emit(phase="profile", **summary)
-            pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(35)
+            pstats.Stats(profiler, stream=sys.stderr).sort_stats(os.environ.get("BENCH_PROFILE_SORT", "cumulative")).print_stats(35)
             return
 
         redis_cpu = redis.Redis.from_url(url).info("cpu")

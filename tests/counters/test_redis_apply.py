@@ -172,3 +172,38 @@ def test_a_timeout_while_skimming_replies_is_redis_s_timeout_and_the_retry_count
         admin.execute_command("CLIENT", "UNPAUSE")
         slow.close()
         admin.close()
+
+
+def _wide_batch(rules: int) -> CounterBatch:
+    """~30 fields per rule, like a stream window: EXEC answers tens of thousands of integers."""
+    dimensions = {(f"r{i}@v1", DAY, "geo.city"): {f"city-{j}": i + j + 1 for j in range(28)} for i in range(rules)}
+    matches = {(f"r{i}@v1", "hour", H10): i + 1 for i in range(rules)}
+    return CounterBatch(matches=matches, dimensions=dimensions)
+
+
+def test_a_long_exec_reply_is_read_whole_across_many_reads(client: redis.Redis) -> None:
+    """EXEC's reply to ~60,000 commands arrives over many socket reads and is checked raw: every
+    count lands once, and the connection is left clean for the next write."""
+    counters = RedisCounters(client, clock=lambda: H10)
+    assert counters.apply(_wide_batch(2000), "s", {("bids", 0): 10}, {("bids", 0): 0})
+    assert counters.apply(_wide_batch(2000), "s", {("bids", 0): 20}, {("bids", 0): 10})
+    assert client.hget(keys.dimensions("r1999@v1", DAY), "geo.city=city-27") == str(2 * (1999 + 27 + 1)).encode()
+    key, fld = keys.hour_matches("r7@v1", H10)
+    assert client.hget(key, fld) == b"16"
+    assert counters.stored_offsets("s") == {("bids", 0): 20}
+
+
+def test_an_error_deep_in_a_long_exec_reply_is_found(client: redis.Redis) -> None:
+    """One WRONGTYPE among ~60,000 integer replies (in the middle, on no read boundary we chose):
+    the raw check hands the reply to the parser, which names the key."""
+    from rules_service.counters.redis_store import PartiallyAppliedError
+
+    counters = RedisCounters(client, clock=lambda: H10)
+    poisoned = keys.dimensions("r1234@v1", DAY)
+    client.set(poisoned, "not a hash")
+    with pytest.raises(PartiallyAppliedError, match=re.escape(poisoned)) as info:
+        counters.apply(_wide_batch(2000), "s", {("bids", 0): 10}, {("bids", 0): 0})
+    assert {key for key, _ in info.value.failures} == {poisoned}
+    assert counters.stored_offsets("s") == {("bids", 0): 10}
+    assert client.hget(keys.dimensions("r1999@v1", DAY), "geo.city=city-27") == str(1999 + 27 + 1).encode()
+    assert client.ping()  # nothing of the reply left unread on the connection
