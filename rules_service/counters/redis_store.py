@@ -48,7 +48,11 @@ negligible (~n^2 / 2^65). Every sketch is written through this class, so all of 
 
 Encoding: the commands are packed here as RESP (no per-argument work in redis-py); a member's
 bulk string is cached per client, so a user matched by 50 rules is encoded once, and a bucket's
-key, deadline and field bulks are computed once per client.
+key, deadline and field bulks are computed once per client. The per-entry loops run in C when
+``rules_service.counters._encode`` is built (``_encode.c``: members found by object identity,
+every HINCRBY written into one body; ~2.5x less CPU on a stream window), reading and filling the
+same caches; the Python code stays the reference (``USE_C = False`` forces it) and takes over any
+batch outside the C code's shape (non-int or negative counts, dimension days not at midnight...).
 
 Reads
 -----
