@@ -31,7 +31,10 @@ A batch that fails discards the whole window (its counts were merged in); the ca
 the stored offsets and reads it again (``abandon``).
 
 On start each partition is positioned at the offset stored with the counters, else the log's
-committed offset, else the beginning.
+committed offset, else the beginning. If the counter store goes back in time while the consumer
+runs (restored from an older snapshot, a failover to a lagging replica), the next write finds the
+stored offsets behind what it stored (``CountersRolledBackError``): the consumer drops its window
+and rewinds to the stored offsets, so the records in between are counted again, once.
 
 Dead letters are counted per reason in the same atomic step, as a day-bucketed breakdown of the
 pseudo rule id :data:`DLQ_COUNTER_ID` (dimension ``category``, see :func:`dead_letter_category`),
@@ -66,13 +69,15 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
     from percolators.errors import PercolatorUnavailableError
+    from rules_service.counters.port import CountersRolledBackError
     from workers.log.port import LogUnavailableError
 
     return (RedisConnectionError, RedisTimeoutError, PercolatorUnavailableError, LogUnavailableError,
-            ConnectionError, TimeoutError)
+            ConnectionError, TimeoutError, CountersRolledBackError)
 
 
-#: Errors after which a batch is retried (a backend is down for a while), not fatal.
+#: Errors after which a batch is retried (a backend is down for a while; the counter store went
+#: back to older offsets, e.g. restored from a snapshot: the rewind reads from there), not fatal.
 TRANSIENT_ERRORS = _transient_errors()
 
 #: Pseudo rule id under which dead letters are counted (day buckets, dimension ``category``).

@@ -40,6 +40,23 @@ class SeriesPoint:
     matches: int
 
 
+class CountersRolledBackError(Exception):
+    """The stored offsets of a partition are behind what this writer stored there last: the store
+    lost writes it had acknowledged (restored from a backup or an older snapshot, a failover to a
+    replica that lagged, the last second of an append-only file after a crash), or someone reset
+    them. Counts and offsets went back together, so nothing is wrong with what is stored; but the
+    records between the stored offsets and the writer's position are not counted any more. The
+    writer must drop what it holds, rewind to :meth:`Counters.stored_offsets` and read them again
+    (the stream consumer does). Nothing of the batch was written."""
+
+    def __init__(self, consumer: str, behind: dict[str, tuple[int | None, int]]) -> None:
+        self.consumer = consumer
+        self.behind = behind  # offsets field -> (stored now, stored by this writer last)
+        shown = ", ".join(f"{name}: {stored} < {last}" for name, (stored, last) in sorted(behind.items()))
+        super().__init__(f"the stored offsets of {consumer!r} went back ({shown}): the counter store lost "
+                         "acknowledged writes or was reset; rewind to the stored offsets and read again")
+
+
 class Counters(abc.ABC):
     """Counter store.
 
@@ -47,7 +64,8 @@ class Counters(abc.ABC):
     one atomic step, and skips the whole batch when the stored offsets show it was already
     applied (a worker that crashed after writing and before committing to the log re-reads the
     same records and must not count them twice). The offsets stored here are the source of truth
-    for where a stream consumer resumes.
+    for where a stream consumer resumes. A store that lost acknowledged writes (offsets behind
+    what the same writer stored) makes :meth:`apply` raise :class:`CountersRolledBackError`.
     """
 
     @abc.abstractmethod
@@ -56,7 +74,9 @@ class Counters(abc.ABC):
         """Atomically add ``batch`` and store ``offsets`` (next offset per (topic, partition)) for
         ``consumer``. ``start_offsets`` are the first offsets the batch covers: if the stored
         offset of any partition is beyond its start offset, the batch was already applied and
-        nothing is written. Returns True when written."""
+        nothing is written. Returns True when written. Raises :class:`CountersRolledBackError`,
+        writing nothing, when a partition's stored offset is behind the one this object stored
+        there last."""
 
     @abc.abstractmethod
     def stored_offsets(self, consumer: str) -> dict[tuple[str, int], int]:

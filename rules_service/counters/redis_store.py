@@ -7,16 +7,21 @@ string.format and unpack were ~1/3 of its Redis CPU), in two round trips:
 
 1. a native multi-element ``PFADD`` per HyperLogLog key (idempotent, so outside the exactly-once
    check: a batch sent again after a crash adds the same users again, which changes nothing),
-   ``EXPIREAT`` for the new sketches, then ``WATCH o:<consumer>`` and ``HMGET`` of the batch's
-   partitions in the consumer's offsets hash (field ``<topic>:<partition>`` -> next offset). If any
-   stored offset is beyond its start offset (compared exactly, as integers) the batch was already
-   applied: ``UNWATCH``, nothing is counted, ``apply`` returns False.
+   ``EXPIREAT`` for the new sketches, then ``WATCH`` of the batch's partitions' fence keys
+   (``o:<consumer>|<topic>:<partition>``, see ``keys``) and ``HMGET`` of their offsets in the
+   consumer's offsets hash (field ``<topic>:<partition>`` -> next offset). If any stored offset is
+   beyond its start offset (compared exactly, as integers) the batch was already applied:
+   ``UNWATCH``, nothing is counted, ``apply`` returns False. If one is behind the offset this object
+   stored there last, the store lost acknowledged writes (a restore, a lagging replica, the AOF's
+   last second): nothing is written and :class:`CountersRolledBackError` says so (the stream
+   rewinds to the stored offsets and counts those records again).
 2. ``MULTI``, one ``HINCRBY`` per hash field (``encode_batch`` merges buckets naming the same
    field), ``EXPIREAT`` of the new hashes (after their HINCRBYs: EXPIREAT on a missing key does
-   nothing), ``HSET`` of the new offsets, ``EXEC``. ``EXEC`` answers nil when the offsets hash
-   changed since the WATCH: another writer of the same consumer name (the stream's processes share
-   one, each with its own partitions) came in between, so the check is run again and the
-   transaction re-sent (``retries`` counts them; :data:`MAX_ATTEMPTS` in a row raise WatchError).
+   nothing), ``HSET`` of the new offsets and ``MSET`` of their fences, ``EXEC``. ``EXEC`` answers
+   nil when a fence changed since the WATCH: another writer of the same partition came in between,
+   so the check is run again and the transaction re-sent (``retries`` counts them;
+   :data:`MAX_ATTEMPTS` in a row raise WatchError). Writers of other partitions of the same
+   consumer (the stream's processes) touch other fences and do not interfere.
 
 A batch without start offsets is not checked: everything goes in one round trip. MULTI/EXEC is
 atomic on the server and written to the AOF as one block (a truncated block is dropped on load),
@@ -79,7 +84,7 @@ import redis
 from rules_service.counters import keys
 from rules_service.counters.aggregate import _aggregate as _aggregate_module
 from rules_service.counters.keys import DAY, HOUR
-from rules_service.counters.port import CounterBatch, Counters, Granularity, SeriesPoint
+from rules_service.counters.port import CounterBatch, Counters, CountersRolledBackError, Granularity, SeriesPoint
 
 __all__ = ["EncodedBatch", "PartiallyAppliedError", "RedisCounters"]
 
@@ -280,9 +285,9 @@ def _int(raw: Any) -> int:
     return int(raw) if raw is not None else 0
 
 
-def _beyond(stored: Any, start: int) -> bool:
-    """A stored offset (a decimal string) beyond a batch's start offset: exact, any size."""
-    return int(stored) > start
+def _beyond(stored: int, start: int) -> bool:
+    """A stored offset beyond a batch's start offset: the batch was applied already."""
+    return stored > start
 
 
 def _raw_reader(conn: Any) -> Any:
@@ -433,6 +438,9 @@ class RedisCounters(Counters):
         self._deadlines_since = clock()
         #: transactions retried because another writer changed the offsets hash (WATCH)
         self.retries = 0
+        # (consumer, offsets field bulk) -> the next offset this object stored there last: stored
+        # offsets behind it mean the store lost acknowledged writes (CountersRolledBackError)
+        self._last_stored: dict[tuple[str, bytes], int] = {}
 
     @classmethod
     def from_settings(cls, client: redis.Redis, settings: Any) -> RedisCounters:
@@ -642,20 +650,26 @@ class RedisCounters(Counters):
 
     def apply_encoded(self, encoded: EncodedBatch, consumer: str) -> bool:
         """Write an :class:`EncodedBatch`: True when written, False when the stored offsets show
-        it was already applied."""
+        it was already applied; :class:`CountersRolledBackError` when they went back."""
         okey = _bulk(keys.offsets(consumer))
         checks = [(field, start) for field, start, _ in encoded.offsets if start is not None]
+        fences = {field: _bulk(keys.offset_fence(consumer, field.split(b"\r\n", 2)[1].decode()))
+                  for field, _, _ in encoded.offsets}
         transaction = [_MULTI, encoded.body]
         queued = encoded.n_body
         if encoded.offsets:
             transaction.append(b"*%d\r\n$4\r\nHSET\r\n%s" % (2 + 2 * len(encoded.offsets), okey))
             transaction += [field + next_bulk for field, _, next_bulk in encoded.offsets]
-            queued += 1
+            transaction.append(b"*%d\r\n$4\r\nMSET\r\n" % (1 + 2 * len(encoded.offsets)))
+            transaction += [fences[field] + next_bulk for field, _, next_bulk in encoded.offsets]
+            queued += 2
         transaction.append(_EXEC)
         check = b""
         if checks:
-            check = b"*2\r\n$5\r\nWATCH\r\n%s*%d\r\n$5\r\nHMGET\r\n%s%s" % (
-                okey, 2 + len(checks), okey, b"".join(field for field, _ in checks))
+            check = b"*%d\r\n$5\r\nWATCH\r\n%s*%d\r\n$5\r\nHMGET\r\n%s%s" % (
+                1 + len(checks), b"".join(fences[field] for field, _ in checks),
+                2 + len(checks), okey, b"".join(field for field, _ in checks))
+        last = self._last_stored
         pool = self.client.connection_pool
         conn = pool.get_connection()
         try:
@@ -675,26 +689,41 @@ class RedisCounters(Counters):
                     if attempt:
                         conn.send_packed_command([check])
                     conn.read_response()  # WATCH: OK
-                    stored = conn.read_response()
+                    stored = [None if value is None else int(value) for value in conn.read_response()]
+                    behind = {field: (value, last[consumer, field])
+                              for value, (field, _) in zip(stored, checks, strict=True)
+                              if (consumer, field) in last and (value is None or value < last[consumer, field])}
+                    if behind:
+                        conn.send_packed_command([_UNWATCH])
+                        conn.read_response()
+                        for field in behind:  # the rewound writer starts from what is stored
+                            del last[consumer, field]
+                        raise CountersRolledBackError(consumer, {
+                            field.split(b"\r\n", 2)[1].decode(): values for field, values in behind.items()})
                     if any(value is not None and _beyond(value, start)
                            for value, (_, start) in zip(stored, checks, strict=True)):
                         conn.send_packed_command([_UNWATCH])
                         conn.read_response()
+                        for value, (field, _) in zip(stored, checks, strict=True):
+                            if value is not None:
+                                last[consumer, field] = value
                         return False
                     # round trip 2: the counts and offsets, applied only if the offsets did not change
                     conn.send_packed_command([b"".join(transaction)])
                 _read_queued(conn, queued)
                 reply = _read_exec(conn, queued)
                 if reply is not None:
+                    for field, _, next_bulk in encoded.offsets:  # committed, even with the errors below
+                        last[consumer, field] = int(next_bulk.split(b"\r\n", 2)[1])
                     if reply is not True and any(isinstance(item, Exception) for item in reply):
                         # committed anyway (no rollback in MULTI): say so, naming the keys
-                        names = [*_command_keys(encoded.body), keys.offsets(consumer)]
+                        names = [*_command_keys(encoded.body), keys.offsets(consumer), "offset fences"]
                         raise PartiallyAppliedError(consumer, [
                             (names[i] if i < len(names) else f"#{i}", str(item))
                             for i, item in enumerate(reply) if isinstance(item, Exception)])
                     self._deadlines_set.update(encoded.hash_deadlines)
                     return True
-                self.retries += 1  # another writer of this consumer's offsets came in between
+                self.retries += 1  # another writer of these partitions' offsets came in between
             raise redis.exceptions.WatchError(
                 f"offsets of {consumer!r} changed under {MAX_ATTEMPTS} attempts in a row (another writer?)")
         except BaseException:
@@ -712,8 +741,12 @@ class RedisCounters(Counters):
         return out
 
     def delete_offsets(self, consumer: str) -> None:
-        """Forget a consumer's offsets (a finished or cancelled replay)."""
-        self.client.delete(keys.offsets(consumer))
+        """Forget a consumer's offsets (a finished or cancelled replay), and their fences."""
+        okey = keys.offsets(consumer)
+        fields = [f.decode() if isinstance(f, bytes) else str(f) for f in self.client.hkeys(okey)]
+        self.client.delete(okey, *(keys.offset_fence(consumer, f) for f in fields))
+        for key in [key for key in self._last_stored if key[0] == consumer]:
+            del self._last_stored[key]
 
     # ------------------------------------------------------------------ reads
 

@@ -1,6 +1,8 @@
-"""Exactly-once of RedisCounters.apply under WATCH: another writer of the same consumer's offsets
-between the check and the transaction makes EXEC fail, and the write is checked again and retried
-(on a real redis-server, where replies are skimmed raw, and on fakeredis, where they are parsed)."""
+"""Exactly-once of RedisCounters.apply under WATCH: another writer of the same partitions' offsets
+between the check and the transaction makes EXEC fail, and the write is checked again and retried;
+writers of other partitions of the same consumer do not (each partition has its own fence key);
+offsets found behind what the same writer stored raise CountersRolledBackError (on a real
+redis-server, where replies are skimmed raw, and on fakeredis, where they are parsed)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import pytest
 import redis
 
 from rules_service.counters import keys, redis_store
-from rules_service.counters.port import CounterBatch
+from rules_service.counters.port import CounterBatch, CountersRolledBackError
 from rules_service.counters.redis_store import RedisCounters
 
 H10 = calendar.timegm((2026, 11, 22, 10, 0, 0, 0, 0, 0))
@@ -65,16 +67,30 @@ def between_check_and_write(monkeypatch: pytest.MonkeyPatch, action: object, tim
     return seen
 
 
-def test_another_partitions_writer_in_between_makes_a_retry(
+def test_another_partitions_writer_in_between_makes_no_retry(
         clients: tuple[redis.Redis, redis.Redis], monkeypatch: pytest.MonkeyPatch) -> None:
     one, other = RedisCounters(clients[0]), RedisCounters(clients[1])
     assert one.apply(batch(2), "s", {P0: 2}, {P0: 0})
-    # the other process of consumer "s" writes its own partition between our check and our EXEC
+    # the other process of consumer "s" writes its own partition between our check and our EXEC:
+    # it touches P1's fence, not P0's, so our transaction goes through at once
     checks = between_check_and_write(monkeypatch, lambda: other.apply(batch(5), "s", {P1: 5}, {P1: 0}))
     assert one.apply(batch(3), "s", {P0: 5}, {P0: 2})
-    assert one.retries == 1 and checks[0] == 2
+    assert one.retries == 0 and checks[0] == 1
     assert matched(clients[0]) == (b"10", b"10")
     assert one.stored_offsets("s") == {P0: 5, P1: 5}
+    assert clients[0].get(keys.offset_fence("s", "bids:0")) == b"5"
+    assert clients[0].get(keys.offset_fence("s", "bids:1")) == b"5"
+
+
+def test_a_write_to_the_same_partitions_offset_in_between_makes_a_retry(
+        clients: tuple[redis.Redis, redis.Redis], monkeypatch: pytest.MonkeyPatch) -> None:
+    one, other = RedisCounters(clients[0]), RedisCounters(clients[1])
+    assert one.apply(batch(2), "s", {P0: 2}, {P0: 0})
+    # someone stores P0's offset again (same value): the fence changed, so the check runs again
+    checks = between_check_and_write(monkeypatch, lambda: other.apply(CounterBatch(), "s", {P0: 2}))
+    assert one.apply(batch(3), "s", {P0: 5}, {P0: 2})
+    assert one.retries == 1 and checks[0] == 2
+    assert matched(clients[0]) == (b"5", b"5")
 
 
 def test_the_same_batch_by_two_writers_is_counted_once(
@@ -113,7 +129,7 @@ def test_endless_interference_gives_up_with_nothing_written(
     one, other = RedisCounters(clients[0]), RedisCounters(clients[1])
     assert one.apply(batch(2), "s", {P0: 2}, {P0: 0})
     monkeypatch.setattr(redis_store, "MAX_ATTEMPTS", 3)
-    between_check_and_write(monkeypatch, lambda: other.apply(CounterBatch(), "s", {P1: 1}), times=99)
+    between_check_and_write(monkeypatch, lambda: other.apply(CounterBatch(), "s", {P0: 2}), times=99)
     with pytest.raises(redis.exceptions.WatchError, match="3 attempts"):
         one.apply(batch(3), "s", {P0: 5}, {P0: 2})
     assert one.retries == 3
@@ -137,3 +153,55 @@ def test_deadlines_are_sent_once_per_key_then_again_after_the_memory_lapses(
     now[0] += redis_store.DEADLINES_MEMORY_S
     assert one.apply(batch(2), "s", {P0: 4}, {P0: 2})
     assert clients[0].ttl(keys.hour_users("a@v1", H10)) > 0
+
+
+def test_offsets_behind_what_this_writer_stored_raise_and_write_nothing(
+        clients: tuple[redis.Redis, redis.Redis]) -> None:
+    """Redis restored from an older snapshot (or the last second of its AOF lost): counts and
+    offsets went back together; the writer must not write on top (the records in between would
+    never be counted) but say so, so that the stream rewinds to the stored offsets."""
+    one, admin = RedisCounters(clients[0]), clients[1]
+    assert one.apply(batch(2), "s", {P0: 2, P1: 4}, {P0: 0, P1: 0})
+    assert one.apply(batch(3), "s", {P0: 5, P1: 6}, {P0: 2, P1: 4})
+    # the store goes back to just after the first write
+    admin.hset(keys.offsets("s"), "bids:0", 2)
+    admin.set(keys.offset_fence("s", "bids:0"), 2)
+    dimension, fld = keys.day_matches("a@v1", DAY)
+    admin.hset(dimension, fld, 2)
+    with pytest.raises(CountersRolledBackError, match=r"'s'.*bids:0: 2 < 5") as info:
+        one.apply(batch(4), "s", {P0: 9, P1: 8}, {P0: 5, P1: 6})
+    assert info.value.behind == {"bids:0": (2, 5)}
+    assert one.stored_offsets("s") == {P0: 2, P1: 6}  # nothing written
+    assert admin.hget(dimension, fld) == b"2"
+    # rewound to the stored offsets, the writer goes on from there
+    assert one.apply(batch(3), "s", {P0: 5, P1: 8}, {P0: 2, P1: 6})
+    assert one.stored_offsets("s") == {P0: 5, P1: 8}
+    assert admin.hget(dimension, fld) == b"5"
+
+
+def test_offsets_gone_after_this_writer_stored_them_raise(clients: tuple[redis.Redis, redis.Redis]) -> None:
+    one, admin = RedisCounters(clients[0]), clients[1]
+    assert one.apply(batch(2), "s", {P0: 2}, {P0: 0})
+    admin.flushall()
+    with pytest.raises(CountersRolledBackError, match="bids:0: None < 2"):
+        one.apply(batch(3), "s", {P0: 5}, {P0: 2})
+    assert one.stored_offsets("s") == {}
+    # another writer (a restarted process) has no memory: its first write is checked as before
+    assert RedisCounters(clients[1]).apply(batch(3), "s", {P0: 5}, {P0: 2})
+
+
+def test_skipping_an_applied_batch_remembers_the_stored_offset(clients: tuple[redis.Redis, redis.Redis]) -> None:
+    one, other = RedisCounters(clients[0]), RedisCounters(clients[1])
+    assert one.apply(batch(2), "s", {P0: 2}, {P0: 0})
+    assert other.apply(batch(3), "s", {P0: 5}, {P0: 2})  # e.g. a zombie ahead of us
+    assert not one.apply(batch(3), "s", {P0: 5}, {P0: 2})
+    assert one.apply(batch(1), "s", {P0: 6}, {P0: 5})  # from there on, ours again
+    assert matched(clients[0]) == (b"6", b"6")
+
+
+def test_deleting_offsets_deletes_their_fences(clients: tuple[redis.Redis, redis.Redis]) -> None:
+    one = RedisCounters(clients[0])
+    assert one.apply(batch(2), "replay:x", {P0: 2, P1: 3}, {P0: 0, P1: 0})
+    one.delete_offsets("replay:x")
+    assert clients[0].keys("o:*") == []
+    assert one.apply(batch(2), "replay:x", {P0: 2}, {P0: 0})  # a new run starts from nothing

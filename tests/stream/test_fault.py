@@ -76,6 +76,8 @@ def snapshot(url: str) -> dict[str, Any]:
         kind = client.type(key)
         if kind == b"hash":
             out[key.decode()] = {k.decode(): v.decode() for k, v in client.hgetall(key).items()}
+        elif kind == b"string" and key.startswith(b"o:"):  # an offset's fence (see counters.keys)
+            out[key.decode()] = ("offset", client.get(key))
         elif kind == b"string":
             out[key.decode()] = ("hll", client.pfcount(key))
         else:
