@@ -15,6 +15,11 @@ and field) are by construction those of the careful path, and
 tests/normalize/test_normalize_equivalence.py checks both lanes against a frozen copy of the
 original on mutated generated bids (same documents byte for byte, key order included).
 
+:func:`_fast_document` has a C twin, ``rules_service._normalize.fast_document`` (rules_service/_normalize.c),
+used when built: the same documents, None in the same cases (plus ISO times of unusual shapes), ~2.5x fewer
+instructions. :data:`USE_C` = False forces the Python lane; tests/normalize/test_normalize_accel.py compares
+the two lanes.
+
 The document is an Elasticsearch ``_source``: nested objects (``{"geo": {"city": ...}}``), absent
 fields omitted (never ``None``), so ``exists`` queries behave as in Elasticsearch.
 
