@@ -63,8 +63,11 @@ def start_redis(workdir: Path, extra: list[str] | None = None, *, tcp: bool = Fa
         path = workdir / "redis.sock"  # a short path under /tmp: sun_path holds 108 bytes
         listen = ["--port", "0", "--unixsocket", str(path), "--unixsocketperm", "700"]
         url = f"unix://{path}?db=0"
+    from rules_service.redis_conn import TUNING
+
     proc = subprocess.Popen([binary, *listen, "--dir", str(workdir),
-                             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", *(extra or [])],
+                             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", *TUNING,
+                             *(extra or [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = redis.Redis.from_url(url)
     for _ in range(200):
@@ -207,7 +210,7 @@ def main() -> None:
                         help="use TCP on 127.0.0.1 (default: a unix socket, like the embedded server)")
     parser.add_argument("--redis-arg", action="append", default=[], metavar="ARG",
                         help="extra redis-server argument, repeatable (e.g. --redis-arg=--hll-sparse-max-bytes "
-                             "--redis-arg=1000); default: the same server settings as the embedded one")
+                             "--redis-arg=3000, Redis's default); default: the embedded server's settings")
     args = parser.parse_args()
 
     from workers.log.factory import create_log
@@ -245,7 +248,8 @@ def main() -> None:
             summary.pop("e2e_hist", None)
             summary.pop("batch_hist", None)
             emit(phase="profile", **summary)
-            pstats.Stats(profiler, stream=sys.stderr).sort_stats(os.environ.get("BENCH_PROFILE_SORT", "cumulative")).print_stats(35)
+            order = os.environ.get("BENCH_PROFILE_SORT", "cumulative")  # e.g. tottime
+            pstats.Stats(profiler, stream=sys.stderr).sort_stats(order).print_stats(35)
             return
 
         redis_cpu = redis.Redis.from_url(url).info("cpu")

@@ -18,6 +18,7 @@ server belongs to the data directory, not to any one process:
 * Start-up is serialised by an exclusive ``flock`` on ``<DATA_DIR>/redis/lock``: callers that race
   wait for the lock, then find the server answering and just connect. A stale socket or pid file
   left by a ``kill -9`` is harmless: redis-server replaces both when it starts.
+* Tuning: :data:`TUNING` (also in ``docker/docker-compose.yml`` and the benchmarks).
 * Data: append-only file (``appendfsync everysec``) under ``<DATA_DIR>/redis/``, so counters and
   the offsets stored with them survive a restart together (each counter batch is one script, one
   AOF transaction). The log file is ``<DATA_DIR>/redis/redis.log``.
@@ -149,6 +150,17 @@ def embedded_redis_status(settings: Any) -> dict[str, Any]:
     return {"running": running, "pid": pid, "socket": str(socket_path), "data_dir": str(directory.parent)}
 
 
+#: redis-server settings for the counters, on top of the defaults.
+#:
+#: ``hll-sparse-max-bytes 1000`` (default 3000): a HyperLogLog turns dense (12 KB, O(1) PFADD) once
+#: its sparse form passes 1000 bytes (~600-900 users) instead of 3000 (~2,000-2,500). The sparse form
+#: is scanned on every PFADD: between 1000 and 3000 bytes it was ~55% of Redis's PFADD time in
+#: bench_stream (18 vs 8 us per bid). At stream rates nearly every sketch of an audience that
+#: matters is dense within the hour anyway; what this costs is ~9 KB more for sketches of ~600 to
+#: ~2,500 users (redis.conf: "the value can be raised ... when CPU is not a concern").
+TUNING: tuple[str, ...] = ("--hll-sparse-max-bytes", "1000")
+
+
 def ensure_embedded_redis(settings: Any) -> Path:
     """Start the embedded server of ``settings.DATA_DIR`` unless it runs; return its socket path."""
     directory = embedded_redis_dir(settings)
@@ -174,6 +186,7 @@ def ensure_embedded_redis(settings: Any) -> Path:
             "--appendfilename", "counters.aof",
             "--dbfilename", "counters.rdb",
             "--save", "",
+            *TUNING,
         ]
         result = subprocess.run(args, capture_output=True, text=True, timeout=START_TIMEOUT_S, check=False)
         if result.returncode != 0:

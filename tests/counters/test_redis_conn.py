@@ -67,6 +67,16 @@ def test_starts_reuses_and_stops(settings: Settings) -> None:
     assert not _alive(pid)  # gone (or a zombie waiting for init to reap it)
 
 
+def test_the_embedded_server_has_the_counters_tuning(settings: Settings) -> None:
+    from rules_service.redis_conn import TUNING
+
+    client = connect_redis(settings)
+    assert client.config_get("hll-sparse-max-bytes") == {"hll-sparse-max-bytes": "1000"}
+    assert TUNING == ("--hll-sparse-max-bytes", "1000")
+    assert client.config_get("appendonly") == {"appendonly": "yes"}
+    client.close()
+
+
 def test_data_survives_a_restart(settings: Settings) -> None:
     connect_redis(settings).hset("o:stream", "bids:0", 42)
     assert stop_embedded_redis(settings)
