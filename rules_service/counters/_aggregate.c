@@ -1,11 +1,17 @@
 /*
- * C twin of the emit step of rules_service.counters.aggregate.aggregate_masks (the Python code is
- * the reference; tests compare both on the same inputs).
+ * C twins of the per-document step (prepare) and of the emit step (emit) of
+ * rules_service.counters.aggregate.aggregate_masks (the Python code is the reference; tests compare
+ * both on the same inputs).
  *
  * Why: the stream turns ~60 (bid, rule) matches per bid into counter updates; in Python the
  * per-pair work (picking user ids, building sets, counting dimension values per rule) cost
  * ~30 us per bid. Here each rule's mask is walked word by word and the CounterBatch's sets and
- * dicts are filled directly.
+ * dicts are filled directly. What is left is mostly CPython's own set and dict work (measured: a
+ * window's sets grow to tens of MB, each new user a random slot), which no layout here can avoid
+ * while the output stays sets of user ids.
+ *
+ * prepare(docs, union_bytes, dimensions, paths, want_dims) -> tuple | None: see its section below
+ *   (the per-document loop and the dimension codes, ~4 us per bid in Python, for plain dicts).
  *
  * emit(users, matches, dims, rule_ids, mask_bytes, n_words, uids, hour_codes, hours, days,
  *      doc_codes, width, code_dims, code_values, count_matches) -> None
@@ -841,7 +847,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "_aggregate",
-    .m_doc = "C twin of aggregate_masks' emit step.",
+    .m_doc = "C twins of aggregate_masks' per-document and emit steps.",
     .m_size = -1,
     .m_methods = methods,
 };

@@ -35,7 +35,8 @@ from rules_service.counters.port import CounterBatch
 
 
 def _load_c() -> Any:
-    """The C twin of aggregate_masks' emit step (rules_service/counters/_aggregate.c), if built."""
+    """The C twins of aggregate_masks' per-document and emit steps (rules_service/counters/_aggregate.c),
+    if built."""
     try:
         from rules_service.counters import _aggregate as module  # type: ignore[attr-defined, unused-ignore]
     except ImportError:  # pragma: no cover - not built
@@ -45,7 +46,7 @@ def _load_c() -> Any:
 
 _aggregate: Any = _load_c()
 
-#: Use the C emit step when it is built (tests set this to False to run the Python reference).
+#: Use the C steps when they are built (tests set this to False to run the Python reference).
 USE_C = True
 
 __all__ = ["aggregate", "aggregate_masks", "dimension_value", "hour_of_last_seen", "merge_batches"]
@@ -259,7 +260,11 @@ def aggregate_masks(
     unpacked into (rule, document) pairs sorted by rule, per event hour. Matches per (rule, hour)
     are run lengths, users per (rule, hour) are slices of the pairs' user ids, and dimension
     counts are one ``bincount`` of rule x (dimension, value) codes per day. Only the output
-    (sets and dicts of the CounterBatch) is built in Python."""
+    (sets and dicts of the CounterBatch) is built in Python.
+
+    With the C module (``USE_C``): ``_aggregate.prepare`` does the per-document step for plain
+    dicts (None for anything unusual: then :func:`_prepare`, the reference, does it, or raises) and
+    ``_aggregate.emit`` walks each rule's mask into the CounterBatch; same result."""
     # Millions of short-lived containers per second: the cyclic GC would run every 700 of them and
     # walk the live documents each time (measured: ~40% of the time). Nothing here makes cycles.
     gc_was_enabled = gc.isenabled()
