@@ -26,9 +26,9 @@ import calendar
 import gc
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from itertools import chain
+from itertools import chain, compress, repeat
 from operator import itemgetter
-from typing import Any
+from typing import Any, Literal
 
 from rules_service.counters.keys import DAY
 from rules_service.counters.port import CounterBatch
@@ -284,11 +284,12 @@ def _aggregate_masks(docs: Sequence[Mapping[str, Any]], rule_ids: Sequence[str],
         raise ValueError(f"{len(rule_ids)} rule ids but {len(masks)} masks")
     out = CounterBatch() if batch is None else batch
     size = len(docs)
-    live = [(rid, mask) for rid, mask in zip(rule_ids, masks, strict=True) if mask]
-    if not live or not size:
+    live_masks = list(filter(None, masks))  # rules that matched something (most match nothing)
+    if not live_masks or not size:
         return out
+    live_ids = list(compress(rule_ids, masks)) if len(live_masks) < len(masks) else list(rule_ids)
     union = 0
-    for _, mask in live:
+    for mask in live_masks:
         union |= mask
     if union >> size:
         raise ValueError(f"a mask has bits beyond the {size} documents")
@@ -302,9 +303,10 @@ def _aggregate_masks(docs: Sequence[Mapping[str, Any]], rule_ids: Sequence[str],
         if prepared is None:  # an unusual batch (see _aggregate.c): the Python twin reads it, or raises
             prepared = _prepared_for_c(*_prepare(docs, union, dimensions, want_dims))
         uids, hour_codes, hours, codes, code_width, code_dims, code_values = prepared
-        _emit_c(out, live, n_words, uids, hour_codes, hours, codes, code_width, code_dims, code_values,
-                count_matches)
+        _emit_c(out, live_ids, live_masks, n_words, uids, hour_codes, hours, codes, code_width, code_dims,
+                code_values, count_matches)
         return out
+    live = list(zip(live_ids, live_masks, strict=True))
 
     user_ids, codes_of_hour, distinct_hours, doc_codes, pair_of_code = _prepare(docs, union, dimensions, want_dims)
     # the rule x word matrix of the masks (64 documents per little-endian word), in rule chunks
@@ -399,16 +401,16 @@ def _prepared_for_c(user_ids: list[str], codes_of_hour: Any, distinct_hours: lis
             [d for d, _ in pair_of_code], [v for _, v in pair_of_code])
 
 
-def _emit_c(out: CounterBatch, live: Sequence[tuple[str, int]], n_words: int, user_ids: list[str],
+def _emit_c(out: CounterBatch, rule_ids: list[str], masks: list[int], n_words: int, user_ids: list[str],
             hour_codes: bytes, distinct_hours: list[int], codes: bytes, code_width: int, code_dims: list[str],
             code_values: list[str], count_matches: bool) -> None:
     """The per-(rule, document) work of aggregate_masks in C (see ``_aggregate.c``); same result as
     the numpy + Python path. ``hour_codes`` and ``codes`` are int32 bytes, codes padded with -1."""
-    width = n_words * 8
-    masks = b"".join(mask.to_bytes(width, "little") for _, mask in live)
+    little: Literal["little"] = "little"
+    words = b"".join(map(int.to_bytes, masks, repeat(n_words * 8), repeat(little)))
     assert _aggregate is not None
     _aggregate.emit(
-        out.users, out.matches, out.dimensions, [rid for rid, _ in live], masks, n_words, user_ids, hour_codes,
+        out.users, out.matches, out.dimensions, rule_ids, words, n_words, user_ids, hour_codes,
         distinct_hours, [h - h % DAY for h in distinct_hours], codes, code_width, code_dims, code_values,
         count_matches)
 
