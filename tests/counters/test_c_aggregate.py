@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from rules_service.counters import aggregate as aggregate_module
 from rules_service.counters import redis_store
-from rules_service.counters.aggregate import aggregate, aggregate_masks
+from rules_service.counters.aggregate import aggregate, aggregate_masks, hour_of_last_seen
+from rules_service.counters.port import CounterBatch
 from rules_service.counters.redis_store import RedisCounters
 from tests.counters.test_aggregate_masks import DIMS, masks_of, random_case
 
@@ -257,3 +258,38 @@ def test_emit_adds_to_totals_of_any_number_type_like_python() -> None:
     assert matches == {("r", "hour", 7200): big + 2, ("r", "day", 0): 2**63 + 1}
     assert dims == {("r", 0, "d"): {"v": 3.5}}
     assert type(dims[("r", 0, "d")]["v"]) is float
+
+
+# ----- the day's set copied from the hour's set this group created --------------------------------------
+
+@pytest.mark.parametrize("existing", ["none", "day", "hour", "both"])
+def test_day_sets_are_right_whichever_sets_the_batch_already_has(existing: str) -> None:
+    documents, lists = random_case(21, 300, 12, 3)
+    ids, masks = masks_of(lists)
+    day = hour_of_last_seen("2026-11-22T00:00:00Z")  # random_case's first day
+
+    def start() -> CounterBatch:
+        batch = CounterBatch()
+        for rid in ids[:6]:
+            for hour in range(0, 3 * 3600, 3600):
+                if existing in ("hour", "both"):
+                    batch.users[(rid, "hour", day + hour)] = {"old-hour"}
+            if existing in ("day", "both"):
+                batch.users[(rid, "day", day)] = {"old-day"}
+        return batch
+
+    saved = aggregate_module.USE_C
+    try:
+        aggregate_module.USE_C = True
+        fast = aggregate_masks(documents, ids, masks, DIMS, batch=start())
+        aggregate_module.USE_C = False
+        slow = aggregate_masks(documents, ids, masks, DIMS, batch=start())
+    finally:
+        aggregate_module.USE_C = saved
+    assert fast == slow
+    sets = list(fast.users.values())
+    assert len({id(s) for s in sets}) == len(sets)  # never one set under two keys
+    if existing in ("day", "both"):
+        assert "old-day" in fast.users[(ids[0], "day", day)]
+    if existing in ("hour", "both"):
+        assert "old-hour" in fast.users[(ids[0], "hour", day)]
