@@ -107,28 +107,29 @@ static int add_day_users(Ctx *c, PyObject *day_key, PyObject *new_hour_set, cons
     return rc;
 }
 
-/* dict[key] += n. An exact int total is added in C (the usual case); anything else (a big int,
- * a caller's float) through PyNumber_Add, as Python's ``+`` would. */
+/* dict[key] += n. An absent key costs one lookup (setdefault: in a short flush window most keys
+ * are new); an exact int total is added in C (the usual case), anything else (a big int, a
+ * caller's float) through PyNumber_Add, as Python's ``+`` would. */
 static int add_count(PyObject *dict, PyObject *key, Py_ssize_t n) {
-    PyObject *found = PyDict_GetItemWithError(dict, key); /* borrowed */
-    PyObject *total;
-    if (found == NULL) {
-        if (PyErr_Occurred()) return -1;
-        total = PyLong_FromSsize_t(n);
-    } else {
-        int overflow = 0;
-        long long old = PyLong_CheckExact(found) ? PyLong_AsLongLongAndOverflow(found, &overflow) : -1;
-        if (PyLong_CheckExact(found) && !overflow && old <= PY_SSIZE_T_MAX - n && old >= PY_SSIZE_T_MIN) {
-            total = PyLong_FromSsize_t((Py_ssize_t)old + n); /* n >= 0: only the top can overflow */
-        } else {
-            PyObject *add = PyLong_FromSsize_t(n);
-            if (add == NULL) return -1;
-            Py_INCREF(found); /* a non-int total's __add__ may remove it from the dict */
-            total = PyNumber_Add(found, add);
-            Py_DECREF(found);
-            Py_DECREF(add);
-        }
+    PyObject *fresh = PyLong_FromSsize_t(n);
+    if (fresh == NULL) return -1;
+    Py_ssize_t size = PyDict_GET_SIZE(dict);
+    PyObject *found = PyDict_SetDefault(dict, key, fresh); /* borrowed */
+    if (found == NULL || PyDict_GET_SIZE(dict) != size) { /* an error, or fresh went in (not "is fresh": */
+        Py_DECREF(fresh);                                   /* small ints are shared) */
+        return found == NULL ? -1 : 0;
     }
+    PyObject *total;
+    int overflow = 0;
+    long long old = PyLong_CheckExact(found) ? PyLong_AsLongLongAndOverflow(found, &overflow) : -1;
+    if (PyLong_CheckExact(found) && !overflow && old <= PY_SSIZE_T_MAX - n && old >= PY_SSIZE_T_MIN) {
+        total = PyLong_FromSsize_t((Py_ssize_t)old + n); /* n >= 0: only the top can overflow */
+    } else {
+        Py_INCREF(found); /* a non-int total's __add__ may remove it from the dict */
+        total = PyNumber_Add(found, fresh);
+        Py_DECREF(found);
+    }
+    Py_DECREF(fresh);
     if (total == NULL) return -1;
     int rc = PyDict_SetItem(dict, key, total);
     Py_DECREF(total);

@@ -293,3 +293,14 @@ def test_day_sets_are_right_whichever_sets_the_batch_already_has(existing: str) 
         assert "old-day" in fast.users[(ids[0], "day", day)]
     if existing in ("hour", "both"):
         assert "old-hour" in fast.users[(ids[0], "hour", day)]
+
+
+def test_emit_adds_to_a_total_that_is_the_same_small_int_object() -> None:
+    # setdefault hands back the existing 1, which is the very object PyLong_FromSsize_t(1) returns:
+    # "inserted" must be told by the dict's size, not by identity
+    matches: dict = {("r", "hour", 7200): 1, ("r", "day", 0): 1}
+    dims: dict = {("r", 0, "d"): {"v": 1}}
+    _c.emit({}, matches, dims, ["r"], (0b1).to_bytes(8, "little"), 1, ["u"], b"\x00" * 4, [7200], [0],
+            b"\x00" * 4, 1, ["d"], ["v"], True)
+    assert matches == {("r", "hour", 7200): 2, ("r", "day", 0): 2}
+    assert dims == {("r", 0, "d"): {"v": 2}}
