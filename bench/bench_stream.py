@@ -206,6 +206,8 @@ def main() -> None:
                         help="event-time span of the bids (default: live traffic, bids / 20000 seconds)")
     parser.add_argument("--profile", action="store_true", help="drain in this process under cProfile")
     parser.add_argument("--keep", action="store_true", help="keep the data directory")
+    parser.add_argument("--flush-ms", type=int, default=None,
+                        help="the consumers' flush window (default: RULES_STREAM_FLUSH_MS's default)")
     parser.add_argument("--tcp", action="store_true",
                         help="use TCP on 127.0.0.1 (default: a unix socket, like the embedded server)")
     parser.add_argument("--redis-arg", action="append", default=[], metavar="ARG",
@@ -220,8 +222,9 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-stream-"))
     redis_proc, url = start_redis(workdir, args.redis_arg, tcp=args.tcp)
     try:
+        tuning = {} if args.flush_ms is None else {"STREAM_FLUSH_MS": args.flush_ms}
         settings = Settings(DATA_DIR=workdir / "data", REDIS_URL=url, BIDS_PARTITIONS=args.partitions,
-                            BATCH_SIZE=args.batch_size)
+                            BATCH_SIZE=args.batch_size, **tuning)
         log = create_log(settings)
         ensure_topics(log, settings)
         produce(log, RULES_TOPIC, [(m.key, m.value or b"") for m in rule_changes(args.rules)])
@@ -234,6 +237,7 @@ def main() -> None:
         generated_in = time.perf_counter() - t
         produced_in = produce(log, settings.BIDS_TOPIC, pairs)
         emit(phase="setup", rules=args.rules, bids=args.bids, users=args.users, partitions=args.partitions,
+             flush_ms=settings.STREAM_FLUSH_MS,
              generate_bids_per_s=round(args.bids / generated_in), produce_bids_per_s=round(args.bids / produced_in),
              cpus=os.cpu_count())
         del pairs
