@@ -94,7 +94,8 @@ static int add_users(Ctx *c, PyObject *key, const Py_ssize_t *docs, Py_ssize_t n
 
 /* The day sketch's users. When this group just created the hour's set and the day has none, the
  * day's set is a copy of it (the same users; a copy moves the hashed slots instead of adding each
- * user again, ~2x cheaper): the usual case of a short flush window, where every key is new. */
+ * user again): the usual case of a short flush window, where every key is new (callgrind, three
+ * one-batch windows of the stream's workload: emit -13% instructions). */
 static int add_day_users(Ctx *c, PyObject *day_key, PyObject *new_hour_set, const Py_ssize_t *docs,
                          Py_ssize_t n) {
     if (new_hour_set == NULL) return add_users(c, day_key, docs, n, NULL);
