@@ -20,6 +20,12 @@ used when built: the same documents, None in the same cases (plus ISO times of u
 instructions. :data:`USE_C` = False forces the Python lane; tests/normalize/test_normalize_accel.py compares
 the two lanes.
 
+:func:`normalise_message` first tries ``_normalize.document_from_json``: the document straight from the raw
+bytes, without building the ~60 objects of the whole bid (only the values the document reads), and None on
+anything outside a strict subset of JSON (escapes in values it keeps, exponents, ...), where orjson.loads and
+the lanes above take over. :data:`USE_C_PARSE` = False forces orjson.loads; tests/normalize/test_parse_accel.py
+checks that both give the same documents.
+
 The document is an Elasticsearch ``_source``: nested objects (``{"geo": {"city": ...}}``), absent
 fields omitted (never ``None``), so ``exists`` queries behave as in Elasticsearch.
 
@@ -315,6 +321,10 @@ def bid_to_document(
 def normalise_message(raw: bytes | str, log_timestamp_ms: int | None = None,
                       now_ms: int | None = None) -> dict[str, Any]:
     """``bid_to_document(parse_bid(raw), ...)`` in one call: the stream worker's normaliser."""
+    if USE_C_PARSE and USE_C:  # straight from the bytes when they are plain (None: the usual lanes)
+        doc = _c_document_from_json(raw, log_timestamp_ms, now_ms)
+        if doc is not None:
+            return doc
     try:
         bid = _loads(raw)
     except JSONDecodeError as exc:
@@ -592,6 +602,13 @@ def _fast_document(bid: dict[str, Any], log_timestamp_ms: int | None, now_ms: in
 #: careful path decides those). Set False to force the Python lane (tests, benchmarks); False when not built.
 USE_C = _normalize is not None
 _c_fast_document: Any = _normalize.fast_document if _normalize is not None else _fast_document
+
+#: The bytes-to-document lane in C (``_normalize.document_from_json``): one scan of the message that validates
+#: all of it and builds only the values the document reads, then the C fast lane; None (then orjson.loads and
+#: the lanes above) for anything outside a strict subset of JSON. Set False to force orjson.loads (tests,
+#: benchmarks); False when not built. Used only while :data:`USE_C` is True.
+_c_document_from_json: Any = getattr(_normalize, "document_from_json", None)
+USE_C_PARSE = _c_document_from_json is not None
 
 
 # The _fast_* helpers handle the less usual shapes for _fast_document: None = bail out, {} or [] = nothing.
