@@ -44,3 +44,11 @@ def test_extension_is_built(name: str, sources: list[str]) -> None:
         if os.environ.get("RULES_TEST_REQUIRE_SERVICES"):
             pytest.fail(f"{name} is not built ({exc}); `pip install -e .` compiles it (needs gcc and Python headers)")
         pytest.skip(f"{name} not built: run `pip install -e .` to compile it")
+
+
+def test_the_docker_image_checks_every_accelerator() -> None:
+    """The image's build imports each accelerator, so an image without one fails to build instead of
+    silently running the Python twins (the slim runtime stage has no C compiler)."""
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    missing = [name for name, _ in _extensions() if name not in dockerfile]
+    assert not missing, f"docker/Dockerfile does not import {missing}"
