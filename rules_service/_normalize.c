@@ -36,6 +36,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 #include <string.h>
 
 /* keep in step with rules_service/normalize.py (the tests compare them via the module attributes) */
@@ -812,6 +813,7 @@ typedef struct Spec {
 } Spec;
 struct Field {
     const char *name;
+    Py_ssize_t len; /* strlen(name) */
     int key;
     const Spec *spec;
 };
@@ -819,52 +821,52 @@ struct Field {
 static const Spec LEAF = {S_LEAF, NULL, NULL};
 static const Spec LEAVES = {S_ALL, &LEAF, NULL};
 
-static const Field GEO_FIELDS[] = {{"lat", K_LAT, &LEAF}, {"lon", K_LON, &LEAF}, {"city", K_CITY, &LEAF},
-                                   {"zip", K_ZIP, &LEAF}, {"region", K_REGION, &LEAF},
-                                   {"country", K_COUNTRY, &LEAF}, {NULL, 0, NULL}};
+static const Field GEO_FIELDS[] = {{"lat", 3, K_LAT, &LEAF}, {"lon", 3, K_LON, &LEAF}, {"city", 4, K_CITY, &LEAF},
+                                   {"zip", 3, K_ZIP, &LEAF}, {"region", 6, K_REGION, &LEAF},
+                                   {"country", 7, K_COUNTRY, &LEAF}, {NULL, 0, 0, NULL}};
 static const Spec GEO = {S_OBJ, NULL, GEO_FIELDS};
 
-static const Field SEGMENT_FIELDS[] = {{"name", K_NAME, &LEAF}, {NULL, 0, NULL}};
+static const Field SEGMENT_FIELDS[] = {{"name", 4, K_NAME, &LEAF}, {NULL, 0, 0, NULL}};
 static const Spec SEGMENT = {S_OBJ, NULL, SEGMENT_FIELDS};
 static const Spec SEGMENTS = {S_ALL, &SEGMENT, NULL};
-static const Field PROVIDER_FIELDS[] = {{"segment", K_SEGMENT, &SEGMENTS}, {NULL, 0, NULL}};
+static const Field PROVIDER_FIELDS[] = {{"segment", 7, K_SEGMENT, &SEGMENTS}, {NULL, 0, 0, NULL}};
 static const Spec PROVIDER = {S_OBJ, NULL, PROVIDER_FIELDS};
 static const Spec PROVIDERS = {S_ALL, &PROVIDER, NULL};
-static const Field USER_EXT_FIELDS[] = {{"occupation", K_OCCUPATION, &LEAF}, {NULL, 0, NULL}};
+static const Field USER_EXT_FIELDS[] = {{"occupation", 10, K_OCCUPATION, &LEAF}, {NULL, 0, 0, NULL}};
 static const Spec USER_EXT = {S_OBJ, NULL, USER_EXT_FIELDS};
 static const Field USER_FIELDS[] = {
-    {"id", K_ID, &LEAF}, {"yob", K_YOB, &LEAF}, {"gender", K_GENDER, &LEAF}, {"ext", K_EXT, &USER_EXT},
-    {"keywords", K_KEYWORDS, &LEAF}, {"kwarray", K_KWARRAY, &LEAVES}, {"data", K_DATA, &PROVIDERS},
-    {"geo", K_GEO, &GEO}, {NULL, 0, NULL}};
+    {"id", 2, K_ID, &LEAF}, {"yob", 3, K_YOB, &LEAF}, {"gender", 6, K_GENDER, &LEAF}, {"ext", 3, K_EXT, &USER_EXT},
+    {"keywords", 8, K_KEYWORDS, &LEAF}, {"kwarray", 7, K_KWARRAY, &LEAVES}, {"data", 4, K_DATA, &PROVIDERS},
+    {"geo", 3, K_GEO, &GEO}, {NULL, 0, 0, NULL}};
 static const Spec USER = {S_OBJ, NULL, USER_FIELDS};
 
 static const Field DEVICE_FIELDS[] = {
-    {"ifa", K_IFA, &LEAF}, {"language", K_LANGUAGE, &LEAF}, {"langb", K_LANGB, &LEAF}, {"os", K_OS, &LEAF},
-    {"osv", K_OSV, &LEAF}, {"make", K_MAKE, &LEAF}, {"model", K_MODEL, &LEAF}, {"carrier", K_CARRIER, &LEAF},
-    {"devicetype", K_DEVICETYPE, &LEAF}, {"geo", K_GEO, &GEO}, {NULL, 0, NULL}};
+    {"ifa", 3, K_IFA, &LEAF}, {"language", 8, K_LANGUAGE, &LEAF}, {"langb", 5, K_LANGB, &LEAF}, {"os", 2, K_OS, &LEAF},
+    {"osv", 3, K_OSV, &LEAF}, {"make", 4, K_MAKE, &LEAF}, {"model", 5, K_MODEL, &LEAF}, {"carrier", 7, K_CARRIER, &LEAF},
+    {"devicetype", 10, K_DEVICETYPE, &LEAF}, {"geo", 3, K_GEO, &GEO}, {NULL, 0, 0, NULL}};
 static const Spec DEVICE = {S_OBJ, NULL, DEVICE_FIELDS};
 
-static const Field EXT_FIELDS[] = {{"received_at", K_RECEIVED_AT, &LEAF}, {"exchange", K_EXCHANGE, &LEAF},
-                                   {NULL, 0, NULL}};
+static const Field EXT_FIELDS[] = {{"received_at", 11, K_RECEIVED_AT, &LEAF}, {"exchange", 8, K_EXCHANGE, &LEAF},
+                                   {NULL, 0, 0, NULL}};
 static const Spec EXT = {S_OBJ, NULL, EXT_FIELDS};
-static const Field APP_FIELDS[] = {{"bundle", K_BUNDLE, &LEAF}, {"cat", K_CAT, &LEAVES}, {NULL, 0, NULL}};
+static const Field APP_FIELDS[] = {{"bundle", 6, K_BUNDLE, &LEAF}, {"cat", 3, K_CAT, &LEAVES}, {NULL, 0, 0, NULL}};
 static const Spec APP = {S_OBJ, NULL, APP_FIELDS};
-static const Field SITE_FIELDS[] = {{"domain", K_DOMAIN, &LEAF}, {"cat", K_CAT, &LEAVES}, {NULL, 0, NULL}};
+static const Field SITE_FIELDS[] = {{"domain", 6, K_DOMAIN, &LEAF}, {"cat", 3, K_CAT, &LEAVES}, {NULL, 0, 0, NULL}};
 static const Spec SITE = {S_OBJ, NULL, SITE_FIELDS};
 
-static const Field FORMAT_FIELDS[] = {{"w", K_W, &LEAF}, {"h", K_H, &LEAF}, {NULL, 0, NULL}};
+static const Field FORMAT_FIELDS[] = {{"w", 1, K_W, &LEAF}, {"h", 1, K_H, &LEAF}, {NULL, 0, 0, NULL}};
 static const Spec FORMAT = {S_OBJ, NULL, FORMAT_FIELDS};
 static const Spec FORMATS = {S_FIRST, &FORMAT, NULL};
-static const Field BANNER_FIELDS[] = {{"w", K_W, &LEAF}, {"h", K_H, &LEAF}, {"format", K_FORMAT, &FORMATS},
-                                      {NULL, 0, NULL}};
+static const Field BANNER_FIELDS[] = {{"w", 1, K_W, &LEAF}, {"h", 1, K_H, &LEAF}, {"format", 6, K_FORMAT, &FORMATS},
+                                      {NULL, 0, 0, NULL}};
 static const Spec BANNER = {S_OBJ, NULL, BANNER_FIELDS};
-static const Field IMP_FIELDS[] = {{"banner", K_BANNER, &BANNER}, {NULL, 0, NULL}};
+static const Field IMP_FIELDS[] = {{"banner", 6, K_BANNER, &BANNER}, {NULL, 0, 0, NULL}};
 static const Spec IMP = {S_OBJ, NULL, IMP_FIELDS};
 static const Spec IMPS = {S_FIRST, &IMP, NULL};
 
-static const Field BID_FIELDS[] = {{"user", K_USER, &USER}, {"device", K_DEVICE, &DEVICE}, {"ext", K_EXT, &EXT},
-                                   {"app", K_APP, &APP}, {"site", K_SITE, &SITE}, {"imp", K_IMP, &IMPS},
-                                   {NULL, 0, NULL}};
+static const Field BID_FIELDS[] = {{"user", 4, K_USER, &USER}, {"device", 6, K_DEVICE, &DEVICE}, {"ext", 3, K_EXT, &EXT},
+                                   {"app", 3, K_APP, &APP}, {"site", 4, K_SITE, &SITE}, {"imp", 3, K_IMP, &IMPS},
+                                   {NULL, 0, 0, NULL}};
 static const Spec BID = {S_OBJ, NULL, BID_FIELDS};
 
 typedef struct {
@@ -928,6 +930,28 @@ static int skip_escape(Scan *s) {
     return OK;
 }
 
+/* The end of the run of plain string bytes (printable ASCII but '"' and '\\') from p: eight bytes at
+ * a time where the platform allows (strings are most of a bid's bytes). */
+static inline const unsigned char *plain_run(const unsigned char *p, const unsigned char *end) {
+#if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
+    while (end - p >= 8) {
+        uint64_t w, quote, backslash;
+        memcpy(&w, p, 8);
+        quote = w ^ (ones * '"');
+        backslash = w ^ (ones * '\\');
+        /* the high bit of each byte that is '"', '\\', < 0x20 or >= 0x80 (bytes past the first such
+         * one may be flagged wrongly by borrows: only the lowest flag, the first in memory, is used) */
+        uint64_t special = (((quote - ones) & ~quote) | ((backslash - ones) & ~backslash)
+                            | ((w - ones * 0x20) & ~w) | w) & highs;
+        if (special) return p + (__builtin_ctzll(special) >> 3);
+        p += 8;
+    }
+#endif
+    while (p < end && *p >= 0x20 && *p < 0x80 && *p != '"' && *p != '\\') p++;
+    return p;
+}
+
 /* A string whose opening quote is at s->p: *start and *len its raw bytes; *ascii whether all are
  * ASCII. With escapes_ok == 0 a backslash BAILs (a string we keep or a key we match). */
 static int scan_string(Scan *s, int escapes_ok, const unsigned char **start, Py_ssize_t *len, int *ascii) {
@@ -935,7 +959,7 @@ static int scan_string(Scan *s, int escapes_ok, const unsigned char **start, Py_
     *ascii = 1;
     *start = p;
     for (;;) {
-        while (p < end && *p >= 0x20 && *p < 0x80 && *p != '"' && *p != '\\') p++;
+        p = plain_run(p, end);
         if (p >= end) return BAIL;
         unsigned char c = *p;
         if (c == '"') break;
@@ -1097,10 +1121,7 @@ static int keep_object(Scan *s, const Field *fields, PyObject **out) {
         if (s->p >= s->end || *s->p != '"') return BAIL;
         if ((rc = scan_string(s, 0, &start, &len, &ascii)) != OK) return rc;
         const Field *field = fields;
-        while (field->name != NULL
-               && !(field->name[0] == start[0] && strlen(field->name) == (size_t)len
-                    && memcmp(field->name, start, (size_t)len) == 0))
-            field++; /* (start[0] is the closing quote of an empty key: no name starts with it) */
+        while (field->name != NULL && !(field->len == len && memcmp(field->name, start, (size_t)len) == 0)) field++;
         skip_ws(s);
         if (s->p >= s->end || *s->p != ':') return BAIL;
         s->p++;
