@@ -27,6 +27,8 @@ window is ``flush_interval_ms`` old (wall clock, from its first batch) or holds
 ``max_window_records`` records, when a poll finds nothing new, and before stopping. Why: a rule's
 counter keys are written once per window instead of once per batch, and the per-key work (hash
 fields, deadlines, script calls) dominates Redis's CPU; the interval bounds the added latency.
+Inside an open window a poll that finds fewer than ``min_batch`` records waits for more (until the
+window is due): a batch has a fixed cost, and waiting within the window adds no latency.
 A batch that fails discards the whole window (its counts were merged in); the caller rewinds to
 the stored offsets and reads it again (``abandon``).
 
@@ -341,6 +343,7 @@ class StreamConsumer:
         overlap_apply: bool = False,
         flush_interval_ms: int = 0,
         max_window_records: int = 20_000,
+        min_batch: int | None = None,
     ) -> None:
         self.log = log
         self.percolator = percolator
@@ -369,6 +372,8 @@ class StreamConsumer:
         # flush window (module docstring): 0 applies every polled batch on its own
         self.flush_interval_s = max(0, flush_interval_ms) / 1000.0
         self.max_window_records = max(1, max_window_records)
+        # inside an open window, polls gather at least this many records (see _poll)
+        self.min_batch = max(1, min(batch_size, batch_size // 2 if min_batch is None else min_batch))
         self._window: _PendingBatch | None = None
         self._window_began = 0.0
         self._wanted = None if partitions is None else sorted(set(partitions))
@@ -450,11 +455,32 @@ class StreamConsumer:
         wait_ms = self.poll_timeout_ms if timeout_ms is None else timeout_ms
         if self._window is not None:
             wait_ms = min(wait_ms, self.window_wait_ms())
-        records = self._consumer.poll(self.batch_size, wait_ms)
+        records = self._poll(wait_ms)
         if not records:
             return 0
         self.process(records)
         return len(records)
+
+    def _poll(self, wait_ms: int) -> list[Record]:
+        """One batch: what the log has, up to ``batch_size``; but inside an open flush window that
+        is not due, keep polling until ``min_batch`` records or the window is due. Why: a batch has
+        a fixed cost (every rule's program runs once per batch, one log transaction, per-rule
+        aggregation: ~1 ms at 10,000 rules), and at 10,000 bids/s a poll finds a few hundred
+        records; the window's counters are written when it closes anyway, so waiting for more
+        within it adds no latency."""
+        assert self._consumer is not None, "start() first"
+        records = self._consumer.poll(self.batch_size, wait_ms)
+        if not records or self._window is None or len(records) >= self.min_batch:
+            return records
+        records = list(records)
+        due = self._window_began + self.flush_interval_s
+        while len(records) < self.min_batch:
+            left = due - time.perf_counter()
+            if left <= 0:
+                break
+            records += self._consumer.poll(self.batch_size - len(records), min(int(left * 1000), 10))
+            time.sleep(min(max(0.0, due - time.perf_counter()), 0.005))  # a trickle gathers between polls
+        return records
 
     def process(self, records: Sequence[Record]) -> None:
         """Steps 1-6 of the module docstring for one polled batch."""

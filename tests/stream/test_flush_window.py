@@ -167,3 +167,42 @@ def test_merge_batches_adds_up() -> None:
     assert a == CounterBatch(users={("r", "hour", 0): {"u1", "u2"}, ("s", "day", 0): {"u3"}},
                              matches={("r", "hour", 0): 3, ("s", "day", 0): 1},
                              dimensions={("r", 0, "gender"): {"male": 3, "female": 1}, ("s", 0, "os"): {"iOS": 1}})
+
+
+def test_inside_an_open_window_a_poll_gathers_a_bigger_batch_until_the_window_is_due() -> None:
+    """Every batch has a fixed cost (each rule's program runs once per batch): inside an open window,
+    whose counters wait for its end anyway, a poll that finds a few records waits for more."""
+    log = FakeLog()
+    ensure_topics(log, SETTINGS)
+    rc = RuleChange(audience_id="all", advertiser_id="adv", version=1, query={"match_all": {}})
+    log.producer().send_batch(RULES_TOPIC, [Message(value=rc.to_json(), key=rc.rule_id.encode())])
+    gen = BidGenerator(seed=3, users=50, days=0.01, end=datetime(2026, 11, 22, 12, tzinfo=UTC))
+    messages = [Message(value=v, key=k) for k, v in gen.messages(40)]
+    percolator = EmbeddedPercolator(dict(USER_MAPPING))
+    rules = RulesSync(log, percolator, interval_s=0)
+    rules.load()
+    counters = CountingCounters()
+    consumer = StreamConsumer(log, percolator, counters, rules=rules, dimensions=DIMS, batch_size=20,
+                              min_batch=10, flush_interval_ms=600)
+    send = log.producer().send_batch
+    with consumer:
+        send("bids", messages[:3])
+        assert consumer.run_once() == 3  # no window open yet: processed at once (it opens one)
+        send("bids", messages[3:6])
+        later = [threading.Timer(0.05, send, ("bids", messages[6:9])),
+                 threading.Timer(0.10, send, ("bids", messages[9:13]))]
+        for timer in later:
+            timer.start()
+        began = time.monotonic()
+        assert consumer.run_once() == 10  # 3 there, then 3 and 4 more: gathered into one batch
+        assert 0.09 <= time.monotonic() - began < 0.5
+        assert counters.calls == 0
+        send("bids", messages[13:15])
+        assert consumer.run_once() == 2  # not enough before the window is due: what there is
+        assert counters.calls == 1 and counters.records_per_apply == [15]  # and the window was written
+        send("bids", messages[15:40])
+        assert consumer.run_once() == 20  # a full batch never waits
+        consumer.flush()
+    for timer in later:
+        timer.join()
+    assert counters.records_per_apply == [15, 20]
