@@ -178,10 +178,19 @@ typedef struct {
     u64 *words; /* NULL: the int has none of the batch's bits */
 } CacheSlot;
 
+/* Open addressing by object address, a power of two in size; holds a reference to each key. */
+typedef struct {
+    CacheSlot *slots;
+    size_t cap, used;
+} PtrTable;
+
 typedef struct {
     Py_ssize_t nwords;
-    CacheSlot *cache;     /* open addressing, a power of two in size */
-    size_t cache_cap, cache_used;
+    PtrTable ints;        /* a term's int mask -> its words */
+    PtrTable keys;        /* a (field, value) key object of the leaf table -> the words of its mask in
+                           * batch.terms: the leaf table shares one key object per term
+                           * (LeafTable.term_key), so ~28,000 lookups of terms leaves at 10,000 rules
+                           * hash ~500 tuples once each instead of every time */
     PyObject *batch;      /* borrowed */
     PyObject *terms;      /* owned: batch.terms (a leaf callback may rebind the attribute) */
     PyObject *full_int;   /* owned: batch.all */
@@ -193,6 +202,8 @@ typedef struct {
     Block *blocks;        /* arena of memo buffers */
     u64 *scratch[MAX_DEPTH]; /* SCRATCH_PER_DEPTH buffers each, allocated on first use */
     u64 *full;            /* every document of the batch */
+    PyObject *cos_of;     /* owned: the lats array (geo_sorted) whose cosines cos_lat holds */
+    double *cos_lat;      /* cos(lat in radians) of each of its points: the same for every circle */
 } Ctx;
 
 static u64 *arena_alloc(Ctx *c)
@@ -227,11 +238,27 @@ static u64 *scratch(Ctx *c, int depth, int which)
     return c->scratch[depth] + which * c->nwords;
 }
 
+static size_t slot_of(CacheSlot *table, size_t cap, PyObject *key)
+{
+    size_t i = ((uintptr_t)key >> 4) * (size_t)0x9E3779B97F4A7C15ULL & (cap - 1);
+    while (table[i].key && table[i].key != key)
+        i = (i + 1) & (cap - 1);
+    return i;
+}
+
+static void ptr_free(PtrTable *t)
+{
+    for (size_t i = 0; i < t->cap; i++)
+        Py_XDECREF(t->slots[i].key);
+    PyMem_Free(t->slots);
+    t->slots = NULL;
+    t->cap = t->used = 0;
+}
+
 static void ctx_free(Ctx *c)
 {
-    for (size_t i = 0; i < c->cache_cap; i++)
-        Py_XDECREF(c->cache[i].key);
-    PyMem_Free(c->cache);
+    ptr_free(&c->ints);
+    ptr_free(&c->keys);
     while (c->blocks) {
         Block *next = c->blocks->next;
         PyMem_Free(c->blocks);
@@ -243,6 +270,8 @@ static void ctx_free(Ctx *c)
     PyMem_Free(c->state);
     PyMem_Free(c->memo);
     PyMem_Free(c->full);
+    PyMem_Free(c->cos_lat);
+    Py_XDECREF(c->cos_of);
     Py_XDECREF(c->full_int);
     Py_XDECREF(c->terms);
 }
@@ -261,38 +290,34 @@ static int call_leaf(Ctx *c, PyObject *f, PyObject *pre_int, u64 *out)
     return rc;
 }
 
-static size_t slot_of(CacheSlot *table, size_t cap, PyObject *key)
+/* Room for one more key (at most half full). */
+static int ptr_reserve(PtrTable *t)
 {
-    size_t i = ((uintptr_t)key >> 4) * (size_t)0x9E3779B97F4A7C15ULL & (cap - 1);
-    while (table[i].key && table[i].key != key)
-        i = (i + 1) & (cap - 1);
-    return i;
-}
-
-static int cache_grow(Ctx *c)
-{
-    size_t cap = c->cache_cap ? c->cache_cap * 2 : 1024;
+    if ((t->used + 1) * 2 <= t->cap)
+        return 0;
+    size_t cap = t->cap ? t->cap * 2 : 1024;
     CacheSlot *table = PyMem_Calloc(cap, sizeof(CacheSlot));
     if (!table) {
         PyErr_NoMemory();
         return -1;
     }
-    for (size_t i = 0; i < c->cache_cap; i++)
-        if (c->cache[i].key)
-            table[slot_of(table, cap, c->cache[i].key)] = c->cache[i];
-    PyMem_Free(c->cache);
-    c->cache = table;
-    c->cache_cap = cap;
+    for (size_t i = 0; i < t->cap; i++)
+        if (t->slots[i].key)
+            table[slot_of(table, cap, t->slots[i].key)] = t->slots[i];
+    PyMem_Free(t->slots);
+    t->slots = table;
+    t->cap = cap;
     return 0;
 }
 
 /* The words of a term's int mask (converted on first use): 0 empty, 1 with *words set, -1 error. */
 static int term_words(Ctx *c, PyObject *v, const u64 **words)
 {
-    if ((c->cache_used + 1) * 2 > c->cache_cap && cache_grow(c) < 0)
+    PtrTable *t = &c->ints;
+    if (ptr_reserve(t) < 0)
         return -1;
-    size_t i = slot_of(c->cache, c->cache_cap, v);
-    if (!c->cache[i].key) {
+    size_t i = slot_of(t->slots, t->cap, v);
+    if (!t->slots[i].key) {
         u64 *mem = arena_alloc(c);
         if (!mem)
             return -1;
@@ -304,12 +329,43 @@ static int term_words(Ctx *c, PyObject *v, const u64 **words)
             Py_DECREF(v);
             return -1;
         }
-        c->cache[i].key = v;
-        c->cache[i].words = rc ? mem : NULL;
-        c->cache_used++;
+        /* (that code cannot reach this table: i is still v's slot) */
+        t->slots[i].key = v;
+        t->slots[i].words = rc ? mem : NULL;
+        t->used++;
     }
-    *words = c->cache[i].words;
+    *words = t->slots[i].words;
     return *words != NULL;
+}
+
+/* The words of the mask of a (field, value) key in batch.terms: 0 absent or empty, 1 with *words
+ * set, -1 error. Memoised by the key object (see Ctx.keys). */
+static int key_words(Ctx *c, PyObject *key, const u64 **words)
+{
+    PtrTable *t = &c->keys;
+    if (ptr_reserve(t) < 0)
+        return -1;
+    size_t i = slot_of(t->slots, t->cap, key);
+    if (t->slots[i].key) {
+        *words = t->slots[i].words;
+        return *words != NULL;
+    }
+    /* held: the lookup (a value's __eq__) and the conversion may run Python code that drops the
+     * payload holding it */
+    Py_INCREF(key);
+    PyObject *got = PyDict_GetItemWithError(c->terms, key); /* borrowed */
+    int rc = got ? term_words(c, got, words) : (PyErr_Occurred() ? -1 : 0);
+    if (rc < 0) {
+        Py_DECREF(key);
+        return -1;
+    }
+    if (!rc)
+        *words = NULL;
+    i = slot_of(t->slots, t->cap, key); /* (nothing else adds to this table meanwhile; stay safe) */
+    t->slots[i].key = key;
+    t->slots[i].words = (u64 *)*words;
+    t->used++;
+    return rc;
 }
 
 /* OR of the masks of a tuple of keys in batch.terms (matcher.py's _terms). */
@@ -322,14 +378,8 @@ static int terms_mask(Ctx *c, PyObject *keys, u64 *out)
     int any = 0;
     memset(out, 0, (size_t)c->nwords * sizeof(u64));
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(keys); i++) {
-        PyObject *got = PyDict_GetItemWithError(c->terms, PyTuple_GET_ITEM(keys, i)); /* borrowed */
-        if (!got) {
-            if (PyErr_Occurred())
-                return -1;
-            continue;
-        }
         const u64 *words;
-        int rc = term_words(c, got, &words);
+        int rc = key_words(c, PyTuple_GET_ITEM(keys, i), &words);
         if (rc < 0)
             return -1;
         if (rc) {
@@ -369,6 +419,53 @@ static double circle_distance(double lat, double lon, double clat, double clon, 
     double h = a * a + cos1 * cos(rlat2) * b * b;
     double r = sqrt(h);
     return 2 * EARTH_MEAN_RADIUS_M * asin(r < 1.0 ? r : 1.0);
+}
+
+/* cos(lat * PI / 180) of each of the n sorted lats of the array object arr (computed once per call
+ * and field: every circle's haversine needs it, and it is a third of the trigonometry). The value is
+ * the very one circle_distance computes, so nothing can change. NULL on error. */
+static const double *lat_cosines(Ctx *c, PyObject *arr, const double *la, Py_ssize_t n)
+{
+    if (c->cos_of != arr) {
+        double *got = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(double));
+        if (!got) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        for (Py_ssize_t i = 0; i < n; i++)
+            got[i] = cos(la[i] * (PI / 180.0));
+        PyMem_Free(c->cos_lat);
+        Py_XSETREF(c->cos_of, Py_NewRef(arr));
+        c->cos_lat = got;
+    }
+    return c->cos_lat;
+}
+
+/* Squared-sine (haversine) or squared-angle (plane) bounds of a circle: a point whose h is below
+ * inner is inside by more than the tolerance, above outer outside by more than it; in between
+ * (or NaN) circle_distance and the reference decide as before. The relative margin (1e-9, a
+ * distance error of ~5e-10 relative, against the tolerance's 1e-7) dwarfs the rounding of sin,
+ * sqrt and asin, so a point decided by a bound gets the answer the distance would give it. */
+typedef struct {
+    double inner, outer;
+} Bounds;
+
+static Bounds circle_bounds(double limit, double tol, int plane)
+{
+    Bounds b = {-1.0, INFINITY};
+    double d_in = limit - tol, d_out = limit + tol;
+    if (plane) {
+        if (d_in > 0)
+            b.inner = (d_in / EARTH_MEAN_RADIUS_M) * (d_in / EARTH_MEAN_RADIUS_M) * (1 - 1e-9);
+        b.outer = (d_out / EARTH_MEAN_RADIUS_M) * (d_out / EARTH_MEAN_RADIUS_M) * (1 + 1e-9);
+        return b;
+    }
+    double a_in = d_in / (2 * EARTH_MEAN_RADIUS_M), a_out = d_out / (2 * EARTH_MEAN_RADIUS_M);
+    if (d_in > 0 && a_in < PI / 2 * 0.99)
+        b.inner = sin(a_in) * sin(a_in) * (1 - 1e-9);
+    if (a_out < PI / 2 * 0.99)
+        b.outer = sin(a_out) * sin(a_out) * (1 + 1e-9);
+    return b;
 }
 
 /* The documents with a point in the circle of a GEO leaf (payload: matcher.geo_circle_spec). */
@@ -413,6 +510,10 @@ static int geo_mask(Ctx *c, PyObject *spec, u64 *out)
         stop = lo_i;
     }
     double rlat1 = clat * (PI / 180.0), cos1 = cos(rlat1);
+    const double *cos_lat = plane ? NULL : lat_cosines(c, PyTuple_GET_ITEM(arrays, 0), la, n);
+    if (!plane && !cos_lat)
+        goto done;
+    Bounds bounds = circle_bounds(limit, tol, plane);
     memset(out, 0, (size_t)c->nwords * sizeof(u64));
     for (Py_ssize_t i = start; i < stop; i++) {
         if (box != Py_None && !(lo[i] >= box4[2] && lo[i] <= box4[3]))
@@ -420,16 +521,30 @@ static int geo_mask(Ctx *c, PyObject *spec, u64 *out)
         int64_t p = pos[i];
         if (p < 0 || p >= (int64_t)c->nwords * 64)
             continue;
-        double gap = circle_distance(la[i], lo[i], clat, clon, rlat1, cos1, plane) - limit;
-        int inside = gap < -tol;
-        if (!inside && !(fabs(gap) > tol)) { /* too close to call (or NaN): the reference decides */
-            PyObject *verdict = PyObject_CallFunction(exact, "dd", la[i], lo[i]);
-            if (!verdict)
-                goto done;
-            inside = PyObject_IsTrue(verdict);
-            Py_DECREF(verdict);
-            if (inside < 0)
-                goto done;
+        double h; /* circle_distance's haversine, or its plane distance squared over R**2 */
+        if (plane) {
+            double x = (lo[i] - clon) * (PI / 180.0) * cos((la[i] + clat) / 2.0 * (PI / 180.0));
+            double y = (la[i] - clat) * (PI / 180.0);
+            h = x * x + y * y;
+        } else {
+            double a = sin((la[i] * (PI / 180.0) - rlat1) / 2), b = sin((lo[i] - clon) * (PI / 180.0) / 2);
+            h = a * a + cos1 * cos_lat[i] * b * b;
+        }
+        int inside = 1;
+        if (!(h < bounds.inner)) { /* (NaN: here) */
+            if (h > bounds.outer)
+                continue;
+            double gap = circle_distance(la[i], lo[i], clat, clon, rlat1, cos1, plane) - limit;
+            inside = gap < -tol;
+            if (!inside && !(fabs(gap) > tol)) { /* too close to call (or NaN): the reference decides */
+                PyObject *verdict = PyObject_CallFunction(exact, "dd", la[i], lo[i]);
+                if (!verdict)
+                    goto done;
+                inside = PyObject_IsTrue(verdict);
+                Py_DECREF(verdict);
+                if (inside < 0)
+                    goto done;
+            }
         }
         if (inside) {
             out[p >> 6] |= (u64)1 << (p & 63);
@@ -579,9 +694,8 @@ static int leaf_of_payload(Ctx *c, int32_t id, PyObject *payload, const u64 *pre
         return rc;
     }
     if (kind == KIND_TERM) {
-        PyObject *term = PyDict_GetItemWithError(c->terms, payload); /* borrowed */
         const u64 *words = NULL;
-        int rc = term ? term_words(c, term, &words) : (PyErr_Occurred() ? -1 : 0);
+        int rc = key_words(c, payload, &words);
         if (rc < 0)
             return -1;
         c->state[id] = rc ? MEMO_SET : MEMO_EMPTY;

@@ -219,9 +219,11 @@ class BatchIndex:
         got = self._geo_sorted.get(name)
         if got is None:
             points = self._geo.get(name, ())
-            lats = np.fromiter((p[1] for p in points), dtype=np.float64, count=len(points))
-            lons = np.fromiter((p[2] for p in points), dtype=np.float64, count=len(points))
-            positions = np.fromiter((p[0] for p in points), dtype=np.int64, count=len(points))
+            # one conversion of the (position, lat, lon) tuples, not three generators (a Python step
+            # per point each); a batch position is far below 2**53, so it is exact as a float
+            table = np.array(points, dtype=np.float64).reshape(len(points), 3)
+            lats, lons = table[:, 1].copy(), table[:, 2].copy()
+            positions = table[:, 0].astype(np.int64)
             order = np.argsort(lats, kind="stable")
             got = self._geo_sorted[name] = (lats[order], lons[order], positions[order])
         return got
