@@ -158,7 +158,7 @@ def latency_phase(settings: Settings, log: Any, generator: BidGenerator, args: a
     sent = 0
     while sent < total:
         chunk = pairs[sent:sent + per_tick]
-        placed = producer.send_batch(settings.BIDS_TOPIC, [Message(value=v, key=k) for k, v in chunk])
+        placed = producer.send_rows(settings.BIDS_TOPIC, [(k, v, None) for k, v in chunk])  # no Message per bid
         top: dict[int, int] = {}
         for partition, offset in placed:
             if offset > top.get(partition, -1):
