@@ -134,6 +134,7 @@ def latency_phase(settings: Settings, log: Any, generator: BidGenerator, args: a
             raise SystemExit("consumers did not catch up within 300 s")
         time.sleep(0.05)
 
+    rewrites_before = client.info("persistence")["aof_rewrites"]
     pending: list[tuple[float, dict[int, int], int]] = []  # (produced at, max offset per partition, count)
     lock = threading.Lock()
     latencies: list[tuple[float, int]] = []
@@ -187,7 +188,9 @@ def latency_phase(settings: Settings, log: Any, generator: BidGenerator, args: a
 
     return {"phase": "latency", "target_rate": args.rate, "achieved_produce_rate": round(sent / produced_in),
             "bids": sent, "unconfirmed": len(pending), "e2e_ms_p50": pct(50), "e2e_ms_p99": pct(99),
-            "e2e_ms_max": pct(100), "restarts": supervisor.restarts}
+            "e2e_ms_max": pct(100), "restarts": supervisor.restarts,
+            # AOF rewrites (a fork dumping the whole dataset) during this phase: CPU the stream competes with
+            "aof_rewrites": client.info("persistence")["aof_rewrites"] - rewrites_before}
 
 
 def main() -> None:

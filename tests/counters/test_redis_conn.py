@@ -72,7 +72,9 @@ def test_the_embedded_server_has_the_counters_tuning(settings: Settings) -> None
 
     client = connect_redis(settings)
     assert client.config_get("hll-sparse-max-bytes") == {"hll-sparse-max-bytes": "1000"}
-    assert TUNING == ("--hll-sparse-max-bytes", "1000")
+    assert client.config_get("auto-aof-rewrite-percentage") == {"auto-aof-rewrite-percentage": "400"}
+    assert client.config_get("auto-aof-rewrite-min-size") == {"auto-aof-rewrite-min-size": str(512 * 2**20)}
+    assert "--hll-sparse-max-bytes" in TUNING
     assert client.config_get("appendonly") == {"appendonly": "yes"}
     client.close()
 
@@ -140,3 +142,14 @@ def test_cli_redis_status_and_stop(settings: Settings) -> None:
     message = runner.invoke(redis_group, ["stop"], env=external)
     assert message.exit_code == 0 and "nothing embedded to stop" in message.stderr
     assert json.loads(runner.invoke(redis_group, ["status"], env=external).stdout)["embedded"] is False
+
+
+def test_the_compose_redis_runs_with_the_same_tuning() -> None:
+    """docker/docker-compose.yml's redis is the production stack's counters store: same settings."""
+    from rules_service.redis_conn import TUNING
+
+    compose = (Path(__file__).resolve().parents[2] / "docker" / "docker-compose.yml").read_text()
+    command = next(line for line in compose.splitlines() if "redis-server" in line and "command" in line)
+    following = compose[compose.index(command):].split("volumes:")[0]
+    for arg in TUNING:
+        assert f'"{arg}"' in following, arg
