@@ -200,7 +200,7 @@ def main() -> None:
     parser.add_argument("--rules", type=int, default=10_000)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=Settings().BATCH_SIZE)
     parser.add_argument("--latency-batch-size", type=int, default=None,
                         help="max records per batch while streaming (default: --batch-size; batches adapt to load)")
     parser.add_argument("--rate", type=float, default=20_000, help="bids/s produced in the latency phase")
