@@ -470,7 +470,12 @@ static int add_pfadd(Enc *e, PyObject *members, PyObject *key_bulk) {
     Py_ssize_t n = PyObject_Size(members);
     if (n < 0) return -1;
     Py_ssize_t got = 0, total = 0;
+#if PY_VERSION_HEX < 0x030E0000 && !defined(Py_GIL_DISABLED)
     int exact_set = PySet_CheckExact(members) || PyFrozenSet_CheckExact(members);
+#else
+    /* set_bulks reads the table layout of CPython 3.11-3.13 with the GIL: elsewhere, the iterator */
+    int exact_set = 0;
+#endif
     if ((exact_set ? set_bulks : iter_bulks)(e, members, &got, &total) < 0) return -1;
     char head[64];
     int head_len = snprintf(head, sizeof head, "*%zd\r\n$5\r\nPFADD\r\n", n + 2);
