@@ -211,6 +211,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the data directory")
     parser.add_argument("--flush-ms", type=int, default=None,
                         help="the consumers' flush window (default: RULES_STREAM_FLUSH_MS's default)")
+    parser.add_argument("--overlap", action="store_true",
+                        help="write each window's counters in a thread while the next is processed")
     parser.add_argument("--tcp", action="store_true",
                         help="use TCP on 127.0.0.1 (default: a unix socket, like the embedded server)")
     parser.add_argument("--redis-arg", action="append", default=[], metavar="ARG",
@@ -225,7 +227,9 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-stream-"))
     redis_proc, url = start_redis(workdir, args.redis_arg, tcp=args.tcp)
     try:
-        tuning = {} if args.flush_ms is None else {"STREAM_FLUSH_MS": args.flush_ms}
+        tuning: dict[str, Any] = {} if args.flush_ms is None else {"STREAM_FLUSH_MS": args.flush_ms}
+        if args.overlap:
+            tuning["STREAM_OVERLAP_APPLY"] = True
         settings = Settings(DATA_DIR=workdir / "data", REDIS_URL=url, BIDS_PARTITIONS=args.partitions,
                             BATCH_SIZE=args.batch_size, **tuning)
         log = create_log(settings)
