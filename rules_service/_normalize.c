@@ -391,19 +391,21 @@ static int add_segments(State *st, Unique *u, PyObject *data) {
 
 /* interests: keywords, kwarray, data segment names; distinct, non-empty; absent when none. */
 static int take_interests(State *st, Doc *doc) {
-    PyObject *fields[3];
+    PyObject *fields[3] = {NULL, NULL, NULL};
     const int keys[3] = {K_KEYWORDS, K_KWARRAY, K_DATA};
-    for (int i = 0; i < 3; i++) {
-        GET(fields[i], doc->user, keys[i]);
-    }
-    if (fields[0] != Py_None && !IS_STR(fields[0])) return BAIL; /* a list under the 2.5 name: careful path */
-    for (int i = 0; i < 3; i++) Py_INCREF(fields[i]);
     Unique u = {NULL, NULL};
     int rc = OK;
-    if (fields[0] != Py_None) rc = add_keywords(&u, fields[0]);
+    /* each field owned as soon as it is read: the next lookup may run Python code that empties user */
+    for (int i = 0; rc == OK && i < 3; i++) {
+        fields[i] = get(doc->user, st->keys[keys[i]]);
+        if (fields[i] == NULL) rc = ERR;
+        Py_XINCREF(fields[i]);
+    }
+    if (rc == OK && fields[0] != Py_None && !IS_STR(fields[0])) rc = BAIL; /* a list under the 2.5 name: careful path */
+    if (rc == OK && fields[0] != Py_None) rc = add_keywords(&u, fields[0]);
     if (rc == OK && fields[1] != Py_None) rc = add_kwarray(&u, fields[1]);
     if (rc == OK && fields[2] != Py_None) rc = add_segments(st, &u, fields[2]);
-    for (int i = 0; i < 3; i++) Py_DECREF(fields[i]);
+    for (int i = 0; i < 3; i++) Py_XDECREF(fields[i]);
     Py_XDECREF(u.seen);
     if (rc == OK) doc->interests = u.list;
     else Py_XDECREF(u.list);

@@ -395,3 +395,38 @@ def test_no_leaks() -> None:
     finally:
         tracemalloc.stop()
     assert grown < 64 * 1024, grown  # 40 x 450 calls: a leak of one object per call would be ~1 MB
+
+
+# --- (e) safety review: the lanes under hostile inputs ------------------------------------------------------------
+
+
+def test_fast_document_holds_user_fields_across_later_lookups() -> None:
+    """user.keywords stays alive while user.kwarray and user.data are looked up (that lookup may run Python code).
+
+    A key hashing like "kwarray" makes that lookup call its __eq__, which empties user and reallocates the freed
+    memory: with keywords borrowed rather than held, C read a freed string (a crash, or other interests).
+    """
+
+    def document(fast_document: Any) -> Any:
+        kept: list[str] = []
+
+        class EmptiesTheDict:
+            armed = True
+
+            def __hash__(self) -> int:
+                return hash("kwarray")
+
+            def __eq__(self, other: object) -> bool:
+                if EmptiesTheDict.armed:
+                    EmptiesTheDict.armed = False
+                    user.clear()  # drops the only reference to the keywords string
+                    kept.extend("".join(["xxxxx", ", yyy", str(i)]) for i in range(10))  # reuse its memory
+                return False
+
+        user: dict[Any, Any] = {"id": "u1", "keywords": "".join(["sport", ", new", "s"])}
+        user[EmptiesTheDict()] = 1
+        return fast_document({"user": user}, None, NOW_MS)
+
+    expected = document(normalize._fast_document)
+    assert expected is not None and expected["interests"] == ["sport", "news"]
+    assert document(c_module.fast_document) == expected
