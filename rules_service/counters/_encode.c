@@ -417,13 +417,15 @@ static int keep_bulk(Enc *e, PyObject *bulk, Py_ssize_t *got, Py_ssize_t *total)
  * documented one of cpython/setobject.h: a slot is active when its key is set and its hash is
  * not -1 (-1 marks a deleted slot). Python code runs only on a member-table miss (the shared
  * cache, whose __missing__ or a key's __hash__ might change the set): after it, a set whose table
- * moved or whose size changed raises, as its iterator would. */
+ * moved or whose size changed raises, as its iterator would. Python code that removes a member
+ * already passed and adds one further on keeps both: the walk then meets more active slots than
+ * reserved, and raises rather than write past the scratch list. */
 static int set_bulks(Enc *e, PyObject *members, Py_ssize_t *got, Py_ssize_t *total) {
     PySetObject *set = (PySetObject *)members;
     setentry *table = set->table;
     Py_ssize_t mask = set->mask, used = set->used;
     if (reserve_scratch(e, *got, used) < 0) return -1; /* one per active slot: no check per member */
-    PyObject **out = e->scratch + *got;
+    PyObject **out = e->scratch + *got, **end = out + used;
     Py_ssize_t sum = *total;
     for (Py_ssize_t i = 0; i <= mask; i++) {
         PyObject *member = table[i].key;
@@ -439,6 +441,10 @@ static int set_bulks(Enc *e, PyObject *members, Py_ssize_t *got, Py_ssize_t *tot
                 PyErr_SetString(PyExc_RuntimeError, "Set changed size during iteration");
                 return -1;
             }
+        }
+        if (out == end) { /* only after Python code changed the set (see above) */
+            PyErr_SetString(PyExc_RuntimeError, "Set changed during iteration");
+            return -1;
         }
         *out++ = bulk;
         if (__builtin_add_overflow(sum, PyBytes_GET_SIZE(bulk), &sum)) {
@@ -465,10 +471,11 @@ static int iter_bulks(Enc *e, PyObject *members, Py_ssize_t *got, Py_ssize_t *to
     return PyErr_Occurred() ? -1 : 0;
 }
 
-/* "*<n+2>\r\n$5\r\nPFADD\r\n" + key + the members' bulks, appended to pfadds. */
+/* "*<n+2>\r\n$5\r\nPFADD\r\n" + key + the members' n bulks, appended to pfadds. n is the number of
+ * bulks written, not len(members) taken before: a callback's Python code may change a list while it
+ * is walked, and the command must still count what it carries. */
 static int add_pfadd(Enc *e, PyObject *members, PyObject *key_bulk) {
-    Py_ssize_t n = PyObject_Size(members);
-    if (n < 0) return -1;
+    if (PyObject_Size(members) < 0) return -1; /* len() as the Python path takes it: its TypeError */
     Py_ssize_t got = 0, total = 0;
 #if PY_VERSION_HEX < 0x030E0000 && !defined(Py_GIL_DISABLED)
     int exact_set = PySet_CheckExact(members) || PyFrozenSet_CheckExact(members);
@@ -478,9 +485,13 @@ static int add_pfadd(Enc *e, PyObject *members, PyObject *key_bulk) {
 #endif
     if ((exact_set ? set_bulks : iter_bulks)(e, members, &got, &total) < 0) return -1;
     char head[64];
-    int head_len = snprintf(head, sizeof head, "*%zd\r\n$5\r\nPFADD\r\n", n + 2);
-    Py_ssize_t key_len = PyBytes_GET_SIZE(key_bulk);
-    PyObject *out = PyBytes_FromStringAndSize(NULL, head_len + key_len + total);
+    int head_len = snprintf(head, sizeof head, "*%zd\r\n$5\r\nPFADD\r\n", got + 2);
+    Py_ssize_t key_len = PyBytes_GET_SIZE(key_bulk), length;
+    if (__builtin_add_overflow(total, head_len + key_len, &length)) { /* key_len < PY_SSIZE_T_MAX - 64 */
+        PyErr_SetString(PyExc_OverflowError, "encode: a PFADD is too long");
+        return -1;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, length);
     if (out == NULL) return -1;
     char *at = PyBytes_AS_STRING(out);
     memcpy(at, head, (size_t)head_len);

@@ -327,6 +327,86 @@ def test_python_code_changing_the_batch_does_not_crash(monkeypatch: pytest.Monke
     assert _Meddler.action is None  # it ran
 
 
+def _resp_args(command: bytes) -> list[bytes]:
+    """The arguments of one RESP command, checking that its header counts exactly what it carries."""
+    assert command[:1] == b"*"
+    end = command.index(b"\r\n")
+    n, at, args = int(command[1:end]), end + 2, []
+    while at < len(command):
+        assert command[at:at + 1] == b"$"
+        end = command.index(b"\r\n", at)
+        size = int(command[at + 1:end])
+        args.append(command[end + 2:end + 2 + size])
+        assert command[end + 2 + size:end + 4 + size] == b"\r\n"
+        at = end + 4 + size
+    assert len(args) == n, f"the header says {n} arguments, the command carries {len(args)}"
+    return args
+
+
+class _SwappingMembers(redis_store._SketchMembers):
+    """A member cache whose miss (Python code) changes the set being encoded, keeping its size:
+    it drops a member the walk has passed and adds one further on (ints: slot = value & mask)."""
+
+    def __init__(self, members: set[int], trigger: int, drop: int, add: int) -> None:
+        super().__init__()
+        self.members, self.trigger, self.drop, self.add = members, trigger, drop, add
+
+    def __missing__(self, member: Any) -> bytes:
+        if member == self.trigger:
+            self.members.discard(self.drop)
+            self.members.add(self.add)
+        return super().__missing__(str(member))
+
+
+def _encode_users(users: dict[Any, Any], members_cache: dict[Any, bytes]) -> Any:
+    today = int(NOW) - int(NOW) % DAY
+    heads = {key: (b"$1\r\nk\r\n", b"$2\r\n99\r\n", today + 30 * DAY) for key in users}
+    return _c.encode(users, {}, {}, int(NOW), {}, heads, print, {}, print, {}, print, members_cache, {}, print)
+
+
+@pytest.mark.parametrize("size", [10, 1024])  # 1024: exactly the scratch list's first capacity
+def test_a_cache_swapping_set_members_neither_overflows_nor_miscounts(size: int) -> None:
+    """Old code: the walk met size + 1 active slots after reserving size, writing past its scratch
+    list (1024; AddressSanitizer: heap-buffer-overflow) or sending a PFADD whose header counted
+    size members while carrying size + 1 (10)."""
+    today = int(NOW) - int(NOW) % DAY
+    members = set(range(1, size + 1))
+    cache = _SwappingMembers(members, trigger=3, drop=1, add=size + 5)
+    try:
+        out = _encode_users({("r", "hour", today): members}, cache)
+    except RuntimeError:  # the set changed during iteration: fine; a corrupt command is not
+        return
+    for command in out[0]:
+        _resp_args(command)
+
+
+class _ListChangingMembers(redis_store._SketchMembers):
+    """A member cache whose misses grow or shrink the list of members being encoded."""
+
+    def __init__(self, members: list[Any], grow: bool) -> None:
+        super().__init__()
+        self.members, self.grow = members, grow
+
+    def __missing__(self, member: Any) -> bytes:
+        if self.grow and len(self.members) < 12:
+            self.members.append(f"extra-{len(self.members)}")
+        elif not self.grow and len(self.members) > 4:
+            del self.members[-3:]
+        return super().__missing__(str(member))
+
+
+@pytest.mark.parametrize("grow", [True, False])
+def test_a_cache_changing_a_list_of_members_still_gives_a_well_formed_pfadd(grow: bool) -> None:
+    """Old code: the PFADD header counted len(members) taken before the walk (3 or 10) while the
+    command carried the members the list iterator gave (12 or 4): a corrupt RESP stream."""
+    today = int(NOW) - int(NOW) % DAY
+    members = ["a", "b", "c"] if grow else [f"m{i}" for i in range(10)]
+    out = _encode_users({("r", "hour", today): members}, _ListChangingMembers(members, grow))
+    (command,) = out[0]
+    args = _resp_args(command)
+    assert args[:2] == [b"PFADD", b"k"] and len(args) - 2 == (12 if grow else 4)
+
+
 # ----- property --------------------------------------------------------------------------------------
 
 _text = st.text(alphabet=st.sampled_from("ab=é東 1"), max_size=4)
