@@ -611,11 +611,19 @@ static int dimension_days_whole(PyObject *dimensions) {
     return 0;
 }
 
+/* The Python path's RuntimeError when a callback's Python code resized a batch dict it iterates
+ * (its dict iterator checks the size before each step, the last one included). */
+static int same_size(PyObject *dict, Py_ssize_t size) {
+    if (PyDict_GET_SIZE(dict) == size) return 0;
+    PyErr_SetString(PyExc_RuntimeError, "dictionary changed size during iteration");
+    return -1;
+}
+
 static int encode_dimensions(Enc *e, PyObject *dimensions) {
     /* consecutive entries are mostly one (rule, day): its head and hash are reused */
     PyObject *last_key = NULL, *head = NULL, *key, *values;
     long long deadline = 0;
-    Py_ssize_t no = -1, pos = 0;
+    Py_ssize_t no = -1, pos = 0, size = PyDict_GET_SIZE(dimensions);
     int rc = 0;
     while (rc == 0 && PyDict_Next(dimensions, &pos, &key, &values)) {
         if (!PyTuple_CheckExact(key) || PyTuple_GET_SIZE(key) != 3) { /* checked before, unless changed since */
@@ -641,6 +649,7 @@ static int encode_dimensions(Enc *e, PyObject *dimensions) {
         }
         Py_DECREF(key);
         Py_DECREF(values);
+        if (rc == 0 && same_size(dimensions, size) < 0) rc = -1;
     }
     Py_XDECREF(head);
     Py_XDECREF(last_key);
@@ -720,7 +729,7 @@ done:
 /* Each entry of `dict` through one_entry, in order (PyDict_Next stays memory-safe if a callback's
  * Python code changes the dict; the pair in hand is held). */
 static int each_entry(Enc *e, PyObject *dict, int (*one_entry)(Enc *, PyObject *, PyObject *)) {
-    Py_ssize_t pos = 0;
+    Py_ssize_t pos = 0, size = PyDict_GET_SIZE(dict);
     PyObject *key, *value;
     int rc = 0;
     while (rc == 0 && PyDict_Next(dict, &pos, &key, &value)) {
@@ -729,6 +738,7 @@ static int each_entry(Enc *e, PyObject *dict, int (*one_entry)(Enc *, PyObject *
         rc = one_entry(e, key, value);
         Py_DECREF(key);
         Py_DECREF(value);
+        if (rc == 0 && same_size(dict, size) < 0) rc = -1;
     }
     return rc;
 }

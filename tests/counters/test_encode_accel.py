@@ -407,6 +407,36 @@ def test_a_cache_changing_a_list_of_members_still_gives_a_well_formed_pfadd(grow
     assert args[:2] == [b"PFADD", b"k"] and len(args) - 2 == (12 if grow else 4)
 
 
+@pytest.mark.parametrize("part", ["users", "matches", "dimensions"])
+def test_a_head_miss_resizing_the_batch_raises_as_in_python(part: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A head computed by Python code that adds an entry to the batch dict being encoded: the Python
+    path's dict iterator raises. Old C code: carried on (PyDict_Next) and returned an encoding."""
+    pair = Pair(monkeypatch)
+    today = int(NOW) - int(NOW) % DAY
+    head_of = {"users": "_sketch_head", "matches": "_match_head", "dimensions": "_dimension_head"}[part]
+    new_key, new_value = {"users": (("other@v1", "hour", today), {"b"}), "matches": (("other@v1", "hour", today), 1),
+                          "dimensions": (("other@v1", today, "g"), {"v": 1})}[part]
+    errors = []
+    for use_c, counters in ((True, pair.fast), (False, pair.slow)):
+        batch = CounterBatch(users={("r@v1", "hour", today): {"a"}, ("r@v1", "day", today): {"a"}},
+                             matches={("r@v1", "hour", today): 1, ("r@v1", "day", today): 1},
+                             dimensions={("r@v1", today, "g"): {"m": 1}, ("r@v1", today, "h"): {"n": 1}})
+        target: dict[Any, Any] = getattr(batch, part)
+        real = getattr(counters, head_of)
+
+        def growing(*key: Any, real: Any = real, target: dict[Any, Any] = target) -> Any:
+            target[new_key] = new_value
+            return real(*key)
+
+        monkeypatch.setattr(counters, head_of, growing)
+        monkeypatch.setattr(redis_store, "USE_C", use_c)
+        with pytest.raises(RuntimeError) as info:
+            counters.encode_batch(batch, OFFSETS)
+        errors.append(str(info.value))
+    assert errors[0] == errors[1] == "dictionary changed size during iteration"
+    assert pair.spy.handled == []  # the C code raised rather than answering
+
+
 # ----- property --------------------------------------------------------------------------------------
 
 _text = st.text(alphabet=st.sampled_from("ab=é東 1"), max_size=4)
