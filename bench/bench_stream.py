@@ -135,6 +135,7 @@ def latency_phase(settings: Settings, log: Any, generator: BidGenerator, args: a
         time.sleep(0.05)
 
     rewrites_before = client.info("persistence")["aof_rewrites"]
+    delayed_before = client.info("persistence")["aof_delayed_fsync"]
     pending: list[tuple[float, dict[int, int], int]] = []  # (produced at, max offset per partition, count)
     lock = threading.Lock()
     latencies: list[tuple[float, int]] = []
@@ -190,7 +191,9 @@ def latency_phase(settings: Settings, log: Any, generator: BidGenerator, args: a
             "bids": sent, "unconfirmed": len(pending), "e2e_ms_p50": pct(50), "e2e_ms_p99": pct(99),
             "e2e_ms_max": pct(100), "restarts": supervisor.restarts,
             # AOF rewrites (a fork dumping the whole dataset) during this phase: CPU the stream competes with
-            "aof_rewrites": client.info("persistence")["aof_rewrites"] - rewrites_before}
+            "aof_rewrites": client.info("persistence")["aof_rewrites"] - rewrites_before,
+            # writes Redis held back because the previous fsync of its append-only file was still running
+            "aof_delayed_fsync": client.info("persistence")["aof_delayed_fsync"] - delayed_before}
 
 
 def main() -> None:
