@@ -77,7 +77,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from hashlib import blake2b
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import redis
 
@@ -237,6 +237,17 @@ def _floor_dimension_days(
     return out
 
 
+class EncodedOffset(NamedTuple):
+    """One partition's offsets in a write: its offsets-hash field (``<topic>:<partition>``) and the
+    next offset, as text and as RESP bulks, and the batch's start offset (None: not checked)."""
+
+    field: str
+    field_bulk: bytes
+    start: int | None
+    next_offset: int
+    next_bulk: bytes
+
+
 @dataclass
 class EncodedBatch:
     """One batch as packed RESP commands (see the module docstring).
@@ -244,7 +255,7 @@ class EncodedBatch:
     ``pfadds``: one PFADD per sketch; ``sketch_expires``: ``EXPIREAT key deadline`` for the
     ``n_sketch_expires`` sketches whose deadline this client has not seen set; ``body``: the
     transaction's ``n_body`` commands (one HINCRBY per field, EXPIREAT per hash not known to
-    have its deadline); ``offsets``: (field bulk, start offset or None, next-offset bulk);
+    have its deadline); ``offsets``: one :class:`EncodedOffset` per partition;
     ``deadlines``: key bulk -> deadline of every EXPIREAT sent, remembered once it succeeded.
     """
 
@@ -253,7 +264,7 @@ class EncodedBatch:
     n_sketch_expires: int
     body: bytes
     n_body: int
-    offsets: list[tuple[bytes, int | None, bytes]]
+    offsets: list[EncodedOffset]
     sketch_deadlines: dict[bytes, int]
     hash_deadlines: dict[bytes, int]
 
@@ -302,22 +313,33 @@ def _raw_reader(conn: Any) -> Any:
     return None if reader.has_data() else reader
 
 
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    """``size`` bytes (replies split across recv calls are joined); socket errors raised as
-    redis-py's own read raises them (callers catch redis' TimeoutError and ConnectionError)."""
-    buf = bytearray(size)
-    view = memoryview(buf)
-    got = 0
+@contextlib.contextmanager
+def _socket_errors() -> Iterator[None]:
+    """Socket errors of a raw read raised as redis-py's own read raises them (callers catch redis'
+    TimeoutError and ConnectionError); a closed connection too."""
     try:
-        while got < size:
-            n = sock.recv_into(view[got:])
-            if not n:
-                raise redis.exceptions.ConnectionError("connection closed by the server")
-            got += n
+        yield
     except TimeoutError as exc:  # socket.timeout
         raise redis.exceptions.TimeoutError("timeout reading from the socket") from exc
     except OSError as exc:
         raise redis.exceptions.ConnectionError(f"error reading from the socket: {exc}") from exc
+
+
+def _closed() -> redis.exceptions.ConnectionError:
+    return redis.exceptions.ConnectionError("connection closed by the server")
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    """``size`` bytes (replies split across recv calls are joined)."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    with _socket_errors():
+        while got < size:
+            n = sock.recv_into(view[got:])
+            if not n:
+                raise _closed()
+            got += n
     return bytes(buf)
 
 
@@ -392,15 +414,11 @@ def _read_exec(conn: Any, count: int) -> Any:
 
 
 def _recv_some(sock: socket.socket) -> bytes:
-    """The next bytes on the socket, errors raised as redis-py's own read raises them."""
-    try:
+    """The next bytes on the socket (at least one)."""
+    with _socket_errors():
         data = sock.recv(1 << 20)
-    except TimeoutError as exc:  # socket.timeout
-        raise redis.exceptions.TimeoutError("timeout reading from the socket") from exc
-    except OSError as exc:
-        raise redis.exceptions.ConnectionError(f"error reading from the socket: {exc}") from exc
     if not data:
-        raise redis.exceptions.ConnectionError("connection closed by the server")
+        raise _closed()
     return data
 
 
@@ -440,7 +458,7 @@ class RedisCounters(Counters):
         self.retries = 0
         # (consumer, offsets field bulk) -> the next offset this object stored there last: stored
         # offsets behind it mean the store lost acknowledged writes (CountersRolledBackError)
-        self._last_stored: dict[tuple[str, bytes], int] = {}
+        self._last_stored: dict[tuple[str, str], int] = {}
 
     @classmethod
     def from_settings(cls, client: redis.Redis, settings: Any) -> RedisCounters:
@@ -459,13 +477,14 @@ class RedisCounters(Counters):
         start_offsets: Mapping[tuple[str, int], int] | None = None,
     ) -> EncodedBatch:
         """The commands of ``batch``'s write (exposed for the benchmark and tests)."""
-        encoded_offsets: list[tuple[bytes, int | None, bytes]] = []
+        encoded_offsets: list[EncodedOffset] = []
         for (topic, partition), next_offset in offsets.items():
             start = None if start_offsets is None else start_offsets.get((topic, partition))
             if next_offset < 0 or (start is not None and start < 0):
                 raise ValueError(f"negative offset for {topic}:{partition}")
-            encoded_offsets.append((_bulk(keys.offset_field(topic, partition)),
-                                    None if start is None else int(start), _bulk(str(int(next_offset)))))
+            field = keys.offset_field(topic, partition)
+            encoded_offsets.append(EncodedOffset(field, _bulk(field), None if start is None else int(start),
+                                                 int(next_offset), _bulk(str(int(next_offset)))))
         if start_offsets:
             for topic, partition in start_offsets:
                 if (topic, partition) not in offsets:
@@ -507,7 +526,7 @@ class RedisCounters(Counters):
         return self._dimension_heads.add(rid_day, self._dimension_head(*rid_day))
 
     def _encode_in_python(self, batch: CounterBatch, now: float,
-                          encoded_offsets: list[tuple[bytes, int | None, bytes]]) -> EncodedBatch:
+                          encoded_offsets: list[EncodedOffset]) -> EncodedBatch:
         """The reference of encode_batch's loops (the C path must give the same bytes)."""
         known = self._deadlines_set
         # C path: a batch-local cache in front of the client's, so the batch's few thousand users
@@ -652,23 +671,22 @@ class RedisCounters(Counters):
         """Write an :class:`EncodedBatch`: True when written, False when the stored offsets show
         it was already applied; :class:`CountersRolledBackError` when they went back."""
         okey = _bulk(keys.offsets(consumer))
-        checks = [(field, start) for field, start, _ in encoded.offsets if start is not None]
-        fences = {field: _bulk(keys.offset_fence(consumer, field.split(b"\r\n", 2)[1].decode()))
-                  for field, _, _ in encoded.offsets}
+        checks = [(offset, offset.start) for offset in encoded.offsets if offset.start is not None]
+        fences = {offset.field: _bulk(keys.offset_fence(consumer, offset.field)) for offset in encoded.offsets}
         transaction = [_MULTI, encoded.body]
         queued = encoded.n_body
         if encoded.offsets:
             transaction.append(b"*%d\r\n$4\r\nHSET\r\n%s" % (2 + 2 * len(encoded.offsets), okey))
-            transaction += [field + next_bulk for field, _, next_bulk in encoded.offsets]
+            transaction += [offset.field_bulk + offset.next_bulk for offset in encoded.offsets]
             transaction.append(b"*%d\r\n$4\r\nMSET\r\n" % (1 + 2 * len(encoded.offsets)))
-            transaction += [fences[field] + next_bulk for field, _, next_bulk in encoded.offsets]
+            transaction += [fences[offset.field] + offset.next_bulk for offset in encoded.offsets]
             queued += 2
         transaction.append(_EXEC)
         check = b""
         if checks:
             check = b"*%d\r\n$5\r\nWATCH\r\n%s*%d\r\n$5\r\nHMGET\r\n%s%s" % (
-                1 + len(checks), b"".join(fences[field] for field, _ in checks),
-                2 + len(checks), okey, b"".join(field for field, _ in checks))
+                1 + len(checks), b"".join(fences[offset.field] for offset, _ in checks),
+                2 + len(checks), okey, b"".join(offset.field_bulk for offset, _ in checks))
         last = self._last_stored
         pool = self.client.connection_pool
         conn = pool.get_connection()
@@ -690,31 +708,31 @@ class RedisCounters(Counters):
                         conn.send_packed_command([check])
                     conn.read_response()  # WATCH: OK
                     stored = [None if value is None else int(value) for value in conn.read_response()]
-                    behind = {field: (value, last[consumer, field])
-                              for value, (field, _) in zip(stored, checks, strict=True)
-                              if (consumer, field) in last and (value is None or value < last[consumer, field])}
+                    behind = {offset.field: (value, last[consumer, offset.field])
+                              for value, (offset, _) in zip(stored, checks, strict=True)
+                              if (consumer, offset.field) in last
+                              and (value is None or value < last[consumer, offset.field])}
                     if behind:
                         conn.send_packed_command([_UNWATCH])
                         conn.read_response()
                         for field in behind:  # the rewound writer starts from what is stored
                             del last[consumer, field]
-                        raise CountersRolledBackError(consumer, {
-                            field.split(b"\r\n", 2)[1].decode(): values for field, values in behind.items()})
+                        raise CountersRolledBackError(consumer, behind)
                     if any(value is not None and _beyond(value, start)
                            for value, (_, start) in zip(stored, checks, strict=True)):
                         conn.send_packed_command([_UNWATCH])
                         conn.read_response()
-                        for value, (field, _) in zip(stored, checks, strict=True):
+                        for value, (offset, _) in zip(stored, checks, strict=True):
                             if value is not None:
-                                last[consumer, field] = value
+                                last[consumer, offset.field] = value
                         return False
                     # round trip 2: the counts and offsets, applied only if the offsets did not change
                     conn.send_packed_command([b"".join(transaction)])
                 _read_queued(conn, queued)
                 reply = _read_exec(conn, queued)
                 if reply is not None:
-                    for field, _, next_bulk in encoded.offsets:  # committed, even with the errors below
-                        last[consumer, field] = int(next_bulk.split(b"\r\n", 2)[1])
+                    for offset in encoded.offsets:  # committed, even with the errors below
+                        last[consumer, offset.field] = offset.next_offset
                     if reply is not True and any(isinstance(item, Exception) for item in reply):
                         # committed anyway (no rollback in MULTI): say so, naming the keys
                         names = [*_command_keys(encoded.body), keys.offsets(consumer), "offset fences"]
