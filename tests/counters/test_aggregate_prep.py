@@ -6,9 +6,7 @@ both paths, with the same errors. Skipped when the C module is not built."""
 from __future__ import annotations
 
 import calendar
-import gc
 import random
-import tracemalloc
 from collections import OrderedDict, UserDict
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +17,7 @@ from rules_service.counters import aggregate as aggregate_module
 from rules_service.counters.aggregate import _prepare, _prepared_for_c, aggregate_masks, hour_of_last_seen
 from rules_service.counters.port import CounterBatch
 from tests.counters.test_aggregate_masks import DIMS, masks_of, random_case
+from tests.leaks import bytes_kept
 
 _c = aggregate_module._aggregate
 pytestmark = pytest.mark.skipif(_c is None, reason="rules_service.counters._aggregate is not built")
@@ -326,16 +325,5 @@ def test_prepare_does_not_leak() -> None:
             _c.prepare(docs, b"", [], [], True)
         aggregate_masks(documents, ids, masks, DIMS)
 
-    for _ in range(10):
-        work()
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        for _ in range(40):
-            work()
-        gc.collect()
-        grown = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    grown = bytes_kept(work, warmup=10, rounds=40)
     assert grown < 64_000, f"{grown} bytes left after 40 calls"

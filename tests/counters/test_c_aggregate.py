@@ -3,9 +3,7 @@ twins: pack_members vs b"".join(map(...)), encode_batch on both paths, and no le
 
 from __future__ import annotations
 
-import gc
 import random
-import tracemalloc
 from collections.abc import Callable
 
 import pytest
@@ -18,6 +16,7 @@ from rules_service.counters.aggregate import aggregate, aggregate_masks, hour_of
 from rules_service.counters.port import CounterBatch
 from rules_service.counters.redis_store import RedisCounters
 from tests.counters.test_aggregate_masks import DIMS, masks_of, random_case
+from tests.leaks import bytes_kept
 
 _c = aggregate_module._aggregate
 pytestmark = pytest.mark.skipif(_c is None, reason="rules_service.counters._aggregate is not built")
@@ -96,18 +95,7 @@ def test_no_leaks() -> None:
         with pytest.raises(ValueError):
             _c.emit({}, {}, {}, ["r"], b"\x02" + b"\x00" * 7, 1, ["u"], b"\x00" * 4, [0], [0], b"", 0, [], [], True)
 
-    for _ in range(20):
-        work()
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        for _ in range(60):
-            work()
-        gc.collect()
-        grown = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    grown = bytes_kept(work, warmup=20, rounds=60)
     assert grown < 64_000, f"{grown} bytes left after 60 calls"
 
 

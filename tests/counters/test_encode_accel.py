@@ -8,9 +8,7 @@ remember the deadlines as ``apply_encoded`` does once a write succeeded."""
 from __future__ import annotations
 
 import contextlib
-import gc
 import random
-import tracemalloc
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +22,7 @@ from rules_service.counters.keys import DAY, HOUR
 from rules_service.counters.port import CounterBatch
 from rules_service.counters.redis_store import DEADLINES_MEMORY_S, EncodedBatch, RedisCounters
 from tests.counters.test_aggregate_masks import DIMS, masks_of, random_case
+from tests.leaks import bytes_kept
 
 _c = redis_store._encode
 pytestmark = pytest.mark.skipif(_c is None, reason="rules_service.counters._encode is not built")
@@ -492,16 +491,5 @@ def test_no_leaks(monkeypatch: pytest.MonkeyPatch) -> None:
         with pytest.raises(ValueError):
             counters.encode_batch(bad, OFFSETS)
 
-    for _ in range(5):
-        round_()
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        for _ in range(40):
-            round_()
-        gc.collect()
-        grown = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    grown = bytes_kept(round_, warmup=5, rounds=40)
     assert grown < 64_000, f"{grown} bytes left after 40 rounds"

@@ -11,12 +11,10 @@ not built (tests/test_accelerators.py makes that a failure in CI).
 from __future__ import annotations
 
 import copy
-import gc
 import random
 import re
 import sys
 import time
-import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rules_service import normalize
+from tests.leaks import bytes_kept
 from tests.normalize.test_normalize_equivalence import JSON, PATHS, VALUES, _apply, mutated_bids
 from workers.bidgen import BidGenerator
 
@@ -327,19 +326,7 @@ def test_no_leak_over_many_calls() -> None:
         for bid in bids:
             c_module.fast_document(bid, None, NOW_MS)
 
-    run()
-    gc.collect()
-    tracemalloc.start()
-    try:
-        run()
-        gc.collect()
-        first = tracemalloc.get_traced_memory()[0]
-        for _ in range(15):
-            run()
-        gc.collect()
-        growth = tracemalloc.get_traced_memory()[0] - first
-    finally:
-        tracemalloc.stop()
+    growth = bytes_kept(run, warmup=1, traced_warmup=1, rounds=15)
     assert growth < 50_000, growth  # ~9,000 calls: even 8 bytes a call would show
 
 

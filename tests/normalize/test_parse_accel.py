@@ -17,11 +17,9 @@ number spellings), hypothesis-made bid-shaped objects, and a leak check. Skipped
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import random
 import struct
-import tracemalloc
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rules_service import normalize
+from tests.leaks import bytes_kept
 from tests.normalize.test_normalize_equivalence import JSON, PATHS, VALUES, _apply
 from workers.bidgen import BidGenerator
 
@@ -382,18 +381,7 @@ def test_no_leaks() -> None:
         for raw in raws:
             document_from_json(raw, None, NOW_MS)
 
-    for _ in range(3):
-        run()
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        for _ in range(40):
-            run()
-        gc.collect()
-        grown = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    grown = bytes_kept(run, warmup=3, rounds=40)
     assert grown < 64 * 1024, grown  # 40 x 450 calls: a leak of one object per call would be ~1 MB
 
 

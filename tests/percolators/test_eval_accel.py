@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import random
 import sys
-import tracemalloc
 from datetime import timedelta
 from typing import Any
 
@@ -41,6 +40,7 @@ from percolators.query import Bool, MatchAll, MatchNone, Node, Phrase, Range, Te
 from percolators.scatter import scatter_python
 from percolators.workload import WORKLOAD_NOW, generate_documents, generate_rules
 from rules_service.schema import USER_MAPPING
+from tests.leaks import bytes_kept
 
 _eval = programs._eval
 needs_c = pytest.mark.skipif(_eval is None, reason="percolators._eval not built (pip install -e . compiles it)")
@@ -296,15 +296,7 @@ def test_repeated_calls_do_not_leak():
         once()
     gc.collect()
     refs = sys.getrefcount(probe)  # (after the warm-up filled the engine's caches)
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        for _ in range(40):
-            once()
-        gc.collect()
-        grown = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    grown = bytes_kept(once, warmup=0, rounds=40)
     assert grown < 200_000, f"{grown} bytes kept after 40 rounds"
     assert sys.getrefcount(probe) == refs
 

@@ -8,10 +8,8 @@ The C paths are skipped (not failed) when the extensions are not built."""
 
 from __future__ import annotations
 
-import gc
 import math
 import random
-import tracemalloc
 from typing import Any
 
 import pytest
@@ -21,6 +19,7 @@ from percolators.batch import BatchIndex
 from percolators.embedded import BatchMatches, EmbeddedPercolator
 from percolators.port import Rule
 from percolators.workload import WORKLOAD_NOW, generate_documents, generate_rules
+from tests.leaks import bytes_kept
 
 needs_c = pytest.mark.skipif(
     programs._eval is None or fast_index._walk is None, reason="percolators._eval/_walk not built"
@@ -151,16 +150,5 @@ def test_percolate_masks_does_not_leak():
         for _ in range(times):
             fast.percolate_masks(docs, now=WORKLOAD_NOW)
 
-    run(5)
-    gc.collect()
-    tracemalloc.start()
-    try:
-        run(20)
-        gc.collect()
-        before = tracemalloc.get_traced_memory()[0]
-        run(100)
-        gc.collect()
-        grown = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    grown = bytes_kept(lambda: run(1), warmup=5, traced_warmup=20, rounds=100)
     assert grown < 100_000, f"{grown} bytes kept by 100 batches"

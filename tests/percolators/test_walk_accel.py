@@ -6,11 +6,9 @@ dict order, on seeded random workloads, on randomly corrupted documents and on e
 from __future__ import annotations
 
 import enum
-import gc
 import math
 import random
 import sys
-import tracemalloc
 from collections import OrderedDict
 from typing import Any
 
@@ -24,6 +22,7 @@ from percolators.fast_index import FastIndexer
 from percolators.mapping import Mapping
 from percolators.workload import WORKLOAD_NOW, generate_documents
 from rules_service.schema import USER_MAPPING
+from tests.leaks import bytes_kept
 
 pytestmark = pytest.mark.skipif(fast_index._walk is None, reason="percolators._walk is not built (pip install -e .)")
 
@@ -338,18 +337,8 @@ def test_the_walk_and_masks_do_not_leak():
         with pytest.raises(TypeError):
             indexer.index_batch([{"gender": "x"}, {5: 1}], fields, GEO, "skip")
 
-    run(3)  # warm caches (the date cache, interned strings)
-    gc.collect()
-    tracemalloc.start()
-    try:
-        run(5)
-        gc.collect()
-        before = tracemalloc.get_traced_memory()[0]
-        run(40)
-        gc.collect()
-        grown = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    # warm caches (the date cache, interned strings): 3 runs, and 5 more traced
+    grown = bytes_kept(lambda: run(1), warmup=3, traced_warmup=5, rounds=40)
     assert grown < 64 * 1024, f"{grown} bytes kept after 40 batches"
 
 
