@@ -122,19 +122,24 @@ def test_a_failure_in_a_window_loses_and_doubles_nothing(apply_failures: set[int
     same_counts(windowed, per_batch)
 
 
-def test_a_window_is_written_once_its_interval_has_passed() -> None:
+def match_all_consumer(seed: int, **options: Any) -> tuple[FakeLog, CountingCounters, StreamConsumer, list[Message]]:
+    """A consumer of one match-all audience on a fresh log, and 40 bids to send it."""
     log = FakeLog()
     ensure_topics(log, SETTINGS)
     rc = RuleChange(audience_id="all", advertiser_id="adv", version=1, query={"match_all": {}})
     log.producer().send_batch(RULES_TOPIC, [Message(value=rc.to_json(), key=rc.rule_id.encode())])
-    gen = BidGenerator(seed=2, users=50, days=0.01, end=datetime(2026, 11, 22, 12, tzinfo=UTC))
+    gen = BidGenerator(seed=seed, users=50, days=0.01, end=datetime(2026, 11, 22, 12, tzinfo=UTC))
     messages = [Message(value=v, key=k) for k, v in gen.messages(40)]
     percolator = EmbeddedPercolator(dict(USER_MAPPING))
     rules = RulesSync(log, percolator, interval_s=0)
     rules.load()
     counters = CountingCounters()
-    consumer = StreamConsumer(log, percolator, counters, rules=rules, dimensions=DIMS, batch_size=10,
-                              flush_interval_ms=300)
+    consumer = StreamConsumer(log, percolator, counters, rules=rules, dimensions=DIMS, **options)
+    return log, counters, consumer, messages
+
+
+def test_a_window_is_written_once_its_interval_has_passed() -> None:
+    log, counters, consumer, messages = match_all_consumer(2, batch_size=10, flush_interval_ms=300)
     with consumer:
         log.producer().send_batch("bids", messages[:10])
         assert consumer.run_once() == 10
@@ -172,18 +177,7 @@ def test_merge_batches_adds_up() -> None:
 def test_inside_an_open_window_a_poll_gathers_a_bigger_batch_until_the_window_is_due() -> None:
     """Every batch has a fixed cost (each rule's program runs once per batch): inside an open window,
     whose counters wait for its end anyway, a poll that finds a few records waits for more."""
-    log = FakeLog()
-    ensure_topics(log, SETTINGS)
-    rc = RuleChange(audience_id="all", advertiser_id="adv", version=1, query={"match_all": {}})
-    log.producer().send_batch(RULES_TOPIC, [Message(value=rc.to_json(), key=rc.rule_id.encode())])
-    gen = BidGenerator(seed=3, users=50, days=0.01, end=datetime(2026, 11, 22, 12, tzinfo=UTC))
-    messages = [Message(value=v, key=k) for k, v in gen.messages(40)]
-    percolator = EmbeddedPercolator(dict(USER_MAPPING))
-    rules = RulesSync(log, percolator, interval_s=0)
-    rules.load()
-    counters = CountingCounters()
-    consumer = StreamConsumer(log, percolator, counters, rules=rules, dimensions=DIMS, batch_size=20,
-                              min_batch=10, flush_interval_ms=600)
+    log, counters, consumer, messages = match_all_consumer(3, batch_size=20, min_batch=10, flush_interval_ms=600)
     send = log.producer().send_batch
     with consumer:
         send("bids", messages[:3])
