@@ -318,6 +318,9 @@ def dead_letter_category(exc: BaseException) -> tuple[str, str, str | None]:
 
 _INDEX = re.compile(r"\[\d+\]")
 
+#: The steps of a batch timed in StreamStats, in order (then "merge" and "apply" per window).
+_STAGES = ("normalise", "percolate", "aggregate", "produce")
+
 
 class StreamConsumer:
     """Consumes ``bids`` partitions into the counters. Not thread-safe: one thread drives it."""
@@ -572,12 +575,10 @@ class StreamConsumer:
         t_produced, c_produced = clock(), cpu()
         stages = self.stats.stage_seconds
         cpu_stages = self.stats.stage_cpu_seconds
-        for stage, seconds in (("normalise", c_normalised - cpu_began), ("percolate", c_percolated - c_normalised),
-                               ("aggregate", c_aggregated - c_percolated), ("produce", c_produced - c_aggregated)):
-            cpu_stages[stage] = cpu_stages.get(stage, 0.0) + seconds
-        for stage, seconds in (("normalise", t_normalised - began), ("percolate", t_percolated - t_normalised),
-                               ("aggregate", t_aggregated - t_percolated), ("produce", t_produced - t_aggregated)):
-            stages[stage] = stages.get(stage, 0.0) + seconds
+        for totals, marks in ((stages, (began, t_normalised, t_percolated, t_aggregated, t_produced)),
+                              (cpu_stages, (cpu_began, c_normalised, c_percolated, c_aggregated, c_produced))):
+            for stage, start, end in zip(_STAGES, marks[:-1], marks[1:], strict=True):  # from the mark before
+                totals[stage] = totals.get(stage, 0.0) + (end - start)
         pending = _PendingBatch(
             batch=batch, start_offsets=start_offsets, next_offsets=next_offsets, size=len(records),
             timestamps=[record.timestamp_ms for record in records], matched_pairs=matched_pairs,
