@@ -102,6 +102,10 @@ def produce(log: Any, topic: str, pairs: list[tuple[bytes | None, bytes]], batch
     return time.perf_counter() - began
 
 
+#: The latency phase also reports its p99 per slice of this many seconds of production.
+SLICE_S = 2
+
+
 def latency_phase(settings: Settings, log: Any, generator: BidGenerator, args: argparse.Namespace,
                   url: str) -> dict[str, Any]:
     from workers.stream_runner import StreamSupervisor
@@ -139,6 +143,7 @@ def latency_phase(settings: Settings, log: Any, generator: BidGenerator, args: a
     pending: list[tuple[float, dict[int, int], int]] = []  # (produced at, max offset per partition, count)
     lock = threading.Lock()
     latencies: list[tuple[float, int]] = []
+    slices: dict[int, list[tuple[float, int]]] = {}  # the same, per SLICE_S of production: is the tail steady?
     done = threading.Event()
 
     def poll() -> None:
@@ -149,6 +154,7 @@ def latency_phase(settings: Settings, log: Any, generator: BidGenerator, args: a
                 while pending and all(offsets.get(p, 0) > o for p, o in pending[0][1].items()):
                     at, _, n = pending.pop(0)
                     latencies.append((now - at, n))
+                    slices.setdefault(int((at - began) // SLICE_S), []).append((now - at, n))
             time.sleep(0.005)
 
     poller = threading.Thread(target=poll, daemon=True)
@@ -174,10 +180,10 @@ def latency_phase(settings: Settings, log: Any, generator: BidGenerator, args: a
     done.set()
     poller.join(timeout=120)
     supervisor.stop()
-    weighted = sorted(latencies)
-    count = sum(n for _, n in weighted)
 
-    def pct(q: float) -> float | None:
+    def pct(q: float, samples: list[tuple[float, int]] = latencies) -> float | None:
+        weighted = sorted(samples)
+        count = sum(n for _, n in weighted)
         if not count:
             return None
         seen = 0
@@ -189,7 +195,8 @@ def latency_phase(settings: Settings, log: Any, generator: BidGenerator, args: a
 
     return {"phase": "latency", "target_rate": args.rate, "achieved_produce_rate": round(sent / produced_in),
             "bids": sent, "unconfirmed": len(pending), "e2e_ms_p50": pct(50), "e2e_ms_p99": pct(99),
-            "e2e_ms_max": pct(100), "restarts": supervisor.restarts,
+            "e2e_ms_max": pct(100), f"e2e_ms_p99_per_{SLICE_S}s": [pct(99, slices[k]) for k in sorted(slices)],
+            "restarts": supervisor.restarts,
             # AOF rewrites (a fork dumping the whole dataset) during this phase: CPU the stream competes with
             "aof_rewrites": client.info("persistence")["aof_rewrites"] - rewrites_before,
             # writes Redis held back because the previous fsync of its append-only file was still running

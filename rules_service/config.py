@@ -57,6 +57,10 @@ class Settings:
     #: The flush window: polled batches are merged into one atomic counters+offsets write at most
     #: this often (ms). Longer: less Redis CPU per bid, more latency; 0 writes every batch.
     STREAM_FLUSH_MS: int = 200
+    #: Users a stream process remembers as already added to an audience's sketches this hour, as
+    #: (user, audience) records (rules_service.counters.seen): a user's later bids in the hour send
+    #: nothing to those sketches. About 24 bytes a record; above the bound it starts afresh. 0: off.
+    STREAM_SEEN_RECORDS: int = 4_000_000
     # Replay
     #: Processes one big replay scan is split over, by partition (0: one per usable CPU). Lower it
     #: where replays share the machine with live streaming.
@@ -131,6 +135,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"{ENV_PREFIX}BATCH_SIZE={settings.BATCH_SIZE}: must be at least 1")
     if settings.REPLAY_WORKERS < 0:
         raise ConfigError(f"{ENV_PREFIX}REPLAY_WORKERS={settings.REPLAY_WORKERS}: must be 0 (one per CPU) or more")
+    if settings.STREAM_SEEN_RECORDS < 0:
+        raise ConfigError(f"{ENV_PREFIX}STREAM_SEEN_RECORDS={settings.STREAM_SEEN_RECORDS}: must be 0 (off) or more")
     if not 0 <= settings.STREAM_FLUSH_MS <= 10_000:
         raise ConfigError(f"{ENV_PREFIX}STREAM_FLUSH_MS={settings.STREAM_FLUSH_MS}: must be between 0 and 10000 (ms)")
 

@@ -61,6 +61,8 @@ import orjson
 from percolators.port import Percolator
 from rules_service.counters.aggregate import merge_batches
 from rules_service.counters.port import CounterBatch, Counters
+from rules_service.counters.seen import DEFAULT_MAX_RECORDS as DEFAULT_SEEN_RECORDS
+from rules_service.counters.seen import new_seen_users
 from rules_service.domain import LAST_SEEN_TOPIC, dlq_topic
 from workers.log.port import Consumer, Log, Message, Producer, Record, TopicPartition
 
@@ -96,12 +98,14 @@ Aggregator = Callable[[Sequence[Mapping[str, Any]], Sequence[Sequence[str]]], Co
 
 
 class MaskAggregator(Protocol):
-    """``aggregate_masks(documents, rule_ids, masks, batch=None) -> CounterBatch`` (bit ``i`` of
-    ``masks[k]``: ``documents[i]`` matched ``rule_ids[k]``; documents in no mask are ignored). Given
-    a ``batch``, the updates are added to it and it is returned (an open flush window's batch)."""
+    """``aggregate_masks(documents, rule_ids, masks, batch=None, seen=None) -> CounterBatch`` (bit
+    ``i`` of ``masks[k]``: ``documents[i]`` matched ``rule_ids[k]``; documents in no mask are
+    ignored). Given a ``batch``, the updates are added to it and it is returned (an open flush
+    window's batch); given ``seen`` (``rules_service.counters.seen``), users it records as already
+    in a sketch are left out."""
 
     def __call__(self, documents: Sequence[Mapping[str, Any]], rule_ids: Sequence[str], masks: Sequence[int],
-                 batch: CounterBatch | None = None) -> CounterBatch: ...
+                 batch: CounterBatch | None = None, seen: Any = None) -> CounterBatch: ...
 
 
 class RuleSource(Protocol):
@@ -129,8 +133,8 @@ def default_mask_aggregator(dimensions: Sequence[str]) -> MaskAggregator:
     from rules_service.counters.aggregate import aggregate_masks
 
     def run(documents: Sequence[Mapping[str, Any]], rule_ids: Sequence[str], masks: Sequence[int],
-            batch: CounterBatch | None = None) -> CounterBatch:
-        return aggregate_masks(documents, rule_ids, masks, dimensions=dimensions, batch=batch)
+            batch: CounterBatch | None = None, seen: Any = None) -> CounterBatch:
+        return aggregate_masks(documents, rule_ids, masks, dimensions=dimensions, batch=batch, seen=seen)
 
     return run
 
@@ -347,6 +351,7 @@ class StreamConsumer:
         flush_interval_ms: int = 0,
         max_window_records: int = 20_000,
         min_batch: int | None = None,
+        seen_records: int = DEFAULT_SEEN_RECORDS,
     ) -> None:
         self.log = log
         self.percolator = percolator
@@ -363,6 +368,9 @@ class StreamConsumer:
         self._percolate_masks = percolate_masks if callable(percolate_masks) and (
             aggregate is None or aggregate_masks is not None) else None
         self.aggregate_masks = aggregate_masks or default_mask_aggregator(dimensions)
+        # the users already added to the sketches (this hour), so a user's next bids do not send
+        # them again: most of Redis's work and of the write's bytes (rules_service.counters.seen)
+        self.seen = new_seen_users(seen_records) if seen_records > 0 else None
         self.poll_timeout_ms = poll_timeout_ms
         self.clock_ms = clock_ms
         # Called at "after_produce" and "after_apply": the fault test kills the process there.
@@ -538,7 +546,7 @@ class StreamConsumer:
                 # straight into the open window's batch, if any (no merge: measured ~10 us per bid);
                 # if anything below fails, the whole window is dropped and read again (abandon)
                 batch = self.aggregate_masks(documents, found.rule_ids, found.masks,
-                                             batch=None if window is None else window.batch)
+                                             batch=None if window is None else window.batch, seen=self.seen)
             else:
                 batch = CounterBatch()
         else:
@@ -689,8 +697,12 @@ class StreamConsumer:
     def abandon(self) -> None:
         """After a failed batch: drop the open window (the failed batch may have added to it; the
         caller rewinds to the stored offsets, so its records are read again), wait for the write in
-        flight and finish it if it went through, forget it otherwise."""
+        flight and finish it if it went through, forget it otherwise. The users recorded as in the
+        sketches are forgotten too: the dropped window's were not written, and after a rollback
+        the sketches may have lost earlier ones."""
         self._window = None
+        if self.seen is not None:
+            self.seen.clear()
         try:
             self._wait_inflight()
         except Exception as exc:  # reported by the caller's retry

@@ -86,6 +86,7 @@ def build_consumer(settings: Settings, *, partitions: Sequence[int] | None = Non
             fault_hook=self_kill_hook(os.environ.get(SELF_KILL_ENV, "")),
             overlap_apply=settings.STREAM_OVERLAP_APPLY,
             flush_interval_ms=settings.STREAM_FLUSH_MS, max_window_records=MAX_WINDOW_RECORDS,
+            seen_records=settings.STREAM_SEEN_RECORDS,
         )
         consumer.start()
         yield consumer

@@ -25,7 +25,15 @@
  *   doc_codes: bytes of int32, a documents x width matrix of (dimension, value) codes, -1 = none
  *     (empty bytes and width 0: no dimensions);
  *   code_dims, code_values: lists of str, the dimension and the value of each code;
- *   count_matches: add matched counts and dimension counts (False: users only, a replay).
+ *   count_matches: add matched counts and dimension counts (False: users only, a replay);
+ *   seen (optional): a SeenUsers. A (document, rule) pair whose (user, rule, hour) it holds adds no
+ *     user (the sketches have it already); the others add theirs and are recorded. Counts are
+ *     never filtered.
+ *
+ * SeenUsers(max_records): the (user, rule, hour) triples this process already added to the hour
+ *   and day sketches, so a user seen again in the same hour is not sent again (PFADD of a member a
+ *   sketch holds changes nothing). The twin of rules_service.counters.seen.SeenUsers; the rules
+ *   are in that module's docstring. Per user: the hour and an open-addressed table of rule numbers.
  *
  * pack_members(members, cache, miss) -> bytes
  *
@@ -33,12 +41,214 @@
  *   caches an absent one. The twin of b"".join(map(cache_dict.__getitem__, members)) in
  *   redis_store (a dict subclass with __missing__): one C loop instead of a call per member.
  *
- * No state is kept between calls; the scratch buffers are allocated per call.
+ * Only a SeenUsers keeps state between calls; the scratch buffers are allocated per call.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+
+
+/* ------------------------------------------------------------------ SeenUsers */
+
+typedef struct {
+    long long hour;
+    uint32_t n, cap;  /* rule numbers recorded; table capacity (a power of 2, or 0) */
+    uint32_t *slots;  /* rule number + 1 per slot, 0 = empty */
+} UserEntry;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *user_index;  /* dict: user id -> index into entries (int) */
+    PyObject *rule_number; /* dict: rule id -> number (int) */
+    UserEntry *entries;
+    Py_ssize_t n_entries, cap_entries;
+    Py_ssize_t records, max_records, slot_bytes;
+    int busy; /* inside emit: Python code a value's __add__ runs must not clear it under us */
+} SeenUsers;
+
+static PyTypeObject SeenUsersType;
+
+static void seen_forget(SeenUsers *s) {
+    for (Py_ssize_t i = 0; i < s->n_entries; i++) PyMem_Free(s->entries[i].slots);
+    s->n_entries = 0;
+    s->records = 0;
+    s->slot_bytes = 0;
+    if (s->user_index) PyDict_Clear(s->user_index);
+    if (s->rule_number) PyDict_Clear(s->rule_number);
+}
+
+static PyObject *SeenUsers_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"max_records", NULL};
+    Py_ssize_t max_records;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n:SeenUsers", kwlist, &max_records)) return NULL;
+    if (max_records < 1) {
+        PyErr_SetString(PyExc_ValueError, "SeenUsers: max_records must be at least 1");
+        return NULL;
+    }
+    SeenUsers *s = (SeenUsers *)type->tp_alloc(type, 0);
+    if (s == NULL) return NULL;
+    s->max_records = max_records;
+    s->user_index = PyDict_New();
+    s->rule_number = PyDict_New();
+    if (s->user_index == NULL || s->rule_number == NULL) {
+        Py_DECREF(s);
+        return NULL;
+    }
+    return (PyObject *)s;
+}
+
+static void SeenUsers_dealloc(SeenUsers *s) {
+    for (Py_ssize_t i = 0; i < s->n_entries; i++) PyMem_Free(s->entries[i].slots);
+    PyMem_Free(s->entries);
+    Py_XDECREF(s->user_index);
+    Py_XDECREF(s->rule_number);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static PyObject *SeenUsers_clear(SeenUsers *s, PyObject *unused) {
+    if (s->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "SeenUsers.clear() during an emit that uses it");
+        return NULL;
+    }
+    seen_forget(s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *SeenUsers_get_records(SeenUsers *s, void *closure) { return PyLong_FromSsize_t(s->records); }
+static PyObject *SeenUsers_get_users(SeenUsers *s, void *closure) { return PyLong_FromSsize_t(s->n_entries); }
+static PyObject *SeenUsers_get_max(SeenUsers *s, void *closure) { return PyLong_FromSsize_t(s->max_records); }
+static PyObject *SeenUsers_get_nbytes(SeenUsers *s, void *closure) {
+    return PyLong_FromSsize_t(s->slot_bytes + s->cap_entries * (Py_ssize_t)sizeof(UserEntry));
+}
+
+/* The entry of user ``uid`` for a document of ``hour`` (creating it, or moving it on to a later
+ * hour: the records of an earlier hour are no use any more), or -1 when the entry is at a later
+ * hour (a late document: its users are added, not recorded). -2 on errors. */
+static Py_ssize_t seen_entry(SeenUsers *s, PyObject *uid, long long hour) {
+    PyObject *found = PyDict_GetItemWithError(s->user_index, uid); /* borrowed */
+    if (found != NULL) {
+        Py_ssize_t i = PyLong_AsSsize_t(found);
+        if (i < 0 || i >= s->n_entries) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "SeenUsers: corrupt index");
+            return -2;
+        }
+        UserEntry *e = &s->entries[i];
+        if (e->hour > hour) return -1;
+        if (e->hour < hour) {
+            s->records -= e->n;
+            e->n = 0;
+            e->hour = hour;
+            if (e->cap) memset(e->slots, 0, (size_t)e->cap * sizeof(uint32_t));
+        }
+        return i;
+    }
+    if (PyErr_Occurred()) return -2;
+    if (s->n_entries == s->cap_entries) {
+        Py_ssize_t cap = s->cap_entries ? s->cap_entries * 2 : 1024;
+        UserEntry *grown = PyMem_Realloc(s->entries, (size_t)cap * sizeof(UserEntry));
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -2;
+        }
+        s->entries = grown;
+        s->cap_entries = cap;
+    }
+    PyObject *index = PyLong_FromSsize_t(s->n_entries);
+    if (index == NULL) return -2;
+    int rc = PyDict_SetItem(s->user_index, uid, index);
+    Py_DECREF(index);
+    if (rc < 0) return -2;
+    UserEntry *e = &s->entries[s->n_entries];
+    e->hour = hour;
+    e->n = e->cap = 0;
+    e->slots = NULL;
+    return s->n_entries++;
+}
+
+static inline uint32_t slot_of(uint32_t key, uint32_t mask) {
+    uint32_t h = key * 0x9E3779B1u;
+    return (h ^ (h >> 15)) & mask;
+}
+
+/* Record rule ``number`` for an entry: 1 when it was recorded already, 0 when added, -1 on errors. */
+static int seen_record(SeenUsers *s, UserEntry *e, uint32_t number) {
+    uint32_t key = number + 1;
+    if (e->cap) {
+        uint32_t mask = e->cap - 1;
+        for (uint32_t i = slot_of(key, mask);; i = (i + 1) & mask) {
+            if (e->slots[i] == key) return 1;
+            if (e->slots[i] == 0) break;
+        }
+    }
+    if ((e->n + 1) * 2 > e->cap) { /* at most half full: short probes */
+        uint32_t cap = e->cap ? e->cap * 2 : 8;
+        uint32_t *slots = PyMem_Calloc(cap, sizeof(uint32_t));
+        if (slots == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (uint32_t j = 0; j < e->cap; j++) {
+            uint32_t k = e->slots[j];
+            if (k == 0) continue;
+            uint32_t i = slot_of(k, cap - 1);
+            while (slots[i]) i = (i + 1) & (cap - 1);
+            slots[i] = k;
+        }
+        PyMem_Free(e->slots);
+        s->slot_bytes += (Py_ssize_t)(cap - e->cap) * (Py_ssize_t)sizeof(uint32_t);
+        e->slots = slots;
+        e->cap = cap;
+    }
+    uint32_t mask = e->cap - 1, i = slot_of(key, mask);
+    while (e->slots[i]) i = (i + 1) & mask;
+    e->slots[i] = key;
+    e->n++;
+    s->records++;
+    return 0;
+}
+
+/* The number of a rule id (assigned on first sight), or (uint32_t)-1 on errors. */
+static uint32_t seen_rule_number(SeenUsers *s, PyObject *rid) {
+    PyObject *found = PyDict_GetItemWithError(s->rule_number, rid); /* borrowed */
+    if (found != NULL) return (uint32_t)PyLong_AsUnsignedLong(found);
+    if (PyErr_Occurred()) return (uint32_t)-1;
+    Py_ssize_t n = PyDict_GET_SIZE(s->rule_number);
+    if (n >= (Py_ssize_t)UINT32_MAX - 1) {
+        PyErr_SetString(PyExc_OverflowError, "SeenUsers: too many rule ids");
+        return (uint32_t)-1;
+    }
+    PyObject *number = PyLong_FromSsize_t(n);
+    if (number == NULL) return (uint32_t)-1;
+    int rc = PyDict_SetItem(s->rule_number, rid, number);
+    Py_DECREF(number);
+    return rc < 0 ? (uint32_t)-1 : (uint32_t)n;
+}
+
+static PyMethodDef SeenUsers_methods[] = {
+    {"clear", (PyCFunction)SeenUsers_clear, METH_NOARGS, "Forget every record (the sketches may have lost them)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef SeenUsers_getset[] = {
+    {"records", (getter)SeenUsers_get_records, NULL, "(user, rule) pairs recorded for their users' hours", NULL},
+    {"users", (getter)SeenUsers_get_users, NULL, "users with an entry", NULL},
+    {"max_records", (getter)SeenUsers_get_max, NULL, "above this many records, the next batch starts afresh", NULL},
+    {"nbytes", (getter)SeenUsers_get_nbytes, NULL, "bytes of the entries and rule tables (not the dicts)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject SeenUsersType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "rules_service.counters._aggregate.SeenUsers",
+    .tp_basicsize = sizeof(SeenUsers),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The (user, rule, hour) triples already added to the sketches (see the module).",
+    .tp_new = SeenUsers_new,
+    .tp_dealloc = (destructor)SeenUsers_dealloc,
+    .tp_methods = SeenUsers_methods,
+    .tp_getset = SeenUsers_getset,
+};
 
 typedef struct {
     PyObject *users, *matches, *dims;
@@ -63,6 +273,10 @@ typedef struct {
     Py_ssize_t n_dims;
     PyObject **targets;    /* per dimension number: its dims dict of the current group, or NULL */
     int32_t *looked_up;    /* dimension numbers with a target in the current group */
+    SeenUsers *seen;       /* or NULL: every pair adds its user */
+    Py_ssize_t *entry_of;  /* with seen: per document, its user's entry (-1: a late document) */
+    long long *hour_value; /* with seen: per hour code, the hour */
+    Py_ssize_t *udocs;     /* with seen: the documents of the current group whose users are added */
 } Ctx;
 
 /* users[key] |= uids[docs]: a new set when the key is absent (one set per key, never shared).
@@ -194,15 +408,40 @@ static int add_counts(Ctx *c, PyObject *rid, PyObject *hour_key, PyObject *day_k
     return rc;
 }
 
+/* With a SeenUsers: the documents of a group whose users are added (into c->udocs), recording
+ * them; the others' (user, rule, hour) was added before. -1 on errors. */
+static Py_ssize_t unseen_docs(Ctx *c, uint32_t number, Py_ssize_t h, const Py_ssize_t *docs, Py_ssize_t n) {
+    Py_ssize_t kept = 0;
+    long long hour = c->hour_value[h];
+    for (Py_ssize_t k = 0; k < n; k++) {
+        Py_ssize_t i = docs[k], entry = c->entry_of[i];
+        if (entry >= 0 && c->seen->entries[entry].hour == hour) {
+            int found = seen_record(c->seen, &c->seen->entries[entry], number);
+            if (found < 0) return -1;
+            if (found) continue;
+        } /* else a late document, or its user moved on to a later hour in this batch: added, not recorded */
+        c->udocs[kept++] = i;
+    }
+    return kept;
+}
+
 /* One (rule, hour) group: users to the hour and day sketches, then the counts. */
-static int emit_group(Ctx *c, PyObject *rid, Py_ssize_t h, const Py_ssize_t *docs, Py_ssize_t n) {
+static int emit_group(Ctx *c, PyObject *rid, uint32_t number, Py_ssize_t h, const Py_ssize_t *docs, Py_ssize_t n) {
     PyObject *hour = PyTuple_GET_ITEM(c->hours, h), *day = PyTuple_GET_ITEM(c->days, h);
     PyObject *hour_key = bucket_key(rid, c->s_hour, hour);
     PyObject *day_key = bucket_key(rid, c->s_day, day);
     PyObject *new_hour_set = NULL; /* the hour's set, when this group created it */
     int rc = -1;
     if (hour_key == NULL || day_key == NULL) goto done;
-    if (add_users(c, hour_key, docs, n, &new_hour_set) < 0 || add_day_users(c, day_key, new_hour_set, docs, n) < 0)
+    const Py_ssize_t *udocs = docs;
+    Py_ssize_t un = n;
+    if (c->seen != NULL) {
+        un = unseen_docs(c, number, h, docs, n);
+        if (un < 0) goto done;
+        udocs = c->udocs;
+    }
+    if (un > 0 && (add_users(c, hour_key, udocs, un, &new_hour_set) < 0 ||
+                   add_day_users(c, day_key, new_hour_set, udocs, un) < 0))
         goto done;
     if (c->count_matches && add_counts(c, rid, hour_key, day_key, day, docs, n) < 0) goto done;
     rc = 0;
@@ -216,6 +455,15 @@ done:
 /* Every document of one rule's mask, grouped by hour (stable: document order within an hour). */
 static int emit_rule(Ctx *c, PyObject *rid, const char *words, Py_ssize_t n_words) {
     Py_ssize_t n = 0;
+    uint32_t number = 0;
+    if (c->seen != NULL && !PyUnicode_CheckExact(rid)) { /* its __hash__ could be Python code: not recorded */
+        SeenUsers *seen = c->seen;
+        c->seen = NULL;
+        int rc = emit_rule(c, rid, words, n_words);
+        c->seen = seen;
+        return rc;
+    }
+    if (c->seen != NULL && (number = seen_rule_number(c->seen, rid)) == (uint32_t)-1) return -1;
     for (Py_ssize_t h = 0; h < c->n_hours; h++) c->group_len[h] = 0;
     for (Py_ssize_t w = 0; w < n_words; w++) {
         uint64_t word;
@@ -234,7 +482,7 @@ static int emit_rule(Ctx *c, PyObject *rid, const char *words, Py_ssize_t n_word
         }
     }
     if (n == 0) return 0;
-    if (c->n_hours == 1) return emit_group(c, rid, 0, c->docs + c->n_docs, n);
+    if (c->n_hours == 1) return emit_group(c, rid, number, 0, c->docs + c->n_docs, n);
     Py_ssize_t at = 0;
     for (Py_ssize_t h = 0; h < c->n_hours; h++) {
         c->group_at[h] = at;
@@ -246,7 +494,7 @@ static int emit_rule(Ctx *c, PyObject *rid, const char *words, Py_ssize_t n_word
     }
     at = 0;
     for (Py_ssize_t h = 0; h < c->n_hours; h++) {
-        if (c->group_len[h] && emit_group(c, rid, h, c->docs + at, c->group_len[h]) < 0) return -1;
+        if (c->group_len[h] && emit_group(c, rid, number, h, c->docs + at, c->group_len[h]) < 0) return -1;
         at += c->group_len[h];
     }
     return 0;
@@ -272,6 +520,34 @@ static void number_dimensions(Ctx *c) {
     for (Py_ssize_t d = 0; d < c->n_dims; d++) c->targets[d] = NULL;
 }
 
+/* With a SeenUsers: start afresh when it holds too many records (checked once per call, so both
+ * twins clear at the same moments), then each counted document's user entry, in document order. */
+static int see_documents(Ctx *c) {
+    SeenUsers *s = c->seen;
+    if (s->records > s->max_records) seen_forget(s);
+    c->entry_of = PyMem_New(Py_ssize_t, c->n_docs + 1);
+    c->hour_value = PyMem_New(long long, c->n_hours + 1);
+    c->udocs = PyMem_New(Py_ssize_t, c->n_docs + 1);
+    if (!c->entry_of || !c->hour_value || !c->udocs) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t h = 0; h < c->n_hours; h++) {
+        c->hour_value[h] = PyLong_AsLongLong(PyTuple_GET_ITEM(c->hours, h));
+        if (c->hour_value[h] == -1 && PyErr_Occurred()) return -1;
+    }
+    for (Py_ssize_t i = 0; i < c->n_docs; i++) {
+        c->entry_of[i] = -1;
+        if (c->hour_codes[i] < 0) continue;
+        PyObject *uid = PyTuple_GET_ITEM(c->uids, i);
+        if (!PyUnicode_CheckExact(uid)) continue; /* never recorded: only exact str keys are safe in the index */
+        Py_ssize_t entry = seen_entry(s, uid, c->hour_value[c->hour_codes[i]]);
+        if (entry == -2) return -1;
+        c->entry_of[i] = entry;
+    }
+    return 0;
+}
+
 /* A tuple copy of a list argument: the lists are read while Python code (a key's __hash__ or
  * __eq__) runs, which could shrink them under a borrowed pointer. */
 static PyObject *frozen(PyObject *list) { return PyList_AsTuple(list); }
@@ -292,12 +568,29 @@ static PyObject *emit(PyObject *self, PyObject *args) {
     Py_buffer masks, hour_codes, doc_codes;
     Py_ssize_t n_words;
     int32_t *hour_copy = NULL, *code_copy = NULL;
-    if (!PyArg_ParseTuple(args, "O!O!O!O!y*nO!y*O!O!y*nO!O!p:emit", &PyDict_Type, &c.users, &PyDict_Type,
+    PyObject *seen = Py_None;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!y*nO!y*O!O!y*nO!O!p|O:emit", &PyDict_Type, &c.users, &PyDict_Type,
                           &c.matches, &PyDict_Type, &c.dims, &PyList_Type, &rule_list, &masks, &n_words,
                           &PyList_Type, &uid_list, &hour_codes, &PyList_Type, &hour_list, &PyList_Type, &day_list,
                           &doc_codes, &c.width, &PyList_Type, &dim_list, &PyList_Type, &value_list,
-                          &c.count_matches))
+                          &c.count_matches, &seen))
         return NULL;
+    if (seen != Py_None && !PyObject_TypeCheck(seen, &SeenUsersType)) {
+        PyErr_Format(PyExc_TypeError, "emit: seen must be a SeenUsers or None, not %.100s", Py_TYPE(seen)->tp_name);
+        PyBuffer_Release(&masks);
+        PyBuffer_Release(&hour_codes);
+        PyBuffer_Release(&doc_codes);
+        return NULL;
+    }
+    c.seen = seen == Py_None ? NULL : (SeenUsers *)seen;
+    if (c.seen != NULL && c.seen->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "emit: this SeenUsers is in use by another emit");
+        PyBuffer_Release(&masks);
+        PyBuffer_Release(&hour_codes);
+        PyBuffer_Release(&doc_codes);
+        return NULL;
+    }
+    if (c.seen != NULL) c.seen->busy = 1;
     PyObject *result = NULL;
     rule_ids = frozen(rule_list);
     c.uids = rule_ids ? frozen(uid_list) : NULL;
@@ -355,6 +648,7 @@ static PyObject *emit(PyObject *self, PyObject *args) {
         goto done;
     }
     number_dimensions(&c);
+    if (c.seen != NULL && see_documents(&c) < 0) goto done;
     const char *words = masks.buf; /* little-endian words (checked at import), read with memcpy */
     for (Py_ssize_t k = 0; k < n_rules; k++) {
         if (emit_rule(&c, PyTuple_GET_ITEM(rule_ids, k), words + k * n_words * 8, n_words) < 0) goto done;
@@ -371,6 +665,10 @@ done:
     PyMem_Free(c.dim_of);
     PyMem_Free(c.looked_up);
     PyMem_Free(c.targets); /* all NULL again: each group clears what it looked up */
+    if (c.seen != NULL) c.seen->busy = 0;
+    PyMem_Free(c.entry_of);
+    PyMem_Free(c.hour_value);
+    PyMem_Free(c.udocs);
     Py_XDECREF(c.s_hour);
     Py_XDECREF(c.s_day);
     Py_XDECREF(rule_ids);
@@ -882,5 +1180,12 @@ PyMODINIT_FUNC PyInit__aggregate(void) {
         PyErr_SetString(PyExc_ImportError, "_aggregate needs a little-endian host");
         return NULL;
     }
-    return PyModule_Create(&module);
+    if (PyType_Ready(&SeenUsersType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    if (PyModule_AddObjectRef(m, "SeenUsers", (PyObject *)&SeenUsersType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

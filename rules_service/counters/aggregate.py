@@ -247,6 +247,7 @@ def aggregate_masks(
     *,
     batch: CounterBatch | None = None,
     count_matches: bool = True,
+    seen: Any = None,
 ) -> CounterBatch:
     """The same counter updates as :func:`aggregate`, from per-rule document masks (bit ``i`` of
     ``masks[k]`` set when ``docs[i]`` matched ``rule_ids[k]``, as returned by
@@ -264,21 +265,28 @@ def aggregate_masks(
 
     With the C module (``USE_C``): ``_aggregate.prepare`` does the per-document step for plain
     dicts (None for anything unusual: then :func:`_prepare`, the reference, does it, or raises) and
-    ``_aggregate.emit`` walks each rule's mask into the CounterBatch; same result."""
+    ``_aggregate.emit`` walks each rule's mask into the CounterBatch; same result.
+
+    ``seen`` (a :class:`~rules_service.counters.seen.SeenUsers`, from ``seen.new_seen_users``: the
+    C one on the C path, the Python one otherwise): users it records as already in a sketch are
+    left out of ``users``, and the others are recorded (see that module). Counts are unchanged."""
     # Millions of short-lived containers per second: the cyclic GC would run every 700 of them and
     # walk the live documents each time (measured: ~40% of the time). Nothing here makes cycles.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _aggregate_masks(docs, rule_ids, masks, dimensions, batch, count_matches)
+        return _aggregate_masks(docs, rule_ids, masks, dimensions, batch, count_matches, seen)
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
 def _aggregate_masks(docs: Sequence[Mapping[str, Any]], rule_ids: Sequence[str], masks: Sequence[int],
-                     dimensions: Sequence[str], batch: CounterBatch | None, count_matches: bool) -> CounterBatch:
+                     dimensions: Sequence[str], batch: CounterBatch | None, count_matches: bool,
+                     seen: Any = None) -> CounterBatch:
     import numpy as np
+
+    from rules_service.counters.seen import SeenUsers
 
     if len(rule_ids) != len(masks):
         raise ValueError(f"{len(rule_ids)} rule ids but {len(masks)} masks")
@@ -296,7 +304,11 @@ def _aggregate_masks(docs: Sequence[Mapping[str, Any]], rule_ids: Sequence[str],
 
     n_words = (size + 63) // 64
     want_dims = count_matches and bool(dimensions)
-    if USE_C and _aggregate is not None:
+    use_c = USE_C and _aggregate is not None
+    if seen is not None and not isinstance(seen, _aggregate.SeenUsers if use_c else SeenUsers):
+        raise TypeError(f"aggregate_masks: seen is a {type(seen).__name__}, not the SeenUsers of the "
+                        f"{'C' if use_c else 'Python'} path (make it with seen.new_seen_users)")
+    if use_c:
         paths = [tuple(dimension.split(".")) for dimension in dimensions]
         prepared = _aggregate.prepare(docs, union.to_bytes(n_words * 8, "little"), list(dimensions), paths,
                                       want_dims)
@@ -304,11 +316,13 @@ def _aggregate_masks(docs: Sequence[Mapping[str, Any]], rule_ids: Sequence[str],
             prepared = _prepared_for_c(*_prepare(docs, union, dimensions, want_dims))
         uids, hour_codes, hours, codes, code_width, code_dims, code_values = prepared
         _emit_c(out, live_ids, live_masks, n_words, uids, hour_codes, hours, codes, code_width, code_dims,
-                code_values, count_matches)
+                code_values, count_matches, seen)
         return out
     live = list(zip(live_ids, live_masks, strict=True))
 
     user_ids, codes_of_hour, distinct_hours, doc_codes, pair_of_code = _prepare(docs, union, dimensions, want_dims)
+    entries = None if seen is None else seen.entries(
+        user_ids, [None if code < 0 else distinct_hours[code] for code in codes_of_hour.tolist()])
     # the rule x word matrix of the masks (64 documents per little-endian word), in rule chunks
     width = n_words * 8
     uid_array = np.array(user_ids, dtype=object)
@@ -333,7 +347,8 @@ def _aggregate_masks(docs: Sequence[Mapping[str, Any]], rule_ids: Sequence[str],
             k, j = np.nonzero(bits)
             pair_rule = rows_[k]
             pair_doc = cols[k] * 64 + j
-            _emit(out, chunk, hour, pair_rule, pair_doc, uid_array, doc_codes, pair_of_code, count_matches)
+            _emit(out, chunk, hour, pair_rule, pair_doc, uid_array, doc_codes, pair_of_code, count_matches,
+                  seen, entries)
     return out
 
 
@@ -403,7 +418,7 @@ def _prepared_for_c(user_ids: list[str], codes_of_hour: Any, distinct_hours: lis
 
 def _emit_c(out: CounterBatch, rule_ids: list[str], masks: list[int], n_words: int, user_ids: list[str],
             hour_codes: bytes, distinct_hours: list[int], codes: bytes, code_width: int, code_dims: list[str],
-            code_values: list[str], count_matches: bool) -> None:
+            code_values: list[str], count_matches: bool, seen: Any = None) -> None:
     """The per-(rule, document) work of aggregate_masks in C (see ``_aggregate.c``); same result as
     the numpy + Python path. ``hour_codes`` and ``codes`` are int32 bytes, codes padded with -1."""
     little: Literal["little"] = "little"
@@ -412,7 +427,7 @@ def _emit_c(out: CounterBatch, rule_ids: list[str], masks: list[int], n_words: i
     _aggregate.emit(
         out.users, out.matches, out.dimensions, rule_ids, words, n_words, user_ids, hour_codes,
         distinct_hours, [h - h % DAY for h in distinct_hours], codes, code_width, code_dims, code_values,
-        count_matches)
+        count_matches, seen)
 
 
 def _dimension_codes(docs: Sequence[Any], hours: Sequence[int], dimensions: Sequence[str]
@@ -473,8 +488,10 @@ def _dimension_codes(docs: Sequence[Any], hours: Sequence[int], dimensions: Sequ
 
 
 def _emit(out: CounterBatch, chunk: Sequence[tuple[str, int]], hour: int, pair_rule: Any, pair_doc: Any,
-          uid_array: Any, doc_codes: Any, pair_of_code: Sequence[tuple[str, str]], count_matches: bool) -> None:
-    """Add the (rule, document) pairs of one hour (sorted by rule, then document) to ``out``."""
+          uid_array: Any, doc_codes: Any, pair_of_code: Sequence[tuple[str, str]], count_matches: bool,
+          seen: Any = None, entries: Sequence[Any] | None = None) -> None:
+    """Add the (rule, document) pairs of one hour (sorted by rule, then document) to ``out``; with
+    ``seen``, only the users it has not recorded (``entries``: each document's, from ``seen.entries``)."""
     import numpy as np
 
     n = len(pair_rule)
@@ -484,22 +501,19 @@ def _emit(out: CounterBatch, chunk: Sequence[tuple[str, int]], hour: int, pair_r
     bounds = list(zip(starts.tolist(), ends.tolist(), strict=True))
     day = hour - hour % DAY
     uids = uid_array[pair_doc].tolist()
+    docs_of_pairs = pair_doc.tolist() if seen is not None else None
     users, matches = out.users, out.matches
     for row, (a, b) in zip(rule_rows, bounds, strict=True):
         rid = chunk[row][0]
-        picked = set(uids[a:b])
-        key = (rid, "hour", hour)
-        found = users.get(key)
-        if found is None:
-            users[key] = picked
+        if docs_of_pairs is None:
+            picked = set(uids[a:b])
         else:
-            found.update(picked)
-        key = (rid, "day", day)
-        found = users.get(key)
-        if found is None:
-            users[key] = set(picked)
-        else:
-            found.update(picked)
+            assert entries is not None
+            picked = {uid for uid, i in zip(uids[a:b], docs_of_pairs[a:b], strict=True)
+                      if seen.unseen(entries[i], rid, hour)}
+        if picked:  # (with seen, all may be in the sketches already: then no key at all)
+            _add_users(users, (rid, "hour", hour), picked)
+            _add_users(users, (rid, "day", day), picked)
         if count_matches:
             count = b - a
             key = (rid, "hour", hour)

@@ -1,0 +1,200 @@
+"""SeenUsers (rules_service.counters.seen and its C twin): users a process already added to a
+sketch this hour are not sent again, the sketches end up with the same users, counts are untouched,
+and the C and Python twins make the same decisions batch after batch."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from rules_service.counters import aggregate as aggregate_module
+from rules_service.counters.aggregate import aggregate_masks
+from rules_service.counters.port import CounterBatch
+from rules_service.counters.seen import SeenUsers, new_seen_users
+from tests.counters.test_aggregate_masks import DIMS, masks_of, random_doc
+from tests.leaks import bytes_kept
+
+_c = aggregate_module._aggregate
+DAY0 = 1795305600  # 2026-11-22T00:00:00Z
+needs_c = pytest.mark.skipif(_c is None, reason="rules_service.counters._aggregate is not built")
+
+
+class OddRuleId(str):
+    """A rule id that is a str subclass: both twins add its users without recording them."""
+
+
+def stamp(hour: int) -> str:
+    return f"2026-11-{22 + hour // 24:02d}T{hour % 24:02d}:30:00.000Z"
+
+
+def batches(seed: int, count: int = 12, docs: int = 150, users: int = 60, rules: int = 25
+            ) -> list[tuple[list[dict[str, Any]], list[str], list[int]]]:
+    """A stream of batches whose users repeat, with the hour moving on every few batches and some
+    late documents (an hour earlier)."""
+    rnd = random.Random(seed)
+    ids: list[str] = [f"aud-{k}@v1" for k in range(rules)]
+    ids[3] = OddRuleId(ids[3])
+    weights = [rnd.random() ** 2 for _ in ids]
+    out = []
+    for b in range(count):
+        hour = 5 + b // 4
+        documents = []
+        for _ in range(docs):
+            doc = random_doc(rnd, users, 1)
+            late = rnd.random() < 0.1
+            doc["last_seen"] = stamp(hour - 1 if late else hour)
+            documents.append(doc)
+        lists = [sorted(set(rnd.choices(ids, weights=weights, k=rnd.randrange(0, 8)))) for _ in documents]
+        rule_ids, masks = masks_of(lists)
+        rule_ids = [next(i for i in ids if i == r) for r in rule_ids]  # keep the subclass object
+        out.append((documents, rule_ids, masks))
+    return out
+
+
+def run(stream: list[tuple[list[dict[str, Any]], list[str], list[int]]], seen: Any) -> Iterator[CounterBatch]:
+    for documents, rule_ids, masks in stream:
+        yield aggregate_masks(documents, rule_ids, masks, DIMS, seen=seen)
+
+
+def union(outputs: list[CounterBatch]) -> dict[tuple[str, str, int], set[str]]:
+    users: dict[tuple[str, str, int], set[str]] = {}
+    for batch in outputs:
+        for key, members in batch.users.items():
+            users.setdefault(key, set()).update(members)
+    return users
+
+
+@pytest.fixture(params=["python", "c"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "c" and _c is None:
+        pytest.skip("rules_service.counters._aggregate is not built")
+    monkeypatch.setattr(aggregate_module, "USE_C", request.param == "c")
+    return str(request.param)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("max_records", [4_000_000, 1200])
+def test_the_sketches_get_the_same_users_and_the_counts_are_untouched(path: str, seed: int,
+                                                                      max_records: int) -> None:
+    stream = batches(seed)
+    plain = list(run(stream, None))
+    seen = new_seen_users(max_records)
+    filtered = []
+    for batch in run(stream, seen):
+        filtered.append(batch)
+        assert seen.records <= max_records + sum(len(m) for m in batch.users.values())  # bounded
+    assert union(filtered) == union(plain)
+    for with_seen, without in zip(filtered, plain, strict=True):
+        assert with_seen.matches == without.matches
+        assert with_seen.dimensions == without.dimensions
+        assert all(with_seen.users.values())  # no empty sets: no PFADD without members
+    sent = sum(len(m) for b in filtered for m in b.users.values())
+    sent_without = sum(len(m) for b in plain for m in b.users.values())
+    if max_records > 1000:
+        assert sent < sent_without * 0.7  # the users repeat: most are not sent again
+        assert seen.records > 0
+    else:
+        assert sent_without * 0.7 < sent < sent_without  # cleared every few batches: fewer saved
+
+
+@needs_c
+@pytest.mark.parametrize("seed", [4, 5, 6, 7])
+@pytest.mark.parametrize("max_records", [4_000_000, 100, 1])
+def test_the_c_and_python_twins_decide_the_same(seed: int, max_records: int,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    stream = batches(seed, count=16, docs=90, users=40)
+    monkeypatch.setattr(aggregate_module, "USE_C", True)
+    c_seen = new_seen_users(max_records)
+    assert isinstance(c_seen, _c.SeenUsers)
+    c_out, c_state = [], []
+    for batch in run(stream, c_seen):
+        c_out.append(batch)
+        c_state.append((c_seen.records, c_seen.users))
+    monkeypatch.setattr(aggregate_module, "USE_C", False)
+    py_seen = new_seen_users(max_records)
+    assert isinstance(py_seen, SeenUsers)
+    for k, batch in enumerate(run(stream, py_seen)):
+        assert batch == c_out[k], f"batch {k}"
+        assert (py_seen.records, py_seen.users) == c_state[k], f"batch {k}"
+
+
+def test_late_documents_and_later_hours(path: str) -> None:
+    seen = new_seen_users()
+
+    def users_of(hours: list[int], rule: str = "r@v1") -> dict[tuple[str, str, int], set[str]]:
+        documents = [{"user_id": "u", "last_seen": stamp(h)} for h in hours]
+        return aggregate_masks(documents, [rule], [(1 << len(documents)) - 1], seen=seen).users
+
+    hour = lambda h: DAY0 + 3600 * h  # noqa: E731
+    day = DAY0
+    assert users_of([11]) == {("r@v1", "hour", hour(11)): {"u"}, ("r@v1", "day", day): {"u"}}
+    assert users_of([11, 11]) == {}  # in the sketches already
+    assert seen.records == 1
+    # a late document (hour 10, the entry is at 11): added, not recorded, the entry stays at 11
+    assert users_of([10]) == {("r@v1", "hour", hour(10)): {"u"}, ("r@v1", "day", day): {"u"}}
+    assert users_of([10]) == {("r@v1", "hour", hour(10)): {"u"}, ("r@v1", "day", day): {"u"}}
+    assert users_of([11]) == {}
+    # a later hour moves the entry on; the document of hour 11 in the same batch is then late
+    assert users_of([11, 12]) == {("r@v1", "hour", hour(11)): {"u"}, ("r@v1", "hour", hour(12)): {"u"},
+                                  ("r@v1", "day", day): {"u"}}
+    assert seen.records == 1 and seen.users == 1
+    assert users_of([12]) == {}
+    assert users_of([12], rule="other@v1") != {}  # per rule
+    seen.clear()
+    assert seen.records == 0 and seen.users == 0
+    assert users_of([12]) != {}  # forgotten: sent again
+
+
+def test_a_seen_of_the_other_path_is_refused(path: str) -> None:
+    documents = [{"user_id": "u", "last_seen": stamp(1)}]
+    wrong = SeenUsers() if path == "c" else (_c.SeenUsers(10) if _c is not None else None)
+    if wrong is None:
+        pytest.skip("no C twin to mismatch with")
+    with pytest.raises(TypeError, match="SeenUsers"):
+        aggregate_masks(documents, ["r"], [1], seen=wrong)
+
+
+def test_max_records_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        SeenUsers(0)
+    if _c is not None:
+        with pytest.raises(ValueError):
+            _c.SeenUsers(0)
+
+
+@needs_c
+def test_c_seen_cannot_be_cleared_or_shared_during_an_emit() -> None:
+    seen = _c.SeenUsers(100)
+
+    class Total(int):
+        """A caller's running total whose ``+`` runs Python code in the middle of emit."""
+
+        def __add__(self, other: object) -> int:
+            seen.clear()
+            return int(self) + int(other)  # type: ignore[call-overload]
+
+    batch = CounterBatch()
+    batch.matches[("r", "hour", DAY0 + 3600)] = Total(5)
+    documents = [{"user_id": "u", "last_seen": stamp(1)}]
+    with pytest.raises(RuntimeError, match="during an emit"):
+        aggregate_masks(documents, ["r"], [1], batch=batch, seen=seen)
+    seen.clear()  # usable again once the emit is over
+    assert aggregate_masks(documents, ["r"], [1], seen=seen).users
+
+
+@needs_c
+def test_c_seen_does_not_leak() -> None:
+    stream = batches(9, count=4, docs=80)
+
+    def work() -> None:
+        seen = _c.SeenUsers(50)
+        for _ in run(stream, seen):
+            pass
+        assert seen.nbytes > 0
+        seen.clear()
+
+    grown = bytes_kept(work, warmup=5, rounds=30)
+    assert grown < 64_000, f"{grown} bytes left after 30 rounds"
