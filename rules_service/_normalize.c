@@ -29,7 +29,9 @@
  * Module state (set once at import, read-only afterwards): the interned key strings, the
  * schema's GENDERS and DEVICE_TYPES dicts (the same objects the Python lane reads), the age band
  * of each age 0..MAX_AGE (from schema.age_band) and the time module (time.time() is looked up at
- * call time, as Python does, so tests can patch the clock). Nothing else is kept between calls.
+ * call time, as Python does, so tests can patch the clock). One cache changes between calls: the
+ * word cache of document_from_json (cached_word), which hands out equal str objects it made
+ * before; strings are immutable, so sharing one is invisible but for `is`.
  *
  * Every object held across a dict lookup is an owned reference: a lookup may run Python code
  * (__eq__ of an exotic key) that could change the bid.
@@ -46,6 +48,10 @@
 #define MAX_SLOT_SIZE 2147483647LL
 
 enum { ERR = -1, BAIL = 0, OK = 1 }; /* ERR: exception set; BAIL: return None */
+
+/* The word cache (cached_word): slots, and the longest string kept there. */
+#define WORD_SLOTS 4096
+#define WORD_MAX_LEN 40
 
 /* key strings: bid fields first, then document fields that are not also bid fields */
 #define KEY_NAMES(X)                                                                              \
@@ -73,6 +79,7 @@ typedef struct {
     PyObject *device_types; /* schema.DEVICE_TYPES */
     PyObject *age_bands[MAX_AGE + 1]; /* schema.age_band(age): str or None */
     PyObject *time_module;
+    PyObject *words[WORD_SLOTS]; /* see cached_word */
 } State;
 
 /* The parts of one document (all owned, NULL = absent) and the bid's sub-objects kept across steps. */
@@ -805,7 +812,8 @@ static PyObject *fast_document(PyObject *module, PyObject *const *args, Py_ssize
 #define MAX_DEPTH 64
 #define MAX_NUMBER 64
 
-enum { S_LEAF, S_OBJ, S_ALL, S_FIRST }; /* a scalar, an object, every item of an array, its first */
+/* a scalar, a scalar worth the word cache, an object, every item of an array, its first */
+enum { S_LEAF, S_WORD, S_OBJ, S_ALL, S_FIRST };
 
 typedef struct Field Field;
 typedef struct Spec {
@@ -821,39 +829,41 @@ struct Field {
 };
 
 static const Spec LEAF = {S_LEAF, NULL, NULL};
-static const Spec LEAVES = {S_ALL, &LEAF, NULL};
+/* Values that repeat across bids (an OS, a city, an exchange; not ids or times): cached_word. */
+static const Spec WORD = {S_WORD, NULL, NULL};
+static const Spec WORDS = {S_ALL, &WORD, NULL};
 
-static const Field GEO_FIELDS[] = {{"lat", 3, K_LAT, &LEAF}, {"lon", 3, K_LON, &LEAF}, {"city", 4, K_CITY, &LEAF},
-                                   {"zip", 3, K_ZIP, &LEAF}, {"region", 6, K_REGION, &LEAF},
-                                   {"country", 7, K_COUNTRY, &LEAF}, {NULL, 0, 0, NULL}};
+static const Field GEO_FIELDS[] = {{"lat", 3, K_LAT, &LEAF}, {"lon", 3, K_LON, &LEAF}, {"city", 4, K_CITY, &WORD},
+                                   {"zip", 3, K_ZIP, &WORD}, {"region", 6, K_REGION, &WORD},
+                                   {"country", 7, K_COUNTRY, &WORD}, {NULL, 0, 0, NULL}};
 static const Spec GEO = {S_OBJ, NULL, GEO_FIELDS};
 
-static const Field SEGMENT_FIELDS[] = {{"name", 4, K_NAME, &LEAF}, {NULL, 0, 0, NULL}};
+static const Field SEGMENT_FIELDS[] = {{"name", 4, K_NAME, &WORD}, {NULL, 0, 0, NULL}};
 static const Spec SEGMENT = {S_OBJ, NULL, SEGMENT_FIELDS};
 static const Spec SEGMENTS = {S_ALL, &SEGMENT, NULL};
 static const Field PROVIDER_FIELDS[] = {{"segment", 7, K_SEGMENT, &SEGMENTS}, {NULL, 0, 0, NULL}};
 static const Spec PROVIDER = {S_OBJ, NULL, PROVIDER_FIELDS};
 static const Spec PROVIDERS = {S_ALL, &PROVIDER, NULL};
-static const Field USER_EXT_FIELDS[] = {{"occupation", 10, K_OCCUPATION, &LEAF}, {NULL, 0, 0, NULL}};
+static const Field USER_EXT_FIELDS[] = {{"occupation", 10, K_OCCUPATION, &WORD}, {NULL, 0, 0, NULL}};
 static const Spec USER_EXT = {S_OBJ, NULL, USER_EXT_FIELDS};
 static const Field USER_FIELDS[] = {
     {"id", 2, K_ID, &LEAF}, {"yob", 3, K_YOB, &LEAF}, {"gender", 6, K_GENDER, &LEAF}, {"ext", 3, K_EXT, &USER_EXT},
-    {"keywords", 8, K_KEYWORDS, &LEAF}, {"kwarray", 7, K_KWARRAY, &LEAVES}, {"data", 4, K_DATA, &PROVIDERS},
+    {"keywords", 8, K_KEYWORDS, &LEAF}, {"kwarray", 7, K_KWARRAY, &WORDS}, {"data", 4, K_DATA, &PROVIDERS},
     {"geo", 3, K_GEO, &GEO}, {NULL, 0, 0, NULL}};
 static const Spec USER = {S_OBJ, NULL, USER_FIELDS};
 
 static const Field DEVICE_FIELDS[] = {
-    {"ifa", 3, K_IFA, &LEAF}, {"language", 8, K_LANGUAGE, &LEAF}, {"langb", 5, K_LANGB, &LEAF}, {"os", 2, K_OS, &LEAF},
-    {"osv", 3, K_OSV, &LEAF}, {"make", 4, K_MAKE, &LEAF}, {"model", 5, K_MODEL, &LEAF}, {"carrier", 7, K_CARRIER, &LEAF},
+    {"ifa", 3, K_IFA, &LEAF}, {"language", 8, K_LANGUAGE, &WORD}, {"langb", 5, K_LANGB, &WORD}, {"os", 2, K_OS, &WORD},
+    {"osv", 3, K_OSV, &WORD}, {"make", 4, K_MAKE, &WORD}, {"model", 5, K_MODEL, &WORD}, {"carrier", 7, K_CARRIER, &WORD},
     {"devicetype", 10, K_DEVICETYPE, &LEAF}, {"geo", 3, K_GEO, &GEO}, {NULL, 0, 0, NULL}};
 static const Spec DEVICE = {S_OBJ, NULL, DEVICE_FIELDS};
 
-static const Field EXT_FIELDS[] = {{"received_at", 11, K_RECEIVED_AT, &LEAF}, {"exchange", 8, K_EXCHANGE, &LEAF},
+static const Field EXT_FIELDS[] = {{"received_at", 11, K_RECEIVED_AT, &LEAF}, {"exchange", 8, K_EXCHANGE, &WORD},
                                    {NULL, 0, 0, NULL}};
 static const Spec EXT = {S_OBJ, NULL, EXT_FIELDS};
-static const Field APP_FIELDS[] = {{"bundle", 6, K_BUNDLE, &LEAF}, {"cat", 3, K_CAT, &LEAVES}, {NULL, 0, 0, NULL}};
+static const Field APP_FIELDS[] = {{"bundle", 6, K_BUNDLE, &WORD}, {"cat", 3, K_CAT, &WORDS}, {NULL, 0, 0, NULL}};
 static const Spec APP = {S_OBJ, NULL, APP_FIELDS};
-static const Field SITE_FIELDS[] = {{"domain", 6, K_DOMAIN, &LEAF}, {"cat", 3, K_CAT, &LEAVES}, {NULL, 0, 0, NULL}};
+static const Field SITE_FIELDS[] = {{"domain", 6, K_DOMAIN, &WORD}, {"cat", 3, K_CAT, &WORDS}, {NULL, 0, 0, NULL}};
 static const Spec SITE = {S_OBJ, NULL, SITE_FIELDS};
 
 static const Field FORMAT_FIELDS[] = {{"w", 1, K_W, &LEAF}, {"h", 1, K_H, &LEAF}, {NULL, 0, 0, NULL}};
@@ -1081,14 +1091,33 @@ static int skip_value(Scan *s) {
     }
 }
 
-/* A scalar we keep: a new reference in *out. */
-static int keep_scalar(Scan *s, PyObject **out) {
+/* An ASCII string of at most WORD_MAX_LEN bytes: the one this cache made for the same bytes last
+ * time, if it is still in its slot (direct-mapped: a new word replaces the slot's), else a new one
+ * kept there. Why: a bid's values repeat across bids (OS, make, model, city, exchange), and each
+ * new str was an allocation, a free, and a hash computed again by every dict lookup the
+ * percolator's walk and the aggregation make with it; a cached one has its hash cached too. */
+static PyObject *cached_word(State *st, const unsigned char *start, Py_ssize_t len) {
+    uint64_t h = 1469598103934665603ULL ^ (uint64_t)len; /* FNV-1a */
+    for (Py_ssize_t i = 0; i < len; i++) h = (h ^ start[i]) * 1099511628211ULL;
+    PyObject **slot = &st->words[(h ^ (h >> 29)) & (WORD_SLOTS - 1)];
+    PyObject *word = *slot;
+    if (word != NULL && PyUnicode_GET_LENGTH(word) == len && memcmp(PyUnicode_1BYTE_DATA(word), start, (size_t)len) == 0)
+        return Py_NewRef(word);
+    if ((word = PyUnicode_New(len, 127)) == NULL) return NULL;
+    memcpy(PyUnicode_1BYTE_DATA(word), start, (size_t)len);
+    Py_XSETREF(*slot, Py_NewRef(word));
+    return word;
+}
+
+/* A scalar we keep: a new reference in *out (a string of a WORD field from the word cache). */
+static int keep_scalar(Scan *s, int word, PyObject **out) {
     const unsigned char *start;
     Py_ssize_t len;
     int ascii, rc;
     switch (*s->p) {
     case '"':
         if ((rc = scan_string(s, 0, &start, &len, &ascii)) != OK) return rc;
+        if (ascii && word && len <= WORD_MAX_LEN) return (*out = cached_word(s->st, start, len)) == NULL ? ERR : OK;
         if (ascii) {
             if ((*out = PyUnicode_New(len, 127)) == NULL) return ERR;
             memcpy(PyUnicode_1BYTE_DATA(*out), start, (size_t)len);
@@ -1188,7 +1217,7 @@ static int keep_value(Scan *s, const Spec *spec, PyObject **out) {
     unsigned char c = *s->p;
     if (c == '{') return spec->kind == S_OBJ ? keep_object(s, spec->fields, out) : BAIL;
     if (c == '[') return spec->kind == S_ALL || spec->kind == S_FIRST ? keep_array(s, spec, out) : BAIL;
-    return keep_scalar(s, out);
+    return keep_scalar(s, spec->kind == S_WORD, out);
 }
 
 /* The minimal bid of raw (bytes): OK with *bid a new dict, or BAIL / ERR. */
@@ -1282,6 +1311,7 @@ static int module_clear(PyObject *module) {
     Py_CLEAR(st->genders);
     Py_CLEAR(st->device_types);
     Py_CLEAR(st->time_module);
+    for (int i = 0; i < WORD_SLOTS; i++) Py_CLEAR(st->words[i]);
     return 0;
 }
 

@@ -418,3 +418,33 @@ def test_fast_document_holds_user_fields_across_later_lookups() -> None:
     expected = document(normalize._fast_document)
     assert expected is not None and expected["interests"] == ["sport", "news"]
     assert document(c_module.fast_document) == expected
+
+
+# --- (f) the word cache: repeated values are shared str objects, and always the right ones ----------------------
+
+
+def _bid(user_id: str, city: str, os_name: str = "iOS") -> bytes:
+    return orjson.dumps({"user": {"id": user_id}, "device": {"os": os_name, "geo": {"city": city}},
+                         "ext": {"exchange": "xandr"}})
+
+
+def test_repeated_words_are_shared_and_ids_are_not() -> None:
+    first = c_module.document_from_json(_bid("u-1", "Leeds"), None, NOW_MS)
+    second = c_module.document_from_json(_bid("u-1", "Leeds"), None, NOW_MS)
+    assert first == second
+    assert first["device"]["os"] is second["device"]["os"]  # from the cache: one object, its hash cached
+    assert first["geo"]["city"] is second["geo"]["city"]
+    assert first["exchange"] is second["exchange"]
+    assert first["user_id"] is not second["user_id"]  # ids are not words: never kept
+
+
+def test_the_word_cache_gives_the_right_word_under_collisions() -> None:
+    """Far more distinct words than slots, interleaved with repeats and words of the longest cached
+    length and one byte more: every document carries its own bid's values."""
+    rng = random.Random(5)
+    cities = [f"city-{i:05d}" for i in range(20_000)] + ["x" * 40, "x" * 41, "y" * 40]
+    for _ in range(3):
+        for city in rng.sample(cities, len(cities)):
+            os_name = rng.choice(["iOS", "Android", "iOS ", "ios"])
+            doc = c_module.document_from_json(_bid(f"u{rng.randrange(99)}", city, os_name), None, NOW_MS)
+            assert doc["geo"]["city"] == city and doc["device"]["os"] == os_name
