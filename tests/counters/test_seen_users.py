@@ -198,3 +198,131 @@ def test_c_seen_does_not_leak() -> None:
 
     grown = bytes_kept(work, warmup=5, rounds=30)
     assert grown < 64_000, f"{grown} bytes left after 30 rounds"
+
+
+Stream = list[tuple[str, Any]]  # ("clear", None) or ("batch", (documents, rule_ids, masks, keep_window))
+
+
+def wandering_stream(seed: int, count: int = 90, users: int = 12, rules: int = 10) -> Stream:
+    """Batches of a few users who move on through the hours (across a day boundary), fall back to
+    earlier hours (late bids), vanish and come back hours later or earlier, and match rule ids that
+    repeat across batches (some twice in one batch, one a str subclass); with empty batches,
+    batches that match nothing, windows kept over several batches, and clears (abandoned windows)."""
+    rnd = random.Random(seed)
+    ids: list[str] = [f"aud-{k}@v1" for k in range(rules)] + [OddRuleId("odd@v1")]
+    hour_of = {f"w{k}": rnd.randrange(4) for k in range(users)}
+    events: Stream = []
+    for _ in range(count):
+        if rnd.random() < 0.06:
+            events.append(("clear", None))
+        kind = rnd.random()
+        if kind < 0.08:
+            events.append(("batch", ([], [], [], rnd.random() < 0.5)))
+            continue
+        documents, lists = [], []
+        for _ in range(rnd.randrange(1, 25)):
+            uid = rnd.choice(list(hour_of))
+            r = rnd.random()
+            if r < 0.2:
+                hour_of[uid] += rnd.randrange(1, 4)  # moves on
+            elif r < 0.25:
+                hour_of[uid] += rnd.randrange(5, 12)  # comes back much later
+            hour = hour_of[uid]
+            if rnd.random() < 0.2:
+                hour = max(0, hour - rnd.randrange(1, 6))  # a late bid
+            documents.append({"user_id": uid, "last_seen": stamp(hour)})
+            lists.append([] if kind < 0.14 else sorted(set(rnd.choices(ids, k=rnd.randrange(0, 5)))))
+        rule_ids, masks = masks_of(lists)
+        rule_ids = [next(i for i in ids if i == r) for r in rule_ids]  # keep the subclass object
+        if rule_ids and rnd.random() < 0.15:  # one rule id twice, with other documents
+            k = rnd.randrange(len(rule_ids))
+            rule_ids.append(rule_ids[k])
+            masks.append(rnd.getrandbits(len(documents)))
+        events.append(("batch", (documents, rule_ids, masks, rnd.random() < 0.3)))
+    return events
+
+
+def play(events: Stream, seen: Any) -> list[tuple[CounterBatch, int, int]]:
+    """Each batch's output (a copy: a kept window goes on growing) and the records and users after it."""
+    out: list[tuple[CounterBatch, int, int]] = []
+    window: CounterBatch | None = None
+    for kind, event in events:
+        if kind == "clear":
+            if seen is not None:
+                seen.clear()
+            window = None
+            continue
+        documents, rule_ids, masks, keep_window = event
+        batch = aggregate_masks(documents, rule_ids, masks, DIMS, batch=window if keep_window else None, seen=seen)
+        window = batch
+        snapshot = CounterBatch({k: set(v) for k, v in batch.users.items()}, dict(batch.matches),
+                                {k: dict(v) for k, v in batch.dimensions.items()})
+        out.append((snapshot, 0 if seen is None else seen.records, 0 if seen is None else seen.users))
+    return out
+
+
+@needs_c
+@pytest.mark.parametrize("seed", range(10, 16))
+@pytest.mark.parametrize("max_records", [1, 2, 7, 4_000_000])
+def test_wandering_users_the_twins_agree_batch_by_batch(seed: int, max_records: int,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    events = wandering_stream(seed)
+    monkeypatch.setattr(aggregate_module, "USE_C", True)
+    c_seen = new_seen_users(max_records)
+    c_run = play(events, c_seen)
+    plain = play(events, None)
+    monkeypatch.setattr(aggregate_module, "USE_C", False)
+    py_seen = new_seen_users(max_records)
+    py_run = play(events, py_seen)
+    assert len(c_run) == len(py_run) == len(plain)
+    for k, (c_step, py_step, plain_step) in enumerate(zip(c_run, py_run, plain, strict=True)):
+        assert c_step == py_step, f"batch {k}"
+        assert c_step[0].matches == plain_step[0].matches and c_step[0].dimensions == plain_step[0].dimensions
+        for key, members in c_step[0].users.items():  # never a user the batch would not send
+            assert members and members <= plain_step[0].users[key], f"batch {k}, {key}"
+    assert union([s[0] for s in c_run]) == union([s[0] for s in plain])  # the sketches end up the same
+
+
+def rule_table_steps(monkeypatch: pytest.MonkeyPatch, use_c: bool) -> list[tuple[dict[Any, set[str]], int, int]]:
+    monkeypatch.setattr(aggregate_module, "USE_C", use_c)
+    seen = new_seen_users(1_000_000)
+    rnd = random.Random(5)
+    ids = [f"aud-{k}@v1" for k in range(7500)]
+    many = ids[:5000]
+    rnd.shuffle(many)
+    steps = []
+
+    def step(user_hours: list[tuple[str, int]], rule_ids: list[str], masks: list[int]) -> None:
+        documents = [{"user_id": u, "last_seen": stamp(h)} for u, h in user_hours]
+        users = aggregate_masks(documents, rule_ids, masks, seen=seen).users
+        steps.append((users, seen.records, seen.users))
+
+    step([("u", 1)], many, [1] * 5000)  # one document, 5,000 rules: the user's table grows 8 -> 16,384
+    step([("u", 1), ("v", 1)], [*many[:3], "x-0", "x-1", "x-2"], [3, 3, 3, 3, 3, 3])
+    step([("u", 1)], ids[2500:7500], [1] * 5000)  # half of them recorded already
+    step([("u", 0)], ids[:5000], [1] * 5000)  # late: all added, nothing recorded
+    step([("u", 2)], ids[:10], [1] * 10)  # moves on: its 7,500 records go
+    step([("u", 2)], ids[::-1], [1] * 7500)
+    return steps
+
+
+@needs_c
+def test_thousands_of_rules_for_one_user_grow_its_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    c_steps = rule_table_steps(monkeypatch, True)
+    py_steps = rule_table_steps(monkeypatch, False)
+    assert c_steps == py_steps
+    hour = lambda h: DAY0 + 3600 * h  # noqa: E731
+    first, again, half, late, moved, back = c_steps
+    assert len(first[0]) == 10_000 and first[1:] == (5000, 1)
+    buckets = (("hour", hour(1)), ("day", DAY0))
+    assert len(again[0]) == 12 and all(again[0][(f"x-{k}", g, b)] == {"u", "v"} for k in range(3) for g, b in buckets)
+    assert sum(users == {"v"} for users in again[0].values()) == 6  # u has the other three already
+    assert again[1:] == (5009, 2)
+    assert {key[0] for key in half[0]} == {f"aud-{k}@v1" for k in range(5000, 7500)} and half[1] == 7509
+    assert len(late[0]) == 10_000 and late[1] == 7509
+    assert len(moved[0]) == 20 and moved[1] == 16  # v's 6 stay (at hour 1)
+    assert len(back[0]) == 2 * 7490 and back[1] == 7506
+    monkeypatch.setattr(aggregate_module, "USE_C", True)
+    seen = _c.SeenUsers(10)
+    aggregate_masks([{"user_id": "u", "last_seen": stamp(1)}], [f"r{k}" for k in range(5000)], [1] * 5000, seen=seen)
+    assert 16_384 * 4 <= seen.nbytes < 2 * 16_384 * 4  # a power of two at most half full: 16,384 slots of 4 bytes
