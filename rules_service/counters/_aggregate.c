@@ -69,6 +69,15 @@ typedef struct {
 
 static PyTypeObject SeenUsersType;
 
+/* A user's table of at most this many slots (1 KB) is kept, emptied, when the user moves on to a
+ * later hour (no regrowing it every hour); a bigger one is freed. Keeping a table grown for one
+ * busy hour (thousands of rules) through the user's quiet later hours would let memory grow
+ * without bound while the records stay under max_records. */
+#define KEPT_SLOTS 256u
+
+/* The largest table: doubling it again would overflow its uint32 capacity. */
+#define MAX_SLOTS (UINT32_C(1) << 31)
+
 static void seen_forget(SeenUsers *s) {
     for (Py_ssize_t i = 0; i < s->n_entries; i++) PyMem_Free(s->entries[i].slots);
     s->n_entries = 0;
@@ -139,7 +148,14 @@ static Py_ssize_t seen_entry(SeenUsers *s, PyObject *uid, long long hour) {
             s->records -= e->n;
             e->n = 0;
             e->hour = hour;
-            if (e->cap) memset(e->slots, 0, (size_t)e->cap * sizeof(uint32_t));
+            if (e->cap > KEPT_SLOTS) { /* grown for a busy hour: the new hour grows what it needs */
+                PyMem_Free(e->slots);
+                s->slot_bytes -= (Py_ssize_t)e->cap * (Py_ssize_t)sizeof(uint32_t);
+                e->slots = NULL;
+                e->cap = 0;
+            } else if (e->cap) {
+                memset(e->slots, 0, (size_t)e->cap * sizeof(uint32_t));
+            }
         }
         return i;
     }
@@ -181,7 +197,11 @@ static int seen_record(SeenUsers *s, UserEntry *e, uint32_t number) {
             if (e->slots[i] == 0) break;
         }
     }
-    if ((e->n + 1) * 2 > e->cap) { /* at most half full: short probes */
+    if ((e->n + 1) * 2 > e->cap) { /* at most half full: short probes, and always an empty slot */
+        if (e->cap >= MAX_SLOTS) {
+            PyErr_SetString(PyExc_OverflowError, "SeenUsers: too many rules for one user");
+            return -1;
+        }
         uint32_t cap = e->cap ? e->cap * 2 : 8;
         uint32_t *slots = PyMem_Calloc(cap, sizeof(uint32_t));
         if (slots == NULL) {

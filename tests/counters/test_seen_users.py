@@ -326,3 +326,55 @@ def test_thousands_of_rules_for_one_user_grow_its_table(monkeypatch: pytest.Monk
     seen = _c.SeenUsers(10)
     aggregate_masks([{"user_id": "u", "last_seen": stamp(1)}], [f"r{k}" for k in range(5000)], [1] * 5000, seen=seen)
     assert 16_384 * 4 <= seen.nbytes < 2 * 16_384 * 4  # a power of two at most half full: 16,384 slots of 4 bytes
+
+
+@needs_c
+def test_c_seen_refuses_python_code_run_inside_its_emit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rule id whose ``__hash__`` (run by emit's dict lookups) clears the SeenUsers or starts
+    another batch with it is refused each time, and the emit around it goes on undisturbed."""
+    monkeypatch.setattr(aggregate_module, "USE_C", True)
+    seen = _c.SeenUsers(1000)
+    refused: list[str] = []
+    nested: list[CounterBatch] = []
+    documents = [{"user_id": f"u{k}", "last_seen": stamp(1)} for k in range(3)]
+
+    class Meddling(str):
+        def __hash__(self) -> int:
+            for attempt in ("clear", "emit"):
+                try:
+                    if attempt == "clear":
+                        seen.clear()
+                    else:
+                        aggregate_masks(documents, ["a"], [1], seen=seen)
+                except RuntimeError:
+                    refused.append(attempt)
+            if len(nested) < 3:  # another SeenUsers is free to use
+                nested.append(aggregate_masks(documents, ["a"], [7], seen=_c.SeenUsers(5)))
+            return str.__hash__(self)
+
+    rule_ids = ["a", Meddling("b"), "c"]
+    out = aggregate_masks(documents, rule_ids, [7, 7, 5], seen=seen)
+    assert refused and set(refused) == {"clear", "emit"} and len(refused) % 2 == 0
+    assert nested and all(b.users[("a", "hour", DAY0 + 3600)] == {"u0", "u1", "u2"} for b in nested)
+    assert out.users[("b", "hour", DAY0 + 3600)] == {"u0", "u1", "u2"}
+    assert seen.records == 5 and seen.users == 3  # a and c recorded; b is not a plain str
+    assert aggregate_masks(documents, rule_ids[::2], [7, 5], seen=seen).users == {}
+
+
+@needs_c
+def test_c_seen_gives_back_a_big_rule_table_when_its_user_moves_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory follows the records: a table grown for one busy hour (hundreds of rules) is not kept
+    for the user's later hours of a rule or two, which would leave it unbounded under max_records."""
+    monkeypatch.setattr(aggregate_module, "USE_C", True)
+    seen = _c.SeenUsers(10_000)
+    idle = seen.nbytes
+    ids = [f"aud-{k}@v1" for k in range(600)]
+    for wave in range(20):  # each wave: 5 new users with 600 rules in hour 1, then one rule in hour 2
+        documents = [{"user_id": f"w{wave}-{k}", "last_seen": stamp(1)} for k in range(5)]
+        aggregate_masks(documents, ids, [31] * len(ids), seen=seen)
+        assert seen.nbytes >= idle + 5 * 2048 * 4  # 600 rules: 2,048 slots each
+        for document in documents:
+            document["last_seen"] = stamp(2)
+        aggregate_masks(documents, ids[:1], [31], seen=seen)
+    assert seen.records == 100 and seen.users == 100
+    assert seen.nbytes < idle + 100 * 256 * 4, seen.nbytes  # was 20 x 5 x 8 KB kept for 100 records
