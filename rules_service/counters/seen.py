@@ -33,7 +33,9 @@ from collections.abc import Sequence
 from typing import Any
 
 #: Default bound (records): about 24 bytes each in C (a 4-byte slot of a half-full table, plus the
-#: user's entry and index), so ~100 MB per stream process at the bound.
+#: user's entry and index), so ~100 MB per stream process at the bound. (A user's table holds its
+#: current hour's rules: one grown past 1 KB for a busy hour is freed when the user moves on, so it is not
+#: kept through later quiet hours.)
 DEFAULT_MAX_RECORDS = 4_000_000
 
 
