@@ -26,14 +26,15 @@
  *     (empty bytes and width 0: no dimensions);
  *   code_dims, code_values: lists of str, the dimension and the value of each code;
  *   count_matches: add matched counts and dimension counts (False: users only, a replay);
- *   seen (optional): a SeenUsers. A (document, rule) pair whose (user, rule, hour) it holds adds no
- *     user (the sketches have it already); the others add theirs and are recorded. Counts are
- *     never filtered.
+ *   seen (optional): a SeenUsers. A (document, rule) pair adds its user to the hour sketch unless
+ *     it holds (user, rule, hour), and to the day sketch unless it holds (user, rule, day); what
+ *     is added is recorded. Counts are never filtered.
  *
- * SeenUsers(max_records): the (user, rule, hour) triples this process already added to the hour
- *   and day sketches, so a user seen again in the same hour is not sent again (PFADD of a member a
+ * SeenUsers(max_records): the (user, rule) pairs this process already added to the sketches of the
+ *   user's current hour and day, so a user seen again is not sent again (PFADD of a member a
  *   sketch holds changes nothing). The twin of rules_service.counters.seen.SeenUsers; the rules
- *   are in that module's docstring. Per user: the hour and an open-addressed table of rule numbers.
+ *   are in that module's docstring. Per user: the hour, its day, and an open-addressed table of
+ *   rule numbers (recorded for the day), each flagged when recorded for the hour too.
  *
  * pack_members(members, cache, miss) -> bytes
  *
@@ -52,10 +53,13 @@
 /* ------------------------------------------------------------------ SeenUsers */
 
 typedef struct {
-    long long hour;
-    uint32_t n, cap;  /* rule numbers recorded; table capacity (a power of 2, or 0) */
-    uint32_t *slots;  /* rule number + 1 per slot, 0 = empty */
+    long long hour, day; /* the day of the hour */
+    uint32_t n, cap;     /* rule numbers recorded for the day; table capacity (a power of 2, or 0) */
+    uint32_t *slots;     /* per slot: rule number + 1, | HOUR_FLAG when recorded for the hour too; 0 = empty */
 } UserEntry;
+
+/* A slot's flag: the rule is recorded for the entry's hour, not only its day. */
+#define HOUR_FLAG (UINT32_C(1) << 31)
 
 typedef struct {
     PyObject_HEAD
@@ -70,8 +74,8 @@ typedef struct {
 static PyTypeObject SeenUsersType;
 
 /* A user's table of at most this many slots (1 KB) is kept, emptied, when the user moves on to a
- * later hour (no regrowing it every hour); a bigger one is freed. Keeping a table grown for one
- * busy hour (thousands of rules) through the user's quiet later hours would let memory grow
+ * later day (no regrowing it every day); a bigger one is freed. Keeping a table grown for one
+ * busy day (thousands of rules) through the user's quiet later days would let memory grow
  * without bound while the records stay under max_records. */
 #define KEPT_SLOTS 256u
 
@@ -132,9 +136,10 @@ static PyObject *SeenUsers_get_nbytes(SeenUsers *s, void *closure) {
 }
 
 /* The entry of user ``uid`` for a document of ``hour`` (creating it, or moving it on to a later
- * hour: the records of an earlier hour are no use any more), or -1 when the entry is at a later
- * hour (a late document: its users are added, not recorded). -2 on errors. */
-static Py_ssize_t seen_entry(SeenUsers *s, PyObject *uid, long long hour) {
+ * hour: the hour records of an earlier hour are no use any more, nor the day records of an earlier
+ * day), or -1 when the entry is at a later hour (a late document: its users are added, not
+ * recorded). -2 on errors. */
+static Py_ssize_t seen_entry(SeenUsers *s, PyObject *uid, long long hour, long long day) {
     PyObject *found = PyDict_GetItemWithError(s->user_index, uid); /* borrowed */
     if (found != NULL) {
         Py_ssize_t i = PyLong_AsSsize_t(found);
@@ -144,7 +149,11 @@ static Py_ssize_t seen_entry(SeenUsers *s, PyObject *uid, long long hour) {
         }
         UserEntry *e = &s->entries[i];
         if (e->hour > hour) return -1;
-        if (e->hour < hour) {
+        if (e->hour < hour && e->day == day) { /* a later hour of the same day: keep the day records */
+            e->hour = hour;
+            for (uint32_t j = 0; j < e->cap; j++) e->slots[j] &= ~HOUR_FLAG;
+        } else if (e->hour < hour) {
+            e->day = day;
             s->records -= e->n;
             e->n = 0;
             e->hour = hour;
@@ -177,23 +186,29 @@ static Py_ssize_t seen_entry(SeenUsers *s, PyObject *uid, long long hour) {
     if (rc < 0) return -2;
     UserEntry *e = &s->entries[s->n_entries];
     e->hour = hour;
+    e->day = day;
     e->n = e->cap = 0;
     e->slots = NULL;
     return s->n_entries++;
 }
 
-static inline uint32_t slot_of(uint32_t key, uint32_t mask) {
+static inline uint32_t slot_of(uint32_t key, uint32_t mask) { /* key without HOUR_FLAG */
     uint32_t h = key * 0x9E3779B1u;
     return (h ^ (h >> 15)) & mask;
 }
 
-/* Record rule ``number`` for an entry: 1 when it was recorded already, 0 when added, -1 on errors. */
+/* Record rule ``number`` for an entry's hour and day: 2 when both were recorded already, 1 when
+ * only the day was (now the hour is too), 0 when neither (now both are), -1 on errors. */
 static int seen_record(SeenUsers *s, UserEntry *e, uint32_t number) {
     uint32_t key = number + 1;
     if (e->cap) {
         uint32_t mask = e->cap - 1;
         for (uint32_t i = slot_of(key, mask);; i = (i + 1) & mask) {
-            if (e->slots[i] == key) return 1;
+            if ((e->slots[i] & ~HOUR_FLAG) == key) {
+                if (e->slots[i] & HOUR_FLAG) return 2;
+                e->slots[i] |= HOUR_FLAG;
+                return 1;
+            }
             if (e->slots[i] == 0) break;
         }
     }
@@ -211,7 +226,7 @@ static int seen_record(SeenUsers *s, UserEntry *e, uint32_t number) {
         for (uint32_t j = 0; j < e->cap; j++) {
             uint32_t k = e->slots[j];
             if (k == 0) continue;
-            uint32_t i = slot_of(k, cap - 1);
+            uint32_t i = slot_of(k & ~HOUR_FLAG, cap - 1);
             while (slots[i]) i = (i + 1) & (cap - 1);
             slots[i] = k;
         }
@@ -222,7 +237,7 @@ static int seen_record(SeenUsers *s, UserEntry *e, uint32_t number) {
     }
     uint32_t mask = e->cap - 1, i = slot_of(key, mask);
     while (e->slots[i]) i = (i + 1) & mask;
-    e->slots[i] = key;
+    e->slots[i] = key | HOUR_FLAG;
     e->n++;
     s->records++;
     return 0;
@@ -234,7 +249,7 @@ static uint32_t seen_rule_number(SeenUsers *s, PyObject *rid) {
     if (found != NULL) return (uint32_t)PyLong_AsUnsignedLong(found);
     if (PyErr_Occurred()) return (uint32_t)-1;
     Py_ssize_t n = PyDict_GET_SIZE(s->rule_number);
-    if (n >= (Py_ssize_t)UINT32_MAX - 1) {
+    if (n >= (Py_ssize_t)HOUR_FLAG - 1) { /* number + 1 must stay clear of HOUR_FLAG */
         PyErr_SetString(PyExc_OverflowError, "SeenUsers: too many rule ids");
         return (uint32_t)-1;
     }
@@ -296,7 +311,8 @@ typedef struct {
     SeenUsers *seen;       /* or NULL: every pair adds its user */
     Py_ssize_t *entry_of;  /* with seen: per document, its user's entry (-1: a late document) */
     long long *hour_value; /* with seen: per hour code, the hour */
-    Py_ssize_t *udocs;     /* with seen: the documents of the current group whose users are added */
+    Py_ssize_t *udocs;     /* with seen: the documents of the current group whose users the hour gets */
+    Py_ssize_t *ddocs;     /* ... and the day (a subset) */
 } Ctx;
 
 /* users[key] |= uids[docs]: a new set when the key is absent (one set per key, never shared).
@@ -430,18 +446,21 @@ static int add_counts(Ctx *c, PyObject *rid, PyObject *hour_key, PyObject *day_k
 
 /* With a SeenUsers: the documents of a group whose users are added (into c->udocs), recording
  * them; the others' (user, rule, hour) was added before. -1 on errors. */
-static Py_ssize_t unseen_docs(Ctx *c, uint32_t number, Py_ssize_t h, const Py_ssize_t *docs, Py_ssize_t n) {
-    Py_ssize_t kept = 0;
+static Py_ssize_t unseen_docs(Ctx *c, uint32_t number, Py_ssize_t h, const Py_ssize_t *docs, Py_ssize_t n,
+                              Py_ssize_t *n_day) {
+    Py_ssize_t kept = 0, day_kept = 0;
     long long hour = c->hour_value[h];
     for (Py_ssize_t k = 0; k < n; k++) {
         Py_ssize_t i = docs[k], entry = c->entry_of[i];
+        int found = 0;
         if (entry >= 0 && c->seen->entries[entry].hour == hour) {
-            int found = seen_record(c->seen, &c->seen->entries[entry], number);
+            found = seen_record(c->seen, &c->seen->entries[entry], number);
             if (found < 0) return -1;
-            if (found) continue;
         } /* else a late document, or its user moved on to a later hour in this batch: added, not recorded */
-        c->udocs[kept++] = i;
+        if (found < 2) c->udocs[kept++] = i;
+        if (found < 1) c->ddocs[day_kept++] = i;
     }
+    *n_day = day_kept;
     return kept;
 }
 
@@ -453,15 +472,17 @@ static int emit_group(Ctx *c, PyObject *rid, uint32_t number, Py_ssize_t h, cons
     PyObject *new_hour_set = NULL; /* the hour's set, when this group created it */
     int rc = -1;
     if (hour_key == NULL || day_key == NULL) goto done;
-    const Py_ssize_t *udocs = docs;
-    Py_ssize_t un = n;
+    const Py_ssize_t *udocs = docs, *ddocs = docs;
+    Py_ssize_t un = n, dn = n;
     if (c->seen != NULL) {
-        un = unseen_docs(c, number, h, docs, n);
+        un = unseen_docs(c, number, h, docs, n, &dn);
         if (un < 0) goto done;
         udocs = c->udocs;
+        ddocs = c->ddocs;
     }
-    if (un > 0 && (add_users(c, hour_key, udocs, un, &new_hour_set) < 0 ||
-                   add_day_users(c, day_key, new_hour_set, udocs, un) < 0))
+    if (un > 0 && add_users(c, hour_key, udocs, un, &new_hour_set) < 0) goto done;
+    if (dn > 0 && (dn == un ? add_day_users(c, day_key, new_hour_set, ddocs, dn)  /* the same users */
+                            : add_users(c, day_key, ddocs, dn, NULL)) < 0)
         goto done;
     if (c->count_matches && add_counts(c, rid, hour_key, day_key, day, docs, n) < 0) goto done;
     rc = 0;
@@ -548,7 +569,8 @@ static int see_documents(Ctx *c) {
     c->entry_of = PyMem_New(Py_ssize_t, c->n_docs + 1);
     c->hour_value = PyMem_New(long long, c->n_hours + 1);
     c->udocs = PyMem_New(Py_ssize_t, c->n_docs + 1);
-    if (!c->entry_of || !c->hour_value || !c->udocs) {
+    c->ddocs = PyMem_New(Py_ssize_t, c->n_docs + 1);
+    if (!c->entry_of || !c->hour_value || !c->udocs || !c->ddocs) {
         PyErr_NoMemory();
         return -1;
     }
@@ -561,7 +583,9 @@ static int see_documents(Ctx *c) {
         if (c->hour_codes[i] < 0) continue;
         PyObject *uid = PyTuple_GET_ITEM(c->uids, i);
         if (!PyUnicode_CheckExact(uid)) continue; /* never recorded: only exact str keys are safe in the index */
-        Py_ssize_t entry = seen_entry(s, uid, c->hour_value[c->hour_codes[i]]);
+        long long hour = c->hour_value[c->hour_codes[i]], into_day = hour % 86400;
+        if (into_day < 0) into_day += 86400; /* the day as Python's floor modulo gives it */
+        Py_ssize_t entry = seen_entry(s, uid, hour, hour - into_day);
         if (entry == -2) return -1;
         c->entry_of[i] = entry;
     }
@@ -689,6 +713,7 @@ done:
     PyMem_Free(c.entry_of);
     PyMem_Free(c.hour_value);
     PyMem_Free(c.udocs);
+    PyMem_Free(c.ddocs);
     Py_XDECREF(c.s_hour);
     Py_XDECREF(c.s_day);
     Py_XDECREF(rule_ids);

@@ -506,14 +506,21 @@ def _emit(out: CounterBatch, chunk: Sequence[tuple[str, int]], hour: int, pair_r
     for row, (a, b) in zip(rule_rows, bounds, strict=True):
         rid = chunk[row][0]
         if docs_of_pairs is None:
-            picked = set(uids[a:b])
+            picked = day_picked = set(uids[a:b])
         else:
             assert entries is not None
-            picked = {uid for uid, i in zip(uids[a:b], docs_of_pairs[a:b], strict=True)
-                      if seen.unseen(entries[i], rid, hour)}
-        if picked:  # (with seen, all may be in the sketches already: then no key at all)
+            picked, day_picked = set(), set()
+            for uid, i in zip(uids[a:b], docs_of_pairs[a:b], strict=True):
+                to_hour, to_day = seen.unseen(entries[i], rid, hour)
+                if to_hour:
+                    picked.add(uid)
+                if to_day:
+                    day_picked.add(uid)
+        # (with seen, all may be in the sketches already: then no key at all)
+        if picked:
             _add_users(users, (rid, "hour", hour), picked)
-            _add_users(users, (rid, "day", day), picked)
+        if day_picked:
+            _add_users(users, (rid, "day", day), day_picked)
         if count_matches:
             count = b - a
             key = (rid, "hour", hour)

@@ -301,8 +301,9 @@ def rule_table_steps(monkeypatch: pytest.MonkeyPatch, use_c: bool) -> list[tuple
     step([("u", 1), ("v", 1)], [*many[:3], "x-0", "x-1", "x-2"], [3, 3, 3, 3, 3, 3])
     step([("u", 1)], ids[2500:7500], [1] * 5000)  # half of them recorded already
     step([("u", 0)], ids[:5000], [1] * 5000)  # late: all added, nothing recorded
-    step([("u", 2)], ids[:10], [1] * 10)  # moves on: its 7,500 records go
+    step([("u", 2)], ids[:10], [1] * 10)  # moves on to a later hour: its day records stay
     step([("u", 2)], ids[::-1], [1] * 7500)
+    step([("u", 25)], ids[:10], [1] * 10)  # moves on to the next day: its 7,503 records go
     return steps
 
 
@@ -312,7 +313,7 @@ def test_thousands_of_rules_for_one_user_grow_its_table(monkeypatch: pytest.Monk
     py_steps = rule_table_steps(monkeypatch, False)
     assert c_steps == py_steps
     hour = lambda h: DAY0 + 3600 * h  # noqa: E731
-    first, again, half, late, moved, back = c_steps
+    first, again, half, late, moved, back, next_day = c_steps
     assert len(first[0]) == 10_000 and first[1:] == (5000, 1)
     buckets = (("hour", hour(1)), ("day", DAY0))
     assert len(again[0]) == 12 and all(again[0][(f"x-{k}", g, b)] == {"u", "v"} for k in range(3) for g, b in buckets)
@@ -320,8 +321,9 @@ def test_thousands_of_rules_for_one_user_grow_its_table(monkeypatch: pytest.Monk
     assert again[1:] == (5009, 2)
     assert {key[0] for key in half[0]} == {f"aud-{k}@v1" for k in range(5000, 7500)} and half[1] == 7509
     assert len(late[0]) == 10_000 and late[1] == 7509
-    assert len(moved[0]) == 20 and moved[1] == 16  # v's 6 stay (at hour 1)
-    assert len(back[0]) == 2 * 7490 and back[1] == 7506
+    assert set(moved[0]) == {(f"aud-{k}@v1", "hour", hour(2)) for k in range(10)} and moved[1] == 7509
+    assert len(back[0]) == 7490 and all(key[1] == "hour" for key in back[0]) and back[1] == 7509
+    assert len(next_day[0]) == 20 and next_day[1] == 16  # v's 6 stay (at hour 1 of day 0)
     monkeypatch.setattr(aggregate_module, "USE_C", True)
     seen = _c.SeenUsers(10)
     aggregate_masks([{"user_id": "u", "last_seen": stamp(1)}], [f"r{k}" for k in range(5000)], [1] * 5000, seen=seen)
@@ -363,18 +365,33 @@ def test_c_seen_refuses_python_code_run_inside_its_emit(monkeypatch: pytest.Monk
 
 @needs_c
 def test_c_seen_gives_back_a_big_rule_table_when_its_user_moves_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Memory follows the records: a table grown for one busy hour (hundreds of rules) is not kept
-    for the user's later hours of a rule or two, which would leave it unbounded under max_records."""
+    """Memory follows the records: a table grown for one busy day (hundreds of rules) is not kept
+    for the user's later days of a rule or two, which would leave it unbounded under max_records."""
     monkeypatch.setattr(aggregate_module, "USE_C", True)
     seen = _c.SeenUsers(10_000)
     idle = seen.nbytes
     ids = [f"aud-{k}@v1" for k in range(600)]
-    for wave in range(20):  # each wave: 5 new users with 600 rules in hour 1, then one rule in hour 2
+    for wave in range(20):  # each wave: 5 new users with 600 rules in hour 1, then one rule the next day
         documents = [{"user_id": f"w{wave}-{k}", "last_seen": stamp(1)} for k in range(5)]
         aggregate_masks(documents, ids, [31] * len(ids), seen=seen)
         assert seen.nbytes >= idle + 5 * 2048 * 4  # 600 rules: 2,048 slots each
         for document in documents:
-            document["last_seen"] = stamp(2)
+            document["last_seen"] = stamp(25)
         aggregate_masks(documents, ids[:1], [31], seen=seen)
     assert seen.records == 100 and seen.users == 100
     assert seen.nbytes < idle + 100 * 256 * 4, seen.nbytes  # was 20 x 5 x 8 KB kept for 100 records
+
+
+def test_a_later_hour_of_the_same_day_sends_the_user_to_that_hour_only(path: str) -> None:
+    seen = new_seen_users()
+
+    def sent(hour: int) -> dict[tuple[str, str, int], set[str]]:
+        documents = [{"user_id": "u", "last_seen": stamp(hour)}, {"user_id": "v", "last_seen": stamp(1)}]
+        return aggregate_masks(documents, ["r@v1"], [1], seen=seen).users
+
+    assert sent(1) == {("r@v1", "hour", DAY0 + 3600): {"u"}, ("r@v1", "day", DAY0): {"u"}}
+    assert sent(2) == {("r@v1", "hour", DAY0 + 7200): {"u"}}  # the day sketch has u already
+    assert sent(2) == {} and seen.records == 1
+    assert sent(23) == {("r@v1", "hour", DAY0 + 23 * 3600): {"u"}}
+    assert sent(25) == {("r@v1", "hour", DAY0 + 25 * 3600): {"u"}, ("r@v1", "day", DAY0 + 86400): {"u"}}
+    assert seen.records == 1  # the first day's record went with it
