@@ -280,7 +280,7 @@ def main() -> None:
             return
 
         redis_cpu = redis.Redis.from_url(url).info("cpu")
-        redis.Redis.from_url(url).config_resetstat()
+        redis.Redis.from_url(url).config_resetstat()  # (also zeroes total_net_input_bytes)
         summary = drain(settings, processes=args.processes, batch_size=args.batch_size)
         redis_cpu_after = redis.Redis.from_url(url).info("cpu")
         redis_cpu_s = sum(redis_cpu_after[k] - redis_cpu[k] for k in ("used_cpu_sys", "used_cpu_user"))
@@ -304,6 +304,9 @@ def main() -> None:
              stage_us_per_bid=summary["stage_us_per_bid"], stage_cpu_us_per_bid=summary.get("stage_cpu_us_per_bid"),
              writes=summary.get("writes"), redis_exec_calls=exec_calls, redis_command_us_per_bid=per_command,
              redis_calls_per_bid=calls_per_bid,
+             # what the counter writes send (and Redis appends to its AOF, much the same bytes)
+             redis_input_bytes_per_bid=round(redis.Redis.from_url(url).info("stats")["total_net_input_bytes"]
+                                             / max(1, summary["processed"])),
              consumer_cpu_us_per_bid=summary.get("cpu_us_per_bid"),
              redis_cpu_us_per_bid=round(redis_cpu_s / max(1, summary["processed"]) * 1e6, 1),
              consumer_rss_mb=summary.get("rss_mb"), redis_used_mb=round(info["used_memory"] / 2**20, 1),
