@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from rules_service.config import Settings
-from rules_service.domain import RULES_TOPIC, RuleChange
+from tests.stream.seeding import log_with_rules
 from workers.bidgen import BidGenerator
 from workers.log.port import Message
 
@@ -47,15 +47,7 @@ def with_db(url: str, db: int) -> str:
 
 
 def populate(settings: Settings) -> None:
-    from workers.log.factory import create_log
-    from workers.topics import ensure_topics
-
-    log = create_log(settings)
-    ensure_topics(log, settings)
-    producer = log.producer()
-    producer.send_batch(RULES_TOPIC, [
-        Message(value=RuleChange(audience_id=name, advertiser_id="adv", version=1, query=query).to_json(),
-                key=f"{name}@v1".encode()) for name, query in RULES.items()])
+    log, producer = log_with_rules(settings, RULES)
     generator = BidGenerator(seed=SEED, users=3000, days=2, end=END, invalid_rate=0.01)
     batch: list[Message] = []
     for key, value in generator.messages(BIDS):

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from rules_service.config import Settings
-from rules_service.domain import RULES_TOPIC, RuleChange
+from tests.stream.seeding import log_with_rules
 from workers.bidgen import BidGenerator
 from workers.log.port import Message
 
@@ -42,9 +42,7 @@ def counters_of(client: redis.Redis) -> dict[bytes, Any]:
 
 
 def test_a_store_restored_to_an_older_snapshot_is_recounted_from_there(tmp_path: Path, redis_url: str) -> None:
-    from workers.log.factory import create_log
     from workers.stream_runner import build_consumer
-    from workers.topics import ensure_topics
 
     faulted_url, reference_url = with_db(redis_url, 5), with_db(redis_url, 6)
     faulted, reference = redis.Redis.from_url(faulted_url), redis.Redis.from_url(reference_url)
@@ -52,12 +50,7 @@ def test_a_store_restored_to_an_older_snapshot_is_recounted_from_there(tmp_path:
     reference.flushdb()
     settings = Settings(DATA_DIR=tmp_path, REDIS_URL=faulted_url, BIDS_PARTITIONS=2, BATCH_SIZE=200,
                         STREAM_FLUSH_MS=0)
-    log = create_log(settings)
-    ensure_topics(log, settings)
-    producer = log.producer()
-    producer.send_batch(RULES_TOPIC, [
-        Message(value=RuleChange(audience_id=name, advertiser_id="adv", version=1, query=query).to_json(),
-                key=f"{name}@v1".encode()) for name, query in RULES.items()])
+    log, producer = log_with_rules(settings, RULES)
     generator = BidGenerator(seed=7, users=500, days=1, end=END)
     producer.send_batch("bids", [Message(value=v, key=k) for k, v in generator.messages(4000)])
     log.close()

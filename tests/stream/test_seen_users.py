@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from rules_service.config import Settings
-from rules_service.domain import RULES_TOPIC, RuleChange
+from tests.stream.seeding import log_with_rules
 from tests.stream.test_rollback import RULES, counters_of, with_db
 from workers.bidgen import BidGenerator
 from workers.log.port import Message
@@ -24,20 +24,13 @@ END = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(h
 
 def drain(tmp_path: Path, url: str, seen_records: int) -> int:
     """Stream the same bids into the database of ``url``; the bytes Redis received."""
-    from workers.log.factory import create_log
     from workers.stream_runner import build_consumer
-    from workers.topics import ensure_topics
 
     client = redis.Redis.from_url(url)
     client.flushdb()
     settings = Settings(DATA_DIR=tmp_path / str(seen_records), REDIS_URL=url, BIDS_PARTITIONS=2, BATCH_SIZE=300,
                         STREAM_FLUSH_MS=0, STREAM_SEEN_RECORDS=seen_records)
-    log = create_log(settings)
-    ensure_topics(log, settings)
-    producer = log.producer()
-    producer.send_batch(RULES_TOPIC, [
-        Message(value=RuleChange(audience_id=name, advertiser_id="adv", version=1, query=query).to_json(),
-                key=f"{name}@v1".encode()) for name, query in RULES.items()])
+    log, producer = log_with_rules(settings, RULES)
     generator = BidGenerator(seed=11, users=400, days=3 / 24, end=END)
     producer.send_batch("bids", [Message(value=v, key=k) for k, v in generator.messages(6000)])
     log.close()
