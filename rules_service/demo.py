@@ -143,6 +143,7 @@ def stream_bids(settings: Settings) -> dict[str, Any]:
             if all(positions[tp] >= end for tp, end in targets.items()):
                 break
             consumer.run_once()
+        consumer.flush()  # the last flush window: its bids are counted in the stats once written
         sys.stderr.write("\n")
         return consumer.stats.summary()
 
