@@ -92,6 +92,8 @@ def build_consumer(settings: Settings, *, partitions: Sequence[int] | None = Non
         rules = RulesSync(log, percolator)
         loaded = rules.load()
         logger.info("loaded %d rules (%d skipped as invalid)", loaded, len(rules.invalid))
+        # the counters' per-rule keys of this hour, built now rather than by the first windows
+        counters.prepare(percolator.rule_ids())
         # The rule index is millions of long-lived objects: move them out of the cyclic GC's reach,
         # or every full collection (triggered by the many short-lived objects of each batch)
         # walks them all (measured: ~10-25% of the batch time, and pauses).

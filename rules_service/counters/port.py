@@ -8,7 +8,7 @@ its key scheme in ``rules_service.counters.keys``.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
@@ -77,6 +77,13 @@ class Counters(abc.ABC):
         nothing is written. Returns True when written. Raises :class:`CountersRolledBackError`,
         writing nothing, when a partition's stored offset is behind the one this object stored
         there last."""
+
+    def prepare(self, rule_ids: Iterable[str], at: float | None = None) -> int:
+        """A hint before the first writes: build whatever per-rule state the writes of ``rule_ids``
+        in the hour and day of ``at`` (epoch seconds, default now) will need, so the first write
+        does not pay for it. Writes nothing; returns how many entries it built (0: nothing to do,
+        the default)."""
+        return 0
 
     @abc.abstractmethod
     def stored_offsets(self, consumer: str) -> dict[tuple[str, int], int]:

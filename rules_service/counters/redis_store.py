@@ -73,7 +73,7 @@ import contextlib
 import math
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from hashlib import blake2b
@@ -749,6 +749,27 @@ class RedisCounters(Counters):
             raise
         finally:
             pool.release(conn)
+
+    def prepare(self, rule_ids: Iterable[str], at: float | None = None) -> int:
+        """The key, field and deadline bulks of every rule's sketches and counts of the hour and
+        day of ``at``: a fresh writer's first windows built ~50,000 of them at 10,000 rules (~7 us
+        each, ~300 ms of its first write), which was most of why a freshly started stream lagged
+        for a few seconds."""
+        hour = int(self.clock() if at is None else at) // HOUR * HOUR
+        day = hour - hour % DAY
+        built = 0
+        for rid in rule_ids:
+            for heads, miss, key in ((self._sketch_heads, self._sketch_head_miss, (rid, "hour", hour)),
+                                     (self._sketch_heads, self._sketch_head_miss, (rid, "day", day)),
+                                     (self._match_heads, self._match_head_miss, (rid, "hour", hour)),
+                                     (self._match_heads, self._match_head_miss, (rid, "day", day))):
+                if key not in heads:
+                    miss(key)
+                    built += 1
+            if (rid, day) not in self._dimension_heads:
+                self._dimension_head_miss((rid, day))
+                built += 1
+        return built
 
     def stored_offsets(self, consumer: str) -> dict[tuple[str, int], int]:
         raw = self.client.hgetall(keys.offsets(consumer))
