@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -222,11 +223,20 @@ def demo_command(serve: bool, users: int, bids: int, days: int, seed: int, port:
                                    CELERY_BROKER_URL="", RATE_LIMIT_PER_MINUTE=100_000)
     from rules_service.redis_conn import stop_embedded_redis
 
+    # `kill`, `timeout` and service managers send SIGTERM, which ends Python without running
+    # `finally`: the embedded redis-server (a daemon, so the API and workers can share it) was left
+    # running. As SystemExit it unwinds like Ctrl-C does.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         _run(settings, serve=serve, users=users, bids=bids, days=days, seed=seed, port=port, began=began)
     finally:
         stop_embedded_redis(settings)
         say("== embedded redis-server stopped")
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _run(settings: Settings, *, serve: bool, users: int, bids: int, days: int, seed: int, port: int,

@@ -34,3 +34,44 @@ def test_demo_runs_embedded_and_prints_tables(tmp_path: Path) -> None:
     again = subprocess.run([sys.executable, "manage.py", "demo", "--no-serve", "--bids", "2000", "--users", "500"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_terminated_demo_stops_its_embedded_redis(tmp_path: Path) -> None:
+    """SIGTERM (kill, timeout, a service manager) stops the demo like Ctrl-C: its embedded
+    redis-server goes too, instead of being left running."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RULES_")}
+    env["RULES_DATA_DIR"] = str(tmp_path / "data")
+    proc = subprocess.Popen([sys.executable, "manage.py", "demo", "--bids", "2000", "--users", "500", "--port",
+                             str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid_file = tmp_path / "data" / "demo" / "redis" / "redis.pid"
+    deadline = time.monotonic() + 180
+    while True:  # serving once the port answers
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        with socket.socket() as client:
+            if client.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.2)
+    redis_pid = int(pid_file.read_text().strip())
+    os.kill(redis_pid, 0)  # running
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode in (0, 128 + signal.SIGTERM), err[-2000:]  # (the server loop ends cleanly)
+    assert "embedded redis-server stopped" in err
+    for _ in range(100):
+        try:
+            os.kill(redis_pid, 0)
+        except ProcessLookupError:
+            break
+        if Path(f"/proc/{redis_pid}/stat").read_text().rpartition(")")[2].split()[0] in ("Z", "X"):
+            break  # a zombie waiting for init to reap it: gone
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"redis-server {redis_pid} still running")
