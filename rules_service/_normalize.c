@@ -1039,39 +1039,64 @@ static int literal(Scan *s, const char *text, size_t n) {
 
 static int skip_value(Scan *s);
 
-/* The members of an object or items of an array after its opening bracket, validated only. */
-static int skip_container(Scan *s, unsigned char close, int is_object) {
-    const unsigned char *start;
-    Py_ssize_t len;
-    int ascii, rc;
+/* The punctuation of objects and arrays, shared by the scanners that skip them and those that keep
+ * them. DONE: the container closed (its bracket consumed); OK: an item follows. */
+#define DONE 2
+
+/* At an opening bracket: OK when an item follows, DONE when the container is empty, BAIL past
+ * MAX_DEPTH. */
+static int open_container(Scan *s, unsigned char close) {
     if (++s->depth > MAX_DEPTH) return BAIL;
     s->p++;
     skip_ws(s);
     if (s->p < s->end && *s->p == close) {
         s->p++;
         s->depth--;
-        return OK;
+        return DONE;
     }
-    for (;;) {
-        if (is_object) {
-            if (s->p >= s->end || *s->p != '"') return BAIL;
-            if ((rc = scan_string(s, 1, &start, &len, &ascii)) != OK) return rc;
-            skip_ws(s);
-            if (s->p >= s->end || *s->p != ':') return BAIL;
-            s->p++;
-            skip_ws(s);
-        }
-        if ((rc = skip_value(s)) != OK) return rc;
-        skip_ws(s);
-        if (s->p >= s->end) return BAIL;
-        if (*s->p == close) break;
-        if (*s->p != ',') return BAIL;
-        s->p++;
-        skip_ws(s);
-    }
-    s->p++;
-    s->depth--;
     return OK;
+}
+
+/* After an item: OK when another follows (its comma consumed), DONE when the container closes,
+ * BAIL on anything else. */
+static int next_item(Scan *s, unsigned char close) {
+    skip_ws(s);
+    if (s->p >= s->end) return BAIL;
+    if (*s->p == close) {
+        s->p++;
+        s->depth--;
+        return DONE;
+    }
+    if (*s->p != ',') return BAIL;
+    s->p++;
+    skip_ws(s);
+    return OK;
+}
+
+/* An object member's key and its colon (s->p at the key's quote); the key's raw bytes in
+ * *start and *len. */
+static int member_key(Scan *s, int escapes_ok, const unsigned char **start, Py_ssize_t *len) {
+    int ascii, rc;
+    if (s->p >= s->end || *s->p != '"') return BAIL;
+    if ((rc = scan_string(s, escapes_ok, start, len, &ascii)) != OK) return rc;
+    skip_ws(s);
+    if (s->p >= s->end || *s->p != ':') return BAIL;
+    s->p++;
+    skip_ws(s);
+    return OK;
+}
+
+/* The members of an object or items of an array at its opening bracket, validated only. */
+static int skip_container(Scan *s, unsigned char close, int is_object) {
+    const unsigned char *start;
+    Py_ssize_t len;
+    int rc = open_container(s, close);
+    while (rc == OK) {
+        if (is_object && (rc = member_key(s, 1, &start, &len)) != OK) return rc;
+        if ((rc = skip_value(s)) != OK) return rc;
+        rc = next_item(s, close);
+    }
+    return rc == DONE ? OK : rc;
 }
 
 /* Any JSON value at s->p (no whitespace before it), validated only. */
@@ -1142,21 +1167,13 @@ static int keep_value(Scan *s, const Spec *spec, PyObject **out);
 static int keep_object(Scan *s, const Field *fields, PyObject **out) {
     const unsigned char *start;
     Py_ssize_t len;
-    int ascii, rc;
-    if (++s->depth > MAX_DEPTH) return BAIL;
+    int rc = open_container(s, '}');
+    if (rc == BAIL) return BAIL;
     if ((*out = PyDict_New()) == NULL) return ERR;
-    s->p++;
-    skip_ws(s);
-    if (s->p < s->end && *s->p == '}') goto close;
-    for (;;) {
-        if (s->p >= s->end || *s->p != '"') return BAIL;
-        if ((rc = scan_string(s, 0, &start, &len, &ascii)) != OK) return rc;
+    while (rc == OK) {
+        if ((rc = member_key(s, 0, &start, &len)) != OK) return rc;
         const Field *field = fields;
         while (field->name != NULL && !(field->len == len && memcmp(field->name, start, (size_t)len) == 0)) field++;
-        skip_ws(s);
-        if (s->p >= s->end || *s->p != ':') return BAIL;
-        s->p++;
-        skip_ws(s);
         if (field->name == NULL) {
             rc = skip_value(s);
         } else {
@@ -1166,28 +1183,17 @@ static int keep_object(Scan *s, const Field *fields, PyObject **out) {
             Py_XDECREF(value);
         }
         if (rc != OK) return rc;
-        skip_ws(s);
-        if (s->p >= s->end) return BAIL;
-        if (*s->p == '}') break;
-        if (*s->p != ',') return BAIL;
-        s->p++;
-        skip_ws(s);
+        rc = next_item(s, '}');
     }
-close:
-    s->p++;
-    s->depth--;
-    return OK;
+    return rc == DONE ? OK : rc;
 }
 
 /* An array we keep (s->p at '['): every item, or only the first (the rest validated). */
 static int keep_array(Scan *s, const Spec *spec, PyObject **out) {
-    int rc;
-    if (++s->depth > MAX_DEPTH) return BAIL;
+    int rc = open_container(s, ']');
+    if (rc == BAIL) return BAIL;
     if ((*out = PyList_New(0)) == NULL) return ERR;
-    s->p++;
-    skip_ws(s);
-    if (s->p < s->end && *s->p == ']') goto close;
-    for (Py_ssize_t i = 0;; i++) {
+    for (Py_ssize_t i = 0; rc == OK; i++) {
         if (spec->kind == S_FIRST && i > 0) {
             rc = skip_value(s);
         } else {
@@ -1197,17 +1203,9 @@ static int keep_array(Scan *s, const Spec *spec, PyObject **out) {
             Py_XDECREF(item);
         }
         if (rc != OK) return rc;
-        skip_ws(s);
-        if (s->p >= s->end) return BAIL;
-        if (*s->p == ']') break;
-        if (*s->p != ',') return BAIL;
-        s->p++;
-        skip_ws(s);
+        rc = next_item(s, ']');
     }
-close:
-    s->p++;
-    s->depth--;
-    return OK;
+    return rc == DONE ? OK : rc;
 }
 
 /* A value we keep, at s->p: scalars anywhere; a container only of the kind the spec expects.
