@@ -4,7 +4,6 @@ twins: pack_members vs b"".join(map(...)), encode_batch on both paths, and no le
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -17,6 +16,7 @@ from rules_service.counters.port import CounterBatch
 from rules_service.counters.redis_store import RedisCounters
 from tests.counters.test_aggregate_masks import DIMS, masks_of, random_case
 from tests.leaks import bytes_kept
+from tests.meddler import Meddler
 
 _c = aggregate_module._aggregate
 pytestmark = pytest.mark.skipif(_c is None, reason="rules_service.counters._aggregate is not built")
@@ -111,29 +111,14 @@ def test_emit_refuses_sizes_whose_products_overflow() -> None:
                 ["v"], True)
 
 
-class _Meddler(str):
-    """A user id whose hash runs arbitrary code, once."""
-
-    action: Callable[[], None] | None = None
-
-    def __hash__(self) -> int:
-        action, type(self).action = type(self).action, None
-        if action is not None:
-            action()
-        return str.__hash__(self)
-
-    def __eq__(self, other: object) -> bool:
-        return str.__eq__(self, other)
-
-
 def _one_hour_emit(users: dict, uids: list, hour_codes: bytes | bytearray, rules: list[str], mask: int) -> None:
     masks = b"".join(mask.to_bytes(8, "little") for _ in rules)
     _c.emit(users, {}, {}, rules, masks, 1, uids, hour_codes, [7200], [0], b"", 0, [], [], True)
 
 
 def test_emit_survives_a_hash_that_empties_the_user_list() -> None:
-    uids: list = [_Meddler("u1"), "u2"]
-    _Meddler.action = uids.clear  # emit read uids[1] from the emptied list
+    uids: list = [Meddler("u1"), "u2"]
+    Meddler.action = uids.clear  # emit read uids[1] from the emptied list
     users: dict = {}
     _one_hour_emit(users, uids, b"\x00" * 8, ["r"], 0b11)
     assert users == {("r", "hour", 7200): {"u1", "u2"}, ("r", "day", 0): {"u1", "u2"}}
@@ -141,8 +126,8 @@ def test_emit_survives_a_hash_that_empties_the_user_list() -> None:
 
 def test_emit_survives_a_hash_that_drops_the_set_it_fills() -> None:
     users: dict = {}
-    _Meddler.action = users.clear  # the new set's only reference was the dict's (ASan: use after free)
-    _one_hour_emit(users, [_Meddler("u1")], b"\x00" * 4, ["r"], 0b1)
+    Meddler.action = users.clear  # the new set's only reference was the dict's (ASan: use after free)
+    _one_hour_emit(users, [Meddler("u1")], b"\x00" * 4, ["r"], 0b1)
     assert users == {("r", "day", 0): {"u1"}}
 
 
@@ -152,9 +137,9 @@ def test_emit_checks_codes_once_and_keeps_them() -> None:
     def corrupt() -> None:  # after the check: a code far past the hours (an out-of-bounds write)
         hour_codes[0:4] = (1 << 30).to_bytes(4, "little")
 
-    _Meddler.action = corrupt
+    Meddler.action = corrupt
     users: dict = {}
-    _one_hour_emit(users, [_Meddler("u1"), "u2"], hour_codes, ["r", "s"], 0b11)
+    _one_hour_emit(users, [Meddler("u1"), "u2"], hour_codes, ["r", "s"], 0b11)
     assert users[("s", "hour", 7200)] == {"u1", "u2"}
 
 

@@ -23,6 +23,7 @@ from rules_service.counters.port import CounterBatch
 from rules_service.counters.redis_store import DEADLINES_MEMORY_S, EncodedBatch, RedisCounters
 from tests.counters.test_aggregate_masks import DIMS, masks_of, random_case
 from tests.leaks import bytes_kept
+from tests.meddler import Meddler
 
 _c = redis_store._encode
 pytestmark = pytest.mark.skipif(_c is None, reason="rules_service.counters._encode is not built")
@@ -292,27 +293,12 @@ def test_the_module_checks_its_arguments() -> None:
                   {"a": "text"}, *good[12:])
 
 
-class _Meddler(str):
-    """A user id whose hash runs arbitrary code, once (here: emptying the set being encoded)."""
-
-    action: Any = None
-
-    def __hash__(self) -> int:
-        action, type(self).action = type(self).action, None
-        if action is not None:
-            action()
-        return str.__hash__(self)
-
-    def __eq__(self, other: object) -> bool:
-        return str.__eq__(self, other)
-
-
 def test_python_code_changing_the_batch_does_not_crash(monkeypatch: pytest.MonkeyPatch) -> None:
     counters = RedisCounters(None, clock=lambda: NOW)  # type: ignore[arg-type]
     today = int(NOW) - int(NOW) % DAY
     members = {f"u{i}" for i in range(50)}
     batch = CounterBatch(users={("r@v1", "hour", today): members, ("r@v1", "day", today): {"x"}})
-    meddler = _Meddler("m")
+    meddler = Meddler("m")
     members.add(meddler)
 
     def meddle() -> None:
@@ -320,10 +306,10 @@ def test_python_code_changing_the_batch_does_not_crash(monkeypatch: pytest.Monke
         members.update(f"v{i}" for i in range(500))
         batch.users.clear()
 
-    _Meddler.action = meddle
+    Meddler.action = meddle
     with contextlib.suppress(RuntimeError):  # "changed size during iteration" is fine; a crash is not
         counters.encode_batch(batch, OFFSETS)
-    assert _Meddler.action is None  # it ran
+    assert Meddler.action is None  # it ran
 
 
 def _resp_args(command: bytes) -> list[bytes]:

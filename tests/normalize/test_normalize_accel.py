@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from rules_service import normalize
 from tests.leaks import bytes_kept
-from tests.normalize.test_normalize_equivalence import JSON, PATHS, VALUES, _apply, mutated_bids
+from tests.normalize.test_normalize_equivalence import JSON, PATHS, VALUES, _apply, mutated_bids, scribble_over
 from workers.bidgen import BidGenerator
 
 c_module = normalize._normalize
@@ -289,15 +289,7 @@ def test_documents_do_not_alias_the_bid() -> None:
         doc = c_module.fast_document(bid, log_ms, NOW_MS)
         if doc is None:
             continue
-        stack: list[Any] = [doc]
-        while stack:
-            item = stack.pop()
-            if type(item) is dict:
-                stack.extend(item.values())
-                item["scribble"] = 1
-            elif type(item) is list:
-                stack.extend(item)
-                item.append("scribble")
+        scribble_over(doc)
         assert bid == before
 
 

@@ -341,6 +341,19 @@ def test_clock_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
         assert assert_same(bid, None, None)[0] == "ok"
 
 
+def scribble_over(doc: Any) -> None:
+    """Change every dict and list of a document in place: a bid sharing any of them shows it."""
+    stack: list[Any] = [doc]
+    while stack:
+        item = stack.pop()
+        if type(item) is dict:
+            stack.extend(item.values())
+            item["scribble"] = 1
+        elif type(item) is list:
+            stack.extend(item)
+            item.append("scribble")
+
+
 def test_documents_do_not_alias_the_bid() -> None:
     for bid, log_ms in mutated_bids(31, 300):
         before = copy.deepcopy(bid)
@@ -348,15 +361,7 @@ def test_documents_do_not_alias_the_bid() -> None:
             doc = new.bid_to_document(bid, log_timestamp_ms=log_ms, now_ms=NOW_MS)
         except Exception:  # only successes can alias
             continue
-        stack: list[Any] = [doc]
-        while stack:  # scribble over every list and dict of the document
-            item = stack.pop()
-            if type(item) is dict:
-                stack.extend(item.values())
-                item["scribble"] = 1
-            elif type(item) is list:
-                stack.extend(item)
-                item.append("scribble")
+        scribble_over(doc)
         assert bid == before
 
 
