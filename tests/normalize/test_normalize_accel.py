@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from rules_service import normalize
 from tests.leaks import bytes_kept
-from tests.normalize.test_normalize_equivalence import JSON, PATHS, VALUES, _apply, mutated_bids, scribble_over
+from tests.normalize.test_normalize_equivalence import JSON, PATHS, VALUES, _apply, mutated_bids, outcome, scribble_over
 from workers.bidgen import BidGenerator
 
 c_module = normalize._normalize
@@ -36,18 +36,9 @@ _STRICT_ISO = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}
 
 
 def _lane(fn: Callable[..., Any], bid: Any, log_ms: Any, now_ms: Any) -> tuple[Any, ...]:
-    try:
-        doc = fn(bid, log_ms, now_ms) if fn is not normalize.bid_to_document else fn(
-            bid, log_timestamp_ms=log_ms, now_ms=now_ms)
-    except Exception as exc:
-        return ("error", type(exc).__name__, str(exc), getattr(exc, "reason", None), getattr(exc, "field", None))
-    if doc is None:
-        return ("none",)
-    try:
-        dumped: bytes | None = orjson.dumps(doc)
-    except TypeError:
-        dumped = None
-    return ("ok", dumped, repr(doc))
+    if fn is normalize.bid_to_document:
+        return outcome(fn, bid, log_timestamp_ms=log_ms, now_ms=now_ms)
+    return outcome(fn, bid, log_ms, now_ms)
 
 
 def _iso_widening(bid: Any) -> bool:

@@ -31,10 +31,14 @@ Outcome = tuple[Any, ...]
 
 
 def outcome(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Outcome:
+    """What a call gave, comparable across lanes: ("error", type, message, reason, field),
+    ("none",) (a fast lane's "not sure"), or ("ok", its orjson bytes, its repr: key order, types)."""
     try:
         doc = fn(*args, **kwargs)
     except Exception as exc:  # any exception must match too
         return ("error", type(exc).__name__, str(exc), getattr(exc, "reason", None), getattr(exc, "field", None))
+    if doc is None:
+        return ("none",)
     return ("ok", _dumps(doc), repr(doc))
 
 

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from rules_service import normalize
 from tests.leaks import bytes_kept
-from tests.normalize.test_normalize_equivalence import JSON, PATHS, VALUES, _apply
+from tests.normalize.test_normalize_equivalence import JSON, PATHS, VALUES, Outcome, _apply, outcome
 from workers.bidgen import BidGenerator
 
 c_module = normalize._normalize
@@ -39,23 +39,13 @@ pytestmark = pytest.mark.skipif(c_module is None or not hasattr(c_module, "docum
 
 NOW_MS = 1_795_860_000_000  # 2026-11-28T10:00:00Z
 
-Outcome = tuple[Any, ...]
-
-
 def _outcome(raw: Any, log_ms: Any, now_ms: Any, use_c_parse: bool) -> Outcome:
     saved = normalize.USE_C_PARSE
     normalize.USE_C_PARSE = use_c_parse
     try:
-        doc = normalize.normalise_message(raw, log_ms, now_ms)
-    except Exception as exc:  # any exception must match too
-        return ("error", type(exc).__name__, str(exc), getattr(exc, "reason", None), getattr(exc, "field", None))
+        return outcome(normalize.normalise_message, raw, log_ms, now_ms)
     finally:
         normalize.USE_C_PARSE = saved
-    try:
-        dumped: bytes | None = orjson.dumps(doc)
-    except TypeError:
-        dumped = None
-    return ("ok", dumped, repr(doc))
 
 
 def _orjson_accepts(raw: Any) -> bool:
