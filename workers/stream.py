@@ -370,8 +370,9 @@ class StreamConsumer:
         self.aggregate_masks = aggregate_masks or default_mask_aggregator(dimensions)
         # the users already added to the sketches of their current hour and day, so a user's next
         # bids do not send them again: most of Redis's work and of the write's bytes used to be
-        # those repeats (rules_service.counters.seen)
-        self.seen = new_seen_users(seen_records) if seen_records > 0 else None
+        # those repeats (rules_service.counters.seen). Only the mask path (aggregate_masks) uses it.
+        self.seen = (new_seen_users(seen_records) if seen_records > 0 and self._percolate_masks is not None
+                     else None)
         self.poll_timeout_ms = poll_timeout_ms
         self.clock_ms = clock_ms
         # Called at "after_produce" and "after_apply": the fault test kills the process there.

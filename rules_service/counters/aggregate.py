@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from rules_service.counters.keys import DAY
 from rules_service.counters.port import CounterBatch
+from rules_service.counters.seen import SeenUsers
 
 
 def _load_c() -> Any:
@@ -285,8 +286,6 @@ def _aggregate_masks(docs: Sequence[Mapping[str, Any]], rule_ids: Sequence[str],
                      dimensions: Sequence[str], batch: CounterBatch | None, count_matches: bool,
                      seen: Any = None) -> CounterBatch:
     import numpy as np
-
-    from rules_service.counters.seen import SeenUsers
 
     if len(rule_ids) != len(masks):
         raise ValueError(f"{len(rule_ids)} rule ids but {len(masks)} masks")
