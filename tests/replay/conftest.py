@@ -14,6 +14,7 @@ import redis
 
 from rules_service.api import create_app
 from rules_service.config import Settings, load_settings
+from rules_service.domain import rule_id
 from workers.bidgen import BidGenerator
 from workers.log.factory import create_log
 from workers.log.port import Log, Message
@@ -55,10 +56,27 @@ class Env:
     def coordinator(self, **kwargs: Any) -> ReplayCoordinator:
         return ReplayCoordinator(self.settings, redis=self.redis, log=self.log, **kwargs)
 
-    def size(self, audience_id: str, days: int = 30) -> dict[str, Any]:
-        response = self.client.get(f"/v1/audiences/{audience_id}/size?days={days}", headers=self.headers)
+    def size(self, audience_id: str, days: int = 30, end: datetime | None = None) -> dict[str, Any]:
+        """The size response over the last ``days`` days up to now, or up to ``end`` if given."""
+        stamp = "%Y-%m-%dT%H:%M:%S.%fZ"
+        window = f"days={days}" if end is None else (
+            f"from={(end - timedelta(days=days)).strftime(stamp)}&to={end.strftime(stamp)}")
+        response = self.client.get(f"/v1/audiences/{audience_id}/size?{window}", headers=self.headers)
         assert response.status_code == 200, response.get_json()
         return response.get_json()
+
+    def assert_same_counters(self, first: str, second: str) -> None:
+        """Version 1 of audiences ``first`` and ``second`` have the same sizes over 7 and 30 days
+        and the same non-empty 30-day breakdown."""
+        end = datetime.now(UTC)  # one window for both reads: "now" can tick over a second between them
+        for days in (7, 30):
+            assert self.size(first, days, end) | {"audience_id": 0} == self.size(second, days, end) | {"audience_id": 0}
+        counters = self.app.extensions["rules_service"].counters
+        start = end - timedelta(days=30)
+        dims = list(self.settings.DIMENSIONS)
+        got = counters.breakdown(rule_id(first, 1), start, end, dims)
+        assert got == counters.breakdown(rule_id(second, 1), start, end, dims)
+        assert any(got.values())
 
 
 @pytest.fixture

@@ -4,14 +4,13 @@ its per-partition checkpoints after a crash, stops on cancel, and reports a fail
 from __future__ import annotations
 
 import os
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from rules_service.config import load_settings
 from rules_service.counters.factory import create_counters
-from rules_service.domain import rule_id
 from tests.replay.conftest import RULE, Env
 from tests.stream.fakes import FakeCounters
 from workers.log.embedded import EmbeddedLog
@@ -42,18 +41,6 @@ def _worker_children() -> list[int]:
     return found
 
 
-def _same_counters(env: Env, first: str, second: str) -> None:
-    for days in (7, 30):
-        assert env.size(first, days) | {"audience_id": 0} == env.size(second, days) | {"audience_id": 0}
-    counters = env.app.extensions["rules_service"].counters
-    end = datetime.now(UTC)
-    start = end - timedelta(days=30)
-    dims = list(env.settings.DIMENSIONS)
-    got = counters.breakdown(rule_id(first, 1), start, end, dims)
-    assert got == counters.breakdown(rule_id(second, 1), start, end, dims)
-    assert any(got.values())
-
-
 def test_two_worker_processes_count_like_one(env: Env) -> None:
     env.stream(bids=6_000, users=2_000)
     parallel = env.create(RULE, lookback=30, name="parallel")
@@ -71,7 +58,7 @@ def test_two_worker_processes_count_like_one(env: Env) -> None:
     env.coordinator(batch_size=300, scan_workers=1).run_pending()
     assert env.client.get(f"/v1/replays/{single['backfill']['replay_id']}",
                           headers=env.headers).get_json()["progress"]["matched"] == body["progress"]["matched"]
-    _same_counters(env, parallel["id"], single["id"])
+    env.assert_same_counters(parallel["id"], single["id"])
 
 
 def test_parallel_crash_resumes_per_partition_and_counts_like_a_clean_run(env: Env) -> None:
@@ -98,7 +85,7 @@ def test_parallel_crash_resumes_per_partition_and_counts_like_a_clean_run(env: E
     # the same batch boundaries: the stream's topic is not compacted yet, and a user whose older
     # record sits in another batch is matched once per record
     env.coordinator(batch_size=100, scan_workers=1).run_pending()
-    _same_counters(env, crashed["id"], clean["id"])
+    env.assert_same_counters(crashed["id"], clean["id"])
 
 
 def test_cancel_reaches_the_worker_processes(env: Env) -> None:
