@@ -95,7 +95,7 @@ def worker_env(data_dir: Path, url: str) -> dict[str, str]:
                 "RULES_STREAM_FLUSH_MS": "50",
                 # besides the external kills: die in the narrow windows between producing, applying
                 # the counters and committing, which random external kills rarely hit
-                "RULES_TEST_SELF_KILL": "after_produce=0.01,after_apply=0.03"})
+                "RULES_TEST_SELF_KILL": "after_produce=0.02,after_apply=0.06"})
     return env
 
 
